@@ -1,0 +1,21 @@
+"""stated: game-server state in System V shared memory that outlives the game processes.
+
+    import stated
+    players = stated.attach("players", owner="zone-3")
+    h = players.alloc(entity=42)
+    with players.write(h) as p:
+        p.name = "alice"; p.hp = 90
+"""
+from .allocator import Handle
+from .errors import (ConfigError, CorruptSegment, DaemonError, DuplicateEntity, ForeignSegment, LayoutMismatch,
+                     LockTimeout, NotOwner, OwnerBusy, ReadOnlyTable, SchemaError, SegmentExists, SegmentNotFound,
+                     SlotOutOfRange, StaleHandle, StatedError, TableFull, TornRecord, UnsupportedVersion)
+from .segment import PermissionDenied
+from .table import Table, attach
+
+__version__ = "0.1.0"
+
+__all__ = ["attach", "Table", "Handle", "StatedError", "ConfigError", "SchemaError", "SegmentNotFound",
+           "SegmentExists", "ForeignSegment", "CorruptSegment", "UnsupportedVersion", "LayoutMismatch",
+           "TableFull", "DuplicateEntity", "StaleHandle", "SlotOutOfRange", "NotOwner", "OwnerBusy",
+           "ReadOnlyTable", "LockTimeout", "TornRecord", "DaemonError", "PermissionDenied", "__version__"]

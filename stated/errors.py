@@ -1,0 +1,93 @@
+"""The exception hierarchy: everything stated raises derives from StatedError.
+
+Messages are written for a game developer reading a log: they name the table,
+the key, the slot or the owner, and say what to do next.
+"""
+
+
+class StatedError(Exception):
+    """Root of every error raised by stated."""
+
+
+class ConfigError(StatedError):
+    """A config file is malformed; the message names the file, table and field."""
+
+    def __init__(self, message: str, *, path: str | None = None,
+                 table: str | None = None, field: str | None = None):
+        where = []
+        if path:
+            where.append(str(path))
+        if table:
+            where.append(f"table {table!r}")
+        if field:
+            where.append(f"field {field!r}")
+        self.path, self.table, self.field = path, table, field
+        super().__init__(f"{': '.join(where)}: {message}" if where else message)
+
+
+class SchemaError(ConfigError):
+    """A field declaration cannot be parsed or laid out."""
+
+
+class SegmentNotFound(StatedError):
+    """No shared-memory segment exists at the key (daemon not started, or destroyed)."""
+
+
+class SegmentExists(StatedError):
+    """A segment or semaphore already sits on a key we were asked to create."""
+
+
+class ForeignSegment(SegmentExists):
+    """The object on our key was not made by stated; it is refused, never overwritten."""
+
+
+class CorruptSegment(StatedError):
+    """The segment header fails validation (magic, checksum, offsets, sizes)."""
+
+
+class UnsupportedVersion(CorruptSegment):
+    """The segment was written by a format version this code does not know."""
+
+
+class LayoutMismatch(StatedError):
+    """The segment's layout hash differs from the schema the caller expects."""
+
+
+class TableFull(StatedError):
+    """Every slot of the table is allocated."""
+
+
+class DuplicateEntity(StatedError):
+    """An allocated slot already carries this entity id."""
+
+
+class StaleHandle(StatedError):
+    """The handle's slot was freed (and maybe reused) since the handle was made."""
+
+
+class SlotOutOfRange(StatedError, IndexError):
+    """A handle names a slot outside the table."""
+
+
+class NotOwner(StatedError):
+    """The caller writes or frees a slot it does not own."""
+
+
+class OwnerBusy(StatedError):
+    """A live process already holds this owner name."""
+
+
+class ReadOnlyTable(StatedError):
+    """A write was attempted through a read-only attach."""
+
+
+class LockTimeout(StatedError):
+    """The table's allocator lock was not obtained within the timeout."""
+
+
+class TornRecord(StatedError):
+    """A consistent read gave up: the record's writer stayed mid-write too long."""
+
+
+class DaemonError(StatedError):
+    """The daemon refused or failed a request (control socket)."""

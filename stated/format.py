@@ -1,0 +1,208 @@
+"""The segment format: header fields, region placement, header validation.
+
+See docs/format.md for the same facts written for C implementers. Everything
+here is little-endian. A segment is:
+
+    [header page(s)] [slot table] [free stack] [entity index] [records (page-aligned)]
+
+The header's first 120 bytes and the schema blob are immutable after creation
+and covered by `header_crc`; the state word, allocator block, counters and
+owner table after them change at run time.
+"""
+from __future__ import annotations
+
+import struct
+import time
+import zlib
+from dataclasses import dataclass
+
+import msgpack
+
+from . import layout as layout_mod
+from .errors import CorruptSegment, SchemaError, UnsupportedVersion
+from .schema import from_wire
+
+MAGIC = b"STATEDSG"
+FORMAT_VERSION = 1
+PAGE = 4096
+
+# --- header: immutable part (offset 0..120), then crc and state -------------------
+HEADER = struct.Struct("<8sIIQIIQQQQQIIIIIIQIIQ")
+HEADER_FIELDS = ("magic", "format_version", "header_size", "layout_hash", "record_size", "capacity",
+                 "total_size", "slots_offset", "free_offset", "index_offset", "records_offset",
+                 "index_capacity", "schema_offset", "schema_size", "owners_offset", "owners_capacity",
+                 "slot_size", "created_at", "key", "reserved0", "reserved1")
+assert HEADER.size == 120
+OFF_CRC = 120           # u32 crc32(header[0:120] + schema blob)
+OFF_STATE = 124         # u32 state word
+
+STATE_INITIALISING, STATE_READY, STATE_MIGRATING, STATE_RETIRED = 1, 2, 3, 4
+STATE_NAMES = {STATE_INITIALISING: "initialising", STATE_READY: "ready",
+               STATE_MIGRATING: "migrating", STATE_RETIRED: "retired"}
+
+# --- allocator block at 128 (u32 words unless noted) -----------------------------
+OFF_ALLOC = 128
+A_FREE_TOP = 128        # u32 entries on the free stack
+A_USED = 132            # u32 allocated slots
+A_INTENT_OP = 136       # u32 mutation in progress (INTENT_*) or 0
+A_INTENT_SLOT = 140     # u32
+A_INTENT_ENTITY = 144   # u64
+A_INTENT_OWNER = 152    # u32
+A_INTENT_PID = 156      # u32 pid of the process that set the intent
+A_INDEX_SEQ = 160       # u32 seqlock over the entity index (odd while it changes)
+A_HOLDER_PID = 164      # u32 pid holding the lock (advisory, for messages)
+A_INDEX_COUNT = 168     # u32 entries in the entity index
+INTENT_NONE, INTENT_ALLOC, INTENT_FREE, INTENT_OWNER, INTENT_REAP, INTENT_REPAIR, INTENT_RESTORE = range(7)
+
+# --- shared counters at 192: u64 each --------------------------------------------
+OFF_COUNTERS = 192
+COUNTERS = ("allocations", "frees", "alloc_failures_full", "alloc_failures_duplicate", "lock_repairs",
+            "lock_timeouts", "reaped_slots", "torn_reads", "settled_slots", "owner_takeovers",
+            "attaches")
+COUNTER_OFF = {name: OFF_COUNTERS + 8 * i for i, name in enumerate(COUNTERS)}
+SCHEMA_OFFSET = 512     # schema blob starts here; counters may grow up to it (40 slots)
+
+# --- slot table entries (32 bytes) -------------------------------------------------
+SLOT = struct.Struct("<IIQHBBBBHQ")
+SLOT_FIELDS = ("seq", "generation", "entity", "owner", "state", "flags", "dirty", "pinned",
+               "reserved0", "reserved1")
+SLOT_SIZE = SLOT.size
+assert SLOT_SIZE == 32
+S_SEQ, S_GEN, S_ENTITY, S_OWNER, S_STATE, S_FLAGS, S_DIRTY, S_PINNED = 0, 4, 8, 16, 18, 19, 20, 21
+SLOT_FREE, SLOT_ALLOCATED = 0, 1
+FLAG_HAS_ENTITY = 1
+
+# --- owner table entries (64 bytes) ---------------------------------------------------
+OWNER = struct.Struct("<32sIIQIIQ")
+OWNER_FIELDS = ("name", "pid", "state", "start_time", "slots", "reserved", "since")
+OWNER_SIZE = OWNER.size
+assert OWNER_SIZE == 64
+OWNERS_CAPACITY = 255   # owner index 1..255 is stored in a slot; 0 means none
+OWNER_EMPTY, OWNER_ATTACHED, OWNER_DETACHED, OWNER_DEAD = 0, 1, 2, 3
+OWNER_STATE_NAMES = {OWNER_EMPTY: "empty", OWNER_ATTACHED: "attached",
+                     OWNER_DETACHED: "detached", OWNER_DEAD: "dead"}
+
+# --- entity index entries (16 bytes): u64 entity, u32 slot+1 (0 = empty), u32 pad --------
+INDEX_ENTRY = struct.Struct("<QII")
+INDEX_ENTRY_SIZE = 16
+HASH_MUL = 0x9E3779B97F4A7C15   # Fibonacci hashing: ((entity * HASH_MUL) mod 2^64) >> (64 - bits)
+
+
+def _up(n: int, a: int) -> int:
+    return (n + a - 1) // a * a
+
+
+@dataclass(frozen=True)
+class Regions:
+    """Where everything sits; a pure function of (capacity, record_size, schema size)."""
+
+    header_size: int
+    slots_offset: int
+    free_offset: int
+    index_offset: int
+    index_capacity: int
+    records_offset: int
+    total_size: int
+    schema_offset: int
+    schema_size: int
+    owners_offset: int
+    owners_capacity: int
+
+
+def regions(capacity: int, record_size: int, schema_size: int) -> Regions:
+    owners_offset = _up(SCHEMA_OFFSET + schema_size, 64)
+    header_size = _up(owners_offset + OWNERS_CAPACITY * OWNER_SIZE, PAGE)
+    slots = header_size
+    free = _up(slots + capacity * SLOT_SIZE, 64)
+    index = _up(free + capacity * 4, 64)
+    index_capacity = 1 << max(4, (2 * capacity - 1).bit_length())   # power of two >= 2 * capacity
+    records = _up(index + index_capacity * INDEX_ENTRY_SIZE, PAGE)
+    total = records + capacity * record_size
+    return Regions(header_size, slots, free, index, index_capacity, records, total,
+                   SCHEMA_OFFSET, schema_size, owners_offset, OWNERS_CAPACITY)
+
+
+@dataclass(frozen=True)
+class Header:
+    """The validated immutable header, plus the layout decoded from its schema blob."""
+
+    key: int
+    layout_hash: int
+    record_size: int
+    capacity: int
+    regions: Regions
+    layout: layout_mod.Layout
+    created_at: int
+    format_version: int = FORMAT_VERSION
+
+
+def build_header(key: int, capacity: int, lay: layout_mod.Layout) -> tuple[bytes, Regions]:
+    """Header bytes [0, SCHEMA_OFFSET + schema) for a new segment, state INITIALISING."""
+    blob = layout_mod.schema_blob(lay)
+    r = regions(capacity, lay.record_size, len(blob))
+    fixed = HEADER.pack(MAGIC, FORMAT_VERSION, r.header_size, lay.hash, lay.record_size, capacity,
+                        r.total_size, r.slots_offset, r.free_offset, r.index_offset, r.records_offset,
+                        r.index_capacity, r.schema_offset, r.schema_size, r.owners_offset,
+                        r.owners_capacity, SLOT_SIZE, int(time.time()), key, 0, 0)
+    crc = zlib.crc32(fixed + blob)
+    head = bytearray(SCHEMA_OFFSET + len(blob))
+    head[0:120] = fixed
+    struct.pack_into("<II", head, OFF_CRC, crc, STATE_INITIALISING)
+    head[SCHEMA_OFFSET:] = blob
+    return bytes(head), r
+
+
+def parse_header(buf, size: int, key: int) -> Header:
+    """Validate a segment's header; raise CorruptSegment (naming the key) on any doubt.
+
+    `buf` is the segment's buffer and `size` its size as the kernel reports it.
+    Every offset is checked against `size` before anything at that offset is read.
+    """
+    where = f"segment at key {key:#010x}"
+    fix = "Run `stated destroy` and restart the daemon (it restores from snapshot), or use the right key."
+    if size < SCHEMA_OFFSET:
+        raise CorruptSegment(f"{where} is {size} bytes, too small for a stated header. {fix}")
+    vals = dict(zip(HEADER_FIELDS, HEADER.unpack_from(buf, 0)))
+    if vals["magic"] != MAGIC:
+        raise CorruptSegment(f"{where} does not start with stated's magic (found {vals['magic']!r}): "
+                             f"another program owns this key. Choose another key in the config.")
+    if vals["format_version"] != FORMAT_VERSION:
+        raise UnsupportedVersion(f"{where} has format version {vals['format_version']}; this stated "
+                                 f"understands version {FORMAT_VERSION}. Upgrade stated, or migrate.")
+    so, ss = vals["schema_offset"], vals["schema_size"]
+    if so != SCHEMA_OFFSET or ss == 0 or so + ss > size or ss > 1 << 20:
+        raise CorruptSegment(f"{where}: schema blob [{so}, +{ss}) is outside the segment. {fix}")
+    blob = bytes(buf[so:so + ss])
+    (crc,) = struct.unpack_from("<I", buf, OFF_CRC)
+    if zlib.crc32(bytes(buf[0:120]) + blob) != crc:
+        raise CorruptSegment(f"{where}: header checksum mismatch; the header was overwritten. {fix}")
+    try:
+        lay = layout_mod.compute(from_wire(msgpack.unpackb(blob, raw=False)))
+    except (SchemaError, ValueError, msgpack.UnpackException, TypeError) as e:
+        raise CorruptSegment(f"{where}: schema blob is unreadable ({e}). {fix}") from None
+    cap = vals["capacity"]
+    if lay.hash != vals["layout_hash"] or lay.record_size != vals["record_size"]:
+        raise CorruptSegment(f"{where}: layout hash/record size disagree with its own schema. {fix}")
+    if not 1 <= cap <= 1 << 26:
+        raise CorruptSegment(f"{where}: capacity {cap} is out of range. {fix}")
+    r = regions(cap, lay.record_size, ss)
+    expect = dict(header_size=r.header_size, total_size=r.total_size, slots_offset=r.slots_offset,
+                  free_offset=r.free_offset, index_offset=r.index_offset,
+                  records_offset=r.records_offset, index_capacity=r.index_capacity,
+                  owners_offset=r.owners_offset, owners_capacity=r.owners_capacity, slot_size=SLOT_SIZE)
+    for k, v in expect.items():
+        if vals[k] != v:
+            raise CorruptSegment(f"{where}: {k} is {vals[k]}, expected {v} for capacity {cap}. {fix}")
+    if r.total_size != size:
+        raise CorruptSegment(f"{where}: header says {r.total_size} bytes but the segment has {size} "
+                             f"(size mismatch). {fix}")
+    return Header(key=key, layout_hash=lay.hash, record_size=lay.record_size, capacity=cap,
+                  regions=r, layout=lay, created_at=vals["created_at"], format_version=FORMAT_VERSION)
+
+
+def read_state(buf) -> int:
+    return struct.unpack_from("<I", buf, OFF_STATE)[0]
+
+
+def write_state(buf, state: int) -> None:
+    struct.pack_into("<I", buf, OFF_STATE, state)

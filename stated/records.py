@@ -1,0 +1,166 @@
+"""Record classes: ctypes structures derived from a Layout, used as live views.
+
+A view is a ctypes structure laid over the record's bytes in shared memory, so
+`p.x += p.vx * dt` costs what raw ctypes costs. Field kinds:
+
+- f32/f64/bool: plain ctypes fields (fastest; f32 overflow becomes inf as in C);
+- integers: a property whose getter is C-level (operator.attrgetter on the raw
+  ctypes field) and whose setter range-checks, so `p.hp = 2**40` raises
+  ValueError and writes nothing instead of wrapping like C would;
+- str[N]/bytes[N]: properties that encode/decode and refuse oversized values;
+- T[N] arrays: the ctypes array itself (live, indexable, sliceable; element
+  writes have C semantics); assigning a sequence to the field is checked.
+
+The same class, instantiated with `from_buffer_copy`, is the detached record a
+consistent read returns: same attributes, no link to shared memory.
+
+ORDERING ASSUMPTION (the one place it is written down): the seqlock in
+table.py relies on x86-64's total store order: stores become visible to other
+cores in program order and loads are not reordered with older loads. CPython
+executes each memoryview/ctypes access as a plain load or store in bytecode
+order, so on x86-64 no explicit fences are needed. On weakly ordered CPUs
+(ARM) the pure-Python seqlock is NOT sufficient; see docs/format.md.
+"""
+from __future__ import annotations
+
+import ctypes
+import operator
+from typing import Any
+
+from .layout import Layout
+from .schema import SCALARS, Field, check_value, int_range
+
+_CTYPES = {
+    "i8": ctypes.c_int8, "u8": ctypes.c_uint8, "i16": ctypes.c_int16, "u16": ctypes.c_uint16,
+    "i32": ctypes.c_int32, "u32": ctypes.c_uint32, "i64": ctypes.c_int64, "u64": ctypes.c_uint64,
+    "f32": ctypes.c_float, "f64": ctypes.c_double, "bool": ctypes.c_bool,
+}
+
+
+def _int_setter(raw: str, f: Field):
+    lo, hi = int_range(f.type)
+    src = (f"def set_{f.name}(self, v):\n"
+           f"    if {lo} <= v <= {hi}:\n"
+           f"        self.{raw} = v\n"
+           f"    else:\n"
+           f"        raise ValueError(f\"field {f.name!r} is {f.type}: {{v!r}} is outside [{lo}, {hi}]\")\n")
+    ns: dict[str, Any] = {}
+    exec(src, ns)  # generated once per field: a literal-bounds setter is ~2x faster than a closure
+    return ns[f"set_{f.name}"]
+
+
+def _str_property(raw: str, f: Field) -> property:
+    n = f.count
+    if f.type == "str":
+        def get(self):
+            return getattr(self, raw).decode("utf-8", "replace")   # ctypes stops at the first NUL
+
+        def put(self, v):
+            check_value(f, v)
+            setattr(self, raw, v.encode("utf-8").ljust(n, b"\0"))
+    else:
+        def get(self):
+            return bytes(getattr(self, raw))
+
+        def put(self, v):
+            check_value(f, v)
+            getattr(self, raw)[:] = bytes(v).ljust(n, b"\0")
+    return property(get, put, doc=f"{f.decl}")
+
+
+def _array_property(raw: str, f: Field) -> property:
+    def put(self, v):
+        vals = list(v)
+        if len(vals) > f.count:
+            raise ValueError(f"field {f.name!r} is {f.type}[{f.count}]: {len(vals)} values given")
+        for x in vals:
+            check_value(f, x)
+        arr = getattr(self, raw)
+        arr[:] = vals + [0] * (f.count - len(vals))
+    return property(operator.attrgetter(raw), put, doc=f"{f.decl}")
+
+
+class RecordBase(ctypes.Structure):
+    """Methods every generated record class has."""
+
+    _layout: Layout
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {}
+        for fl in self._layout.fields:
+            v = getattr(self, fl.name)
+            out[fl.name] = list(v) if fl.field.array else v
+        return out
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.to_dict().items())})"
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, RecordBase):
+            return bytes(self) == bytes(other)
+        if isinstance(other, dict):
+            return self.to_dict() == other
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def record_class(layout: Layout, name: str = "record") -> type[RecordBase]:
+    """Build the ctypes class for a layout; checks its offsets against the layout."""
+    fields: list[tuple[str, Any]] = []
+    ns: dict[str, Any] = {"_layout": layout, "__slots__": ()}
+    end = 0
+    for i, fl in enumerate(layout.fields):
+        f = fl.field
+        if fl.offset > end:
+            fields.append((f"_pad{i}", ctypes.c_uint8 * (fl.offset - end)))
+        if f.is_string:
+            raw = f"_raw_{f.name}"
+            fields.append((raw, (ctypes.c_char if f.type == "str" else ctypes.c_uint8) * f.count))
+            ns[f.name] = _str_property(raw, f)
+        elif f.array:
+            raw = f"_raw_{f.name}"
+            fields.append((raw, _CTYPES[f.type] * f.count))
+            ns[f.name] = _array_property(raw, f)
+        elif f.type[0] in "iu":
+            raw = f"_raw_{f.name}"
+            fields.append((raw, _CTYPES[f.type]))
+            ns[f.name] = property(operator.attrgetter(raw), _int_setter(raw, f), doc=f.decl)
+        else:
+            fields.append((f.name, _CTYPES[f.type]))
+        end = fl.offset + f.size
+    if layout.record_size > end:
+        fields.append(("_tail", ctypes.c_uint8 * (layout.record_size - end)))
+    ns["_fields_"] = fields
+    cls = type(name, (RecordBase,), ns)
+    # the layout is the truth; ctypes must agree with it byte for byte
+    assert ctypes.sizeof(cls) == layout.record_size, (name, ctypes.sizeof(cls), layout.record_size)
+    for fl in layout.fields:
+        raw = fl.name if (not fl.field.is_string and not fl.field.array and fl.field.type[0] not in "iu") \
+            else f"_raw_{fl.name}"
+        assert getattr(cls, raw).offset == fl.offset, (name, fl.name)
+    return cls
+
+
+def readonly_class(cls: type[RecordBase]) -> type[RecordBase]:
+    """A subclass for read-only attaches: reads as fast, every write raises."""
+    from .errors import ReadOnlyTable
+
+    def refuse(self, k, v):
+        raise ReadOnlyTable(f"cannot set {k!r}: the table was attached readonly=True")
+    return type(cls.__name__ + "_ro", (cls,), {"__setattr__": refuse, "__slots__": ()})
+
+
+def default_record(cls: type[RecordBase]) -> bytes:
+    """Bytes of a fresh record: every field at its default (zero when none)."""
+    r = cls()
+    for fl in cls._layout.fields:
+        f = fl.field
+        if f.default is None:
+            continue
+        setattr(r, fl.name, f.zero())
+    return bytes(r)
+
+
+def scalar_code(f: Field) -> str:
+    return SCALARS[f.type][1]

@@ -1,0 +1,373 @@
+"""`stated.attach` and `Table`: what a game worker touches.
+
+Three ways to a record, fastest first:
+
+- `p = t.record(h)`: a live ctypes view over the record. Attribute reads and
+  writes go straight to shared memory (one aligned field of <= 8 bytes is
+  atomic). Creating a view pins the slot as "written outside write sections",
+  so persistence copies it on every save until the slot is freed: writes
+  through views are never lost, they just cost a copy per snapshot.
+- `t.get(h, "hp")` / `t.set(h, "hp", 90)`: one field, checked; `set` marks
+  the slot dirty. Strings and arrays go through the seqlock.
+- `with t.write(h) as p: ...` and `t.read(h)`: a seqlock write section (marks
+  the slot dirty) and a consistent whole-record read. A reader gives up with
+  TornRecord after `read_timeout` if the writer died mid-section.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Iterator
+
+from . import config as config_mod
+from . import format as fmt
+from .allocator import Allocator, Handle
+from .errors import NotOwner, ReadOnlyTable, SlotOutOfRange, StaleHandle, StatedError, TornRecord
+from .owners import Liveness, Owner
+from .records import RecordBase, default_record, readonly_class, record_class
+from .schema import check_value
+from .segment import Segment
+from . import segment as segment_mod
+
+log = logging.getLogger("stated.table")
+
+__all__ = ["attach", "Table", "Handle"]
+
+
+def attach(name: str | None = None, *, key: int | None = None, owner: str | None = None,
+           config: str | None = None, readonly: bool = False, lock_timeout: float | None = None,
+           read_timeout: float = 0.1, proc_root: str = "/proc") -> "Table":
+    """Attach to a table by name (through the config) or by key (schema from the header).
+
+    `owner` names this worker ("zone-3"); it is required to allocate or write, and a
+    restarted worker using the same name gets its slots back through `owned()`.
+    `readonly=True` attaches with SHM_RDONLY for observers (no owner, no writes).
+    """
+    if (name is None) == (key is None):
+        raise TypeError("attach() takes a table name or key=, not both")
+    expect = capacity = None
+    if name is not None:
+        cfg = config_mod.load(config if config is not None else config_mod.default_path())
+        tc = cfg.table(name)
+        key, expect, capacity = tc.key, tc.layout, tc.capacity
+        if lock_timeout is None:
+            lock_timeout = cfg.daemon.lock_timeout
+    seg = segment_mod.open(key, readonly=readonly, expect=expect, expect_capacity=capacity, table=name)
+    try:
+        return Table(seg, name=name or f"{key:#010x}", owner=None if readonly else owner,
+                     lock_timeout=lock_timeout or 2.0, read_timeout=read_timeout, liveness=Liveness(proc_root))
+    except BaseException:
+        seg.detach()
+        raise
+
+
+class _WriteSection:
+    """`with t.write(h) as p`: seq odd on entry, even on exit, slot marked dirty."""
+
+    __slots__ = ("_s32", "_s8", "_slot", "_view")
+
+    def __init__(self, s32, s8, slot: int, view):
+        self._s32, self._s8, self._slot, self._view = s32, s8, slot, view
+
+    def __enter__(self):
+        self._s32[8 * self._slot] += 1
+        return self._view
+
+    def __exit__(self, *exc) -> bool:
+        self._s32[8 * self._slot] += 1
+        self._s8[32 * self._slot + 20] = 1
+        return False
+
+
+class Table:
+    """One attached table. Not thread-safe: use one Table per thread."""
+
+    def __init__(self, seg: Segment, *, name: str, owner: str | None = None, lock_timeout: float = 2.0,
+                 read_timeout: float = 0.1, liveness: Liveness | None = None):
+        h = seg.header
+        self.name, self.key, self.readonly = name, seg.key, seg.readonly
+        self.capacity, self.layout = h.capacity, h.layout
+        self.read_timeout = read_timeout
+        self._seg = seg
+        self._alloc = Allocator(seg, table=name, lock_timeout=lock_timeout, liveness=liveness)
+        self._s32, self._s16, self._s8 = self._alloc._s32, self._alloc._s16, self._alloc._s8
+        rs = self.record_size = h.record_size
+        r = h.regions
+        self._rec = seg.buf[r.records_offset:r.records_offset + h.capacity * rs]
+        self._rec_off_abs = r.records_offset
+        cls = record_class(h.layout, name)
+        self._cls = cls
+        self._view_cls = readonly_class(cls) if seg.readonly else cls
+        self._init = default_record(cls)
+        self._views: dict[int, RecordBase] = {}
+        self._casts: dict[str, memoryview] = {}
+        self._acc: dict[str, tuple] = {}
+        for fl in h.layout.fields:
+            f = fl.field
+            if f.array or f.is_string:
+                self._acc[fl.name] = (None, 0, 0, f)
+            else:
+                v = self._casts.get(f.code)
+                if v is None:
+                    v = self._casts[f.code] = self._rec.cast(f.code)
+                self._acc[fl.name] = (v, rs // f.size, fl.offset // f.size, f if f.type == "f32" else None)
+        self.owner = owner
+        self._owner = 0
+        if owner is not None:
+            self._owner = self._alloc.claim_owner(owner)
+
+    # ---- lifecycle --------------------------------------------------------------------------
+    def close(self) -> None:
+        """Detach: the owner is marked detached (its slots stay), buffers are released."""
+        if self._seg is None:
+            return
+        if self._owner and not self.readonly:
+            try:
+                self._alloc.set_owner_state(self._owner, fmt.OWNER_DETACHED)
+            except StatedError as e:
+                log.warning("table=%s owner=%s: could not mark detached: %s", self.name, self.owner, e)
+        self._views.clear()
+        for v in self._casts.values():
+            v.release()
+        self._casts.clear()
+        self._acc.clear()
+        self._rec.release()
+        self._alloc.release_views()
+        if not self._seg.detach():
+            log.debug("table=%s: views still referenced; segment stays attached until exit", self.name)
+        self._seg = None
+
+    def __enter__(self) -> "Table":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"<Table {self.name} key={self.key:#010x} capacity={self.capacity} "
+                f"owner={self.owner!r}{' readonly' if self.readonly else ''}>")
+
+    # ---- allocation ---------------------------------------------------------------------------
+    def alloc(self, entity: int | None = None) -> Handle:
+        """Allocate a slot for this owner, its record set to the field defaults.
+
+        Raises TableFull, DuplicateEntity (entity already has a slot), LockTimeout.
+        """
+        if not self._owner:
+            raise self._cannot_write("allocate")
+        return self._alloc.alloc(entity, self._owner, self._init, self._rec, 0, self.record_size)
+
+    def free(self, h: Handle) -> None:
+        """Give the slot back. The handle (and any copy of it) becomes stale."""
+        if not self._owner:
+            raise self._cannot_write("free")
+        self._views.pop(h[0], None)
+        self._alloc.free(h, self._owner)
+
+    def lookup(self, entity: int) -> Handle | None:
+        """Handle of the record holding `entity`, or None."""
+        return self._alloc.lookup(entity)
+
+    def owned(self) -> list[Handle]:
+        """Handles of every slot this owner holds: how a restarted worker finds its players."""
+        if not self._owner:
+            return []
+        s32 = self._s32
+        return [Handle(s, s32[8 * s + 1]) for s in self._alloc.slots_of(self._owner)]
+
+    def handles(self) -> list[Handle]:
+        """Every allocated slot's handle, whoever owns it (an O(capacity) scan)."""
+        s32 = self._s32
+        states = self._s8[18::32]
+        return [Handle(i, s32[8 * i + 1]) for i, st in enumerate(states) if st == fmt.SLOT_ALLOCATED]
+
+    def entity(self, h: Handle) -> int | None:
+        self._check(h)
+        s = h[0]
+        return self._alloc._s64[4 * s + 1] if self._s8[32 * s + 19] & fmt.FLAG_HAS_ENTITY else None
+
+    def valid(self, h: Handle) -> bool:
+        """True while `h` still names a live allocation."""
+        slot, gen = h
+        return 0 <= slot < self.capacity and self._s32[8 * slot + 1] == gen \
+            and self._s8[32 * slot + 18] == fmt.SLOT_ALLOCATED
+
+    def __len__(self) -> int:
+        return self._alloc.used()
+
+    # ---- record access (hot path) ------------------------------------------------------------
+    def get(self, h: Handle, name: str) -> Any:
+        """One field. Scalars are read atomically; strings and arrays through a consistent read."""
+        slot, gen = h
+        try:
+            ok = self._s32[8 * slot + 1] == gen and slot >= 0
+            view, stride, k, _ = self._acc[name]
+        except IndexError:
+            raise self._out_of_range(slot) from None
+        except KeyError:
+            raise self._no_field(name) from None
+        if not ok:
+            raise self._stale(h)
+        if view is not None:
+            return view[slot * stride + k]
+        return getattr(self.read(h), name)
+
+    def set(self, h: Handle, name: str, value: Any) -> None:
+        """Write one field and mark the slot dirty; ValueError (nothing written) if it does not fit."""
+        slot, gen = h
+        try:
+            ok = self._s32[8 * slot + 1] == gen and slot >= 0 and self._s16[16 * slot + 8] == self._owner
+            view, stride, k, check = self._acc[name]
+        except IndexError:
+            raise self._out_of_range(slot) from None
+        except KeyError:
+            raise self._no_field(name) from None
+        if not ok or not self._owner:
+            raise self._refused(h)
+        if view is not None:
+            if check is not None:
+                check_value(check, value)
+            try:
+                view[slot * stride + k] = value
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"table {self.name!r} field {name!r}: {value!r} does not fit ({e})") from None
+            self._s8[32 * slot + 20] = 1
+        else:
+            p = self._view(slot)
+            with _WriteSection(self._s32, self._s8, slot, p):
+                setattr(p, name, value)
+
+    def record(self, h: Handle) -> RecordBase:
+        """Live view of the record; pins the slot dirty until it is freed (see module doc)."""
+        slot, gen = h
+        if not 0 <= slot < self.capacity:
+            raise self._out_of_range(slot)
+        if self._s32[8 * slot + 1] != gen:
+            raise self._stale(h)
+        if not self.readonly:
+            if self._s16[16 * slot + 8] != self._owner or not self._owner:
+                raise self._refused(h)
+            self._s8[32 * slot + 21] = 1
+        return self._view(slot)
+
+    def write(self, h: Handle) -> _WriteSection:
+        """`with t.write(h) as p:` a seqlock write section over the live view."""
+        slot, gen = h
+        try:
+            ok = self._s32[8 * slot + 1] == gen and slot >= 0 and self._s16[16 * slot + 8] == self._owner
+        except IndexError:
+            raise self._out_of_range(slot) from None
+        if not ok or not self._owner:
+            raise self._refused(h)
+        if self._s32[8 * slot] & 1:
+            raise StatedError(f"table {self.name!r} slot {slot}: already inside a write section")
+        return _WriteSection(self._s32, self._s8, slot, self._view(slot))
+
+    def read(self, h: Handle) -> RecordBase:
+        """A consistent copy of the whole record (never torn). Raises StaleHandle, TornRecord."""
+        slot, gen = h
+        s32 = self._s32
+        try:
+            s1 = s32[8 * slot]
+        except IndexError:
+            raise self._out_of_range(slot) from None
+        if not s1 & 1 and slot >= 0:
+            r = self._cls.from_buffer_copy(self._rec, slot * self.record_size)
+            if s32[8 * slot] == s1 and s32[8 * slot + 1] == gen:
+                return r
+        return self._read_slow(h)
+
+    def _read_slow(self, h: Handle) -> RecordBase:
+        slot, gen = h
+        if slot < 0:
+            raise self._out_of_range(slot)
+        s32, rs = self._s32, self.record_size
+        deadline = None
+        spins = 0
+        while True:
+            s1 = s32[8 * slot]
+            if s32[8 * slot + 1] != gen:
+                raise self._stale(h)
+            if not s1 & 1:
+                r = self._cls.from_buffer_copy(self._rec, slot * rs)
+                if s32[8 * slot] == s1:
+                    if s32[8 * slot + 1] != gen:
+                        raise self._stale(h)
+                    return r
+            spins += 1
+            if spins & 63 == 0:
+                now = time.monotonic()
+                if deadline is None:
+                    deadline = now + self.read_timeout
+                elif now > deadline:
+                    if not self.readonly:
+                        self._alloc._h64[fmt.COUNTER_OFF["torn_reads"] // 8] += 1
+                    raise TornRecord(f"table {self.name!r} slot {slot}: its writer has been mid-write for over "
+                                     f"{self.read_timeout}s (owner #{self._s16[16 * slot + 8]} probably died "
+                                     f"inside a write section); the daemon or the owner's next attach settles it")
+                time.sleep(0)
+
+    def _view(self, slot: int) -> RecordBase:
+        v = self._views.get(slot)
+        if v is None:
+            off = slot * self.record_size
+            if self.readonly:
+                v = self._view_cls.from_address(self._seg.shm.address + self._rec_off_abs + off)
+            else:
+                v = self._cls.from_buffer(self._rec, off)
+            self._views[slot] = v
+        return v
+
+    # ---- introspection --------------------------------------------------------------------------
+    def owners(self) -> list[Owner]:
+        return self._alloc.owners()
+
+    def counters(self) -> dict[str, int]:
+        return self._alloc.counters()
+
+    def verify(self) -> list[str]:
+        """Check allocator invariants under the lock; [] when consistent."""
+        if self.readonly:
+            return self._alloc.verify()
+        self._alloc.acquire()
+        try:
+            return self._alloc.verify()
+        finally:
+            self._alloc.release()
+
+    def _check(self, h: Handle) -> None:
+        slot, gen = h
+        if not 0 <= slot < self.capacity:
+            raise self._out_of_range(slot)
+        if self._s32[8 * slot + 1] != gen:
+            raise self._stale(h)
+
+    # ---- errors (off the hot path) -------------------------------------------------------------------
+    def _out_of_range(self, slot: int) -> SlotOutOfRange:
+        return SlotOutOfRange(f"table {self.name!r}: slot {slot} is outside [0, {self.capacity})")
+
+    def _no_field(self, name: str) -> KeyError:
+        return KeyError(f"table {self.name!r} has no field {name!r}; fields: {', '.join(self.layout.names())}")
+
+    def _stale(self, h: Handle) -> StaleHandle:
+        slot, gen = h
+        now = self._s32[8 * slot + 1]
+        return StaleHandle(f"table {self.name!r}: handle (slot {slot}, generation {gen}) is stale; the slot was "
+                           f"freed{' and reused' if self._s8[32 * slot + 18] else ''} (generation now {now}). "
+                           f"Look the entity up again")
+
+    def _cannot_write(self, what: str) -> StatedError:
+        if self.readonly:
+            return ReadOnlyTable(f"table {self.name!r} is attached readonly; cannot {what}")
+        return NotOwner(f"table {self.name!r}: attach with owner=\"...\" to {what}")
+
+    def _refused(self, h: Handle) -> StatedError:
+        slot, gen = h
+        if self.readonly or not self._owner:
+            return self._cannot_write("write")
+        if self._s32[8 * slot + 1] != gen:
+            return self._stale(h)
+        return NotOwner(f"table {self.name!r}: slot {slot} belongs to owner #{self._s16[16 * slot + 8]}, "
+                        f"not to {self.owner!r} (#{self._owner}); only a slot's owner writes it")
+
+
