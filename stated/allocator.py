@@ -148,6 +148,10 @@ class Allocator:
                         self.table, self.key, ipid, op, self._h32[_ISLOT])
             self.repair()
 
+    def intent_pending(self) -> bool:
+        """An intent mark is set (a mutation is running, or its process died mid-way)."""
+        return bool(self._h32[_OP])
+
     def _intent(self, op: int, slot: int, entity: int, owner: int) -> None:
         h32 = self._h32
         h32[_ISLOT] = slot

@@ -131,7 +131,7 @@ def parse_field(decl: str) -> Field:
     m = _DECL.match(decl)
     if not m:
         raise SchemaError(f"cannot parse {decl!r}; expected \"name: type\", \"name: type[N]\" "
-                          f"or \"name: type = default\"", field=decl.split(":")[0].strip() or None)
+                          f"or \"name: type = default\"")
     name, t, n, default_text = m.groups()
     if name.startswith("_") or keyword.iskeyword(name) or name in RESERVED:
         raise SchemaError(f"{name!r} cannot be a field name (reserved, keyword or leading underscore)",

@@ -1,0 +1,130 @@
+"""The `stated` command line: run, status, destroy, header (and daemon requests).
+
+Exit codes: 0 success; 1 a stated error (message on stderr); 2 usage error;
+3 the daemon is not running (for commands that need it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from . import __version__
+from . import config as config_mod
+from . import format as fmt
+from . import segment
+from .errors import StatedError
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_RUNNING = 0, 1, 2, 3
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _config(args) -> config_mod.Config:
+    return config_mod.load(args.config if args.config else config_mod.default_path())
+
+
+def cmd_run(args) -> int:
+    from .daemon import Daemon
+    return Daemon(args.config or config_mod.default_path()).run()
+
+
+def cmd_status(args) -> int:
+    from .status import config_status
+    cfg = _config(args)
+    rows = config_status(cfg)
+    if args.json:
+        print(json.dumps({"config": cfg.path, "tables": rows}, indent=2))
+    else:
+        print(f"config: {cfg.path}")
+        hdr = f"{'TABLE':<12} {'KEY':<10} {'SHMID':>7} {'USED':>8} {'CAPACITY':>8} {'ATTACHED':>8} {'MODE':>5} " \
+              f"{'SIZE':>10}  LAYOUT"
+        print(hdr)
+        for r in rows:
+            if "error" in r:
+                print(f"{r['table']:<12} {r['key']:#010x}  {r['error']}")
+                continue
+            print(f"{r['table']:<12} {r['key']:#010x} {r['shmid']:>7} {r['used']:>8} {r['capacity']:>8} "
+                  f"{r['attached']:>8} {r['mode']:>5} {human_bytes(r['size_bytes']):>10}  {r['layout_hash']}")
+            for o in r["owners"]:
+                print(f"    owner {o['name']:<20} pid {o['pid']:<8} {o['state']:<9} "
+                      f"{'alive' if o['alive'] else 'gone':<5} {o['slots']} slots")
+            if "warning" in r:
+                print(f"    warning: {r['warning']}")
+    return EXIT_OK if all("error" not in r for r in rows) else EXIT_ERROR
+
+
+def cmd_destroy(args) -> int:
+    cfg = _config(args)
+    if not args.yes:
+        print("refusing to destroy without --yes: this deletes every table's shared state "
+              f"({', '.join(cfg.tables)})", file=sys.stderr)
+        return EXIT_USAGE
+    rc = EXIT_OK
+    names = args.tables or list(cfg.tables)
+    for name in names:
+        tc = cfg.table(name)
+        try:
+            removed = segment.destroy(tc.key)
+        except StatedError as e:
+            print(f"{name}: {e}", file=sys.stderr)
+            rc = EXIT_ERROR
+            continue
+        print(f"{name} ({tc.key:#010x}): {'removed' if removed else 'nothing to remove'}")
+    return rc
+
+
+def cmd_header(args) -> int:
+    from . import cheader
+    cfg = _config(args)
+    names = args.tables or list(cfg.tables)
+    sys.stdout.write(cheader.generate([(n, cfg.table(n).key, cfg.table(n).layout) for n in names]))
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="stated", description="Shared-memory state daemon for game servers.")
+    p.add_argument("--version", action="version", version=f"stated {__version__} (format {fmt.FORMAT_VERSION})")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, func, help: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help)
+        sp.add_argument("--config", metavar="PATH",
+                        help="config file (default: $STATED_CONFIG, else the built-in default)")
+        sp.set_defaults(func=func)
+        return sp
+
+    add("run", cmd_run, "run the daemon in the foreground (creates or adopts the tables)")
+    s = add("status", cmd_status, "show tables: key, shmid, used/capacity, attached processes, owners")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    d = add("destroy", cmd_destroy, "remove tables' segments and semaphores (their state is lost)")
+    d.add_argument("--yes", action="store_true", help="confirm")
+    d.add_argument("tables", nargs="*", metavar="TABLE", help="tables to remove (default: all)")
+    h = add("header", cmd_header, "print a C11 header for the tables' layouts")
+    h.add_argument("tables", nargs="*", metavar="TABLE", help="tables to include (default: all)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except StatedError as e:
+        print(f"stated {args.command}: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""Shared fixtures: unique IPC keys, tables on them, config files, and the leak check.
+
+Keys: 0x5E000000 | (pid & 0xFFF) << 12 | counter, skipping any key already in
+use, so parallel and repeated runs never collide. Every key handed out is
+cleaned (segment and semaphore removed) when its test ends, pass or fail, and
+the session fails if any of them, or any child process, is left behind.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import sysv_ipc
+
+from stated import config as config_mod
+from stated import segment
+from stated.schema import parse_fields
+from stated import layout as layout_mod
+
+_counter = itertools.count(1)
+_handed: set[int] = set()
+KEY_PREFIX = 0x5E000000
+
+PLAYER_FIELDS = ["id: u64", "name: str[32]", "level: u16 = 1", "hp: i32 = 100",
+                 "x: f32", "y: f32", "z: f32", "zone: u16", "gold: u64", "inventory: u32[32]"]
+
+
+def _in_use(key: int) -> bool:
+    for cls in (sysv_ipc.SharedMemory, sysv_ipc.Semaphore):
+        try:
+            obj = cls(key)
+        except sysv_ipc.ExistentialError:
+            continue
+        if cls is sysv_ipc.SharedMemory:
+            obj.detach()
+        return True
+    return False
+
+
+def fresh_key() -> int:
+    while True:
+        n = next(_counter)
+        key = KEY_PREFIX | ((os.getpid() & 0xFFF) << 12) | (n & 0xFFF)
+        if n >= 0x1000:
+            raise RuntimeError("test run used more than 4095 keys")
+        if not _in_use(key):
+            _handed.add(key)
+            return key
+
+
+def remove_key(key: int) -> None:
+    try:
+        sysv_ipc.SharedMemory(key).remove()
+    except sysv_ipc.ExistentialError:
+        pass
+    try:
+        sysv_ipc.Semaphore(key).remove()
+    except sysv_ipc.ExistentialError:
+        pass
+
+
+@pytest.fixture
+def new_key():
+    """A function returning fresh keys; every key is removed after the test."""
+    mine: list[int] = []
+
+    def make() -> int:
+        k = fresh_key()
+        mine.append(k)
+        return k
+    yield make
+    for k in mine:
+        remove_key(k)
+
+
+def player_layout(fields=None):
+    return layout_mod.compute(parse_fields(fields or PLAYER_FIELDS))
+
+
+@pytest.fixture
+def make_segment(new_key):
+    """make_segment(capacity=100, fields=None) -> key of a new table segment."""
+    def make(capacity: int = 100, fields=None) -> int:
+        key = new_key()
+        seg = segment.create(key, capacity, player_layout(fields), mode=0o600)
+        seg.detach()
+        return key
+    return make
+
+
+@pytest.fixture
+def write_config(tmp_path, new_key):
+    """write_config(tables={"players": dict(capacity=..., fields=[...])}, daemon={}) -> path."""
+    def write(tables=None, daemon=None, name="stated.toml") -> Path:
+        tables = tables or {"players": {"capacity": 100}}
+        lines = ["[daemon]", 'state_dir = "var"', 'control_socket = "var/stated.sock"',
+                 'metrics_address = "127.0.0.1:0"']
+        for k, v in (daemon or {}).items():
+            lines = [ln for ln in lines if not ln.startswith(f"{k} =")]
+            lines.append(f"{k} = {_toml(v)}")
+        for tname, t in tables.items():
+            t = dict(t)
+            t.setdefault("key", new_key())
+            t.setdefault("fields", PLAYER_FIELDS)
+            lines.append(f"[tables.{tname}]")
+            lines += [f"{k} = {_toml(v)}" for k, v in t.items()]
+        p = tmp_path / name
+        p.write_text("\n".join(lines) + "\n")
+        return p
+    return write
+
+
+def _toml(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml(x) for x in v) + "]"
+    raise TypeError(v)
+
+
+@pytest.fixture
+def procs():
+    """Track child processes (subprocess.Popen or pids); each still running is SIGKILLed at teardown."""
+    started: list = []
+    yield started
+    for p in started:
+        pid = p if isinstance(p, int) else p.pid
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
+            if isinstance(p, int):
+                os.waitpid(pid, 0)
+            else:
+                p.wait(timeout=10)
+        except (ChildProcessError, OSError):
+            pass
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            data = Path(f"/proc/{d}/stat").read_bytes()
+        except OSError:
+            continue
+        fields = data[data.rfind(b")") + 2:].split()
+        if int(fields[1]) == pid and fields[0] not in (b"Z", b"X"):
+            out.append(int(d))
+    return out
+
+
+def pytest_sessionfinish(session, exitstatus):
+    leaked = [k for k in sorted(_handed) if _in_use(k)]
+    time.sleep(0.05)
+    kids = _children(os.getpid())
+    if leaked or kids:
+        rep = session.config.pluginmanager.get_plugin("terminalreporter")
+        msg = (f"LEAK CHECK FAILED: IPC keys left behind: {[hex(k) for k in leaked]}; "
+               f"child processes left running: {kids}")
+        if rep:
+            rep.write_line(msg, red=True)
+        for k in leaked:
+            remove_key(k)
+        session.exitstatus = 1
+    elif session.config.pluginmanager.get_plugin("terminalreporter"):
+        session.config.pluginmanager.get_plugin("terminalreporter").write_line(
+            f"leak check: {len(_handed)} IPC keys used, none left behind; no child processes left")

@@ -1,0 +1,192 @@
+"""Allocator: crash consistency under SIGKILL at random moments, and concurrency."""
+import os
+import random
+import signal
+import time
+
+import pytest
+
+import stated
+
+KILLS = 320
+
+
+def _child_churn(key: int, owner: str, seed: int, sections: bool) -> None:
+    """Runs in a forked child until killed: alloc with entities, write, free."""
+    rnd = random.Random(seed)
+    t = stated.attach(key=key, owner=owner, lock_timeout=5)
+    mine = t.owned()
+    while True:
+        if len(mine) < 40 and rnd.random() < 0.55:
+            try:
+                h = t.alloc(entity=rnd.randrange(1, 500))
+            except (stated.TableFull, stated.DuplicateEntity):
+                if mine:
+                    t.free(mine.pop(rnd.randrange(len(mine))))
+                continue
+            mine.append(h)
+            if sections:
+                with t.write(h) as p:
+                    p.hp = rnd.randrange(100)
+                    p.name = "x" * rnd.randrange(32)
+        elif mine:
+            t.free(mine.pop(rnd.randrange(len(mine))))
+
+
+def _fork(fn, *args) -> int:
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            fn(*args)
+        except BaseException:  # noqa: BLE001 - a child must never return into pytest
+            import traceback
+            traceback.print_exc()
+            code = 70
+        os._exit(code)
+    return pid
+
+
+def _check(t: stated.Table) -> None:
+    problems = t.verify()          # takes the lock within its timeout, repairing first if needed
+    assert problems == [], problems
+
+
+def test_sigkill_at_random_moments_never_corrupts(make_segment, procs):
+    key = make_segment(capacity=64)
+    checker = stated.attach(key=key, owner="checker", lock_timeout=5)
+    rnd = random.Random(1234)
+    try:
+        for i in range(KILLS):
+            pid = _fork(_child_churn, key, "chaos", i, i % 3 == 0)
+            procs.append(pid)
+            time.sleep(rnd.uniform(0.002, 0.012))
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            procs.remove(pid)
+            _check(checker)
+            if i % 40 == 39:      # all remaining capacity is allocatable
+                free_before = checker.capacity - len(checker)
+                got = []
+                while True:
+                    try:
+                        got.append(checker.alloc())
+                    except stated.TableFull:
+                        break
+                assert len(got) == free_before
+                for h in got:
+                    checker.free(h)
+                _check(checker)
+        counters = checker.counters()
+        assert counters["lock_repairs"] > 0, "no kill landed inside the lock: the test lost its teeth"
+        # the dead chaos worker's slots can be taken over and all freed
+        with stated.attach(key=key, owner="chaos") as t:
+            for h in t.owned():
+                t.free(h)
+        assert len(checker) == 0
+        _check(checker)
+    finally:
+        checker.close()
+
+
+def _child_tagged_churn(key: int, owner: str, ops: int, seed: int) -> None:
+    rnd = random.Random(seed)
+    t = stated.attach(key=key, owner=owner, lock_timeout=10)
+    me = os.getpid()
+    mine = []
+    bad = 0
+    for _ in range(ops):
+        if len(mine) < 8 and (not mine or rnd.random() < 0.5):
+            try:
+                h = t.alloc()
+            except stated.TableFull:
+                continue
+            t.record(h).id = me
+            mine.append(h)
+        else:
+            h = mine.pop(rnd.randrange(len(mine)))
+            if t.get(h, "id") != me:
+                bad += 1
+            t.free(h)
+    for h in mine:
+        if t.get(h, "id") != me:
+            bad += 1
+        t.free(h)
+    os._exit(min(bad, 100))
+
+
+def test_four_processes_never_share_a_slot(make_segment, procs):
+    key = make_segment(capacity=32)      # small: 4 x 8 live slots keep the table nearly full
+    pids = [_fork(_child_tagged_churn, key, f"w{i}", 3000, i) for i in range(4)]
+    procs.extend(pids)
+    for pid in pids:
+        _, status = os.waitpid(pid, 0)
+        procs.remove(pid)
+        assert os.waitstatus_to_exitcode(status) == 0, "a slot was handed to two processes"
+    with stated.attach(key=key, owner="check") as t:
+        _check(t)
+        assert len(t) == 0
+        c = t.counters()
+        assert c["allocations"] == c["frees"] >= 4 * 1000
+
+
+def test_lookup_owned_and_index_under_churn(make_segment):
+    key = make_segment(capacity=500)
+    with stated.attach(key=key, owner="a") as t:
+        live = {}
+        rnd = random.Random(5)
+        for _ in range(5000):
+            if live and rnd.random() < 0.45:
+                e = rnd.choice(list(live))
+                t.free(live.pop(e))
+            elif len(live) < 500:
+                e = rnd.randrange(10**12)
+                if e not in live:
+                    live[e] = t.alloc(entity=e)
+        for e, h in live.items():
+            assert t.lookup(e) == h
+        assert t.lookup(10**13) is None
+        assert sorted(t.owned()) == sorted(live.values())
+        _check(t)
+
+
+def test_repair_rebuilds_from_slot_states(make_segment):
+    """Simulate a holder that died mid-alloc: intent set, free stack not yet popped."""
+    from stated import format as fmt
+    key = make_segment(capacity=16)
+    with stated.attach(key=key, owner="a") as t:
+        hs = [t.alloc(entity=i) for i in range(5)]
+        a = t._alloc
+        a._h32[fmt.A_INTENT_OP // 4] = fmt.INTENT_ALLOC
+        a._h32[fmt.A_INTENT_PID // 4] = 999_999_999      # no such process
+        a._h32[fmt.A_FREE_TOP // 4] += 1                 # as if the pop had not happened
+        t.free(hs[0])                                    # acquiring repairs first
+        assert t.counters()["lock_repairs"] == 1
+        _check(t)
+        assert [t.lookup(i) for i in range(1, 5)] == hs[1:]
+
+
+def test_lock_timeout_is_bounded_and_counted(make_segment, procs):
+    import sysv_ipc
+    key = make_segment(capacity=4)
+    with stated.attach(key=key, owner="a", lock_timeout=0.2) as t:
+        r, w = os.pipe()
+
+        def hold():
+            sem = sysv_ipc.Semaphore(key)
+            sem.undo = True
+            sem.acquire()
+            os.write(w, b"x")
+            time.sleep(60)
+        pid = _fork(hold)
+        procs.append(pid)
+        os.read(r, 1)
+        t0 = time.monotonic()
+        with pytest.raises(stated.LockTimeout, match="0.2s"):
+            t.alloc()
+        assert time.monotonic() - t0 < 1.0
+        assert t.counters()["lock_timeouts"] == 1
+        os.kill(pid, signal.SIGKILL)     # SEM_UNDO gives the lock back
+        os.waitpid(pid, 0)
+        procs.remove(pid)
+        t.alloc()

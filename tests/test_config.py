@@ -1,0 +1,68 @@
+import pytest
+
+from stated import config as config_mod
+from stated.errors import ConfigError
+
+
+def test_shipped_config_loads():
+    cfg = config_mod.load("config/stated.toml")
+    assert set(cfg.tables) == {"players", "world", "guilds"}
+    players = cfg.tables["players"]
+    assert players.key == 0x53540001 and players.capacity == 10000
+    assert players.layout["level"].field.default == 1
+    assert cfg.daemon.state_dir.name == "var"
+
+
+def test_builtin_default_loads():
+    cfg = config_mod.load(None)
+    assert cfg.path == config_mod.BUILTIN and "players" in cfg.tables
+
+
+def _load(tmp_path, text):
+    p = tmp_path / "bad.toml"
+    p.write_text(text)
+    return config_mod.load(p), p
+
+
+@pytest.mark.parametrize("text, table, field, words", [
+    ('[tables.players]\ncapacity = 10\nfields = ["hp: i33"]', "players", "fields.hp", "unknown type"),
+    ('[tables.players]\ncapacity = 10\nfields = ["hp i32"]', "players", "fields", "cannot parse"),
+    ('[tables.players]\ncapacity = 0\nfields = ["hp: i32"]', "players", "capacity", "capacity"),
+    ('[tables.players]\ncapacity = 10\nfields = ["name: str[4] = \\"toolong\\""]', "players", "fields.name",
+     "at most 4"),
+    ('[tables.players]\ncapacity = 10\nfields = ["a: u8", "a: u16"]', "players", "fields.a", "twice"),
+    ('[tables.players]\nfields = ["a: u8"]', "players", "capacity", "required"),
+    ('[tables.players]\ncapacity = 10\nfields = ["a: u8"]\ncolour = 1', "players", "colour", "unknown"),
+    ('[tables.players]\ncapacity = "ten"\nfields = ["a: u8"]', "players", "capacity", "must be int"),
+    ('[tables.players]\ncapacity = 10\nfields = ["a: u8 = 300"]', "players", "fields.a", "outside"),
+    ('[tables.a]\nkey = 5\ncapacity = 1\nfields = ["a: u8"]\n[tables.b]\nkey = 5\ncapacity = 1\nfields = ["a: u8"]',
+     "b", "key", "also used"),
+    ('[tables.players]\ncapacity = 10\nfields = ["a: u8"]\ndead_owner = "burn"', "players", "dead_owner", "keep"),
+])
+def test_bad_config_names_file_table_field(tmp_path, text, table, field, words):
+    with pytest.raises(ConfigError) as ei:
+        _load(tmp_path, text)
+    msg = str(ei.value)
+    assert "bad.toml" in msg and f"table {table!r}" in msg and f"field {field!r}" in msg, msg
+    assert words in msg
+
+
+def test_world_readable_mode_refused(tmp_path):
+    with pytest.raises(ConfigError, match="world"):
+        _load(tmp_path, '[daemon]\nmode = 0o666\n[tables.p]\ncapacity = 1\nfields = ["a: u8"]')
+
+
+def test_not_toml(tmp_path):
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        _load(tmp_path, "[tables.p\n")
+
+
+def test_relative_paths_follow_the_config_file(tmp_path):
+    cfg, p = _load(tmp_path, '[daemon]\nstate_dir = "snaps"\n[tables.p]\ncapacity = 1\nfields = ["a: u8"]')
+    assert cfg.daemon.state_dir == tmp_path / "snaps"
+
+
+def test_derived_keys_are_stable_and_distinct(tmp_path):
+    cfg, _ = _load(tmp_path, '[tables.a]\ncapacity = 1\nfields = ["x: u8"]\n[tables.b]\ncapacity = 1\nfields = ["x: u8"]')
+    assert cfg.tables["a"].key != cfg.tables["b"].key
+    assert cfg.tables["a"].key == config_mod.derive_key(0x53540000, "a")

@@ -1,0 +1,69 @@
+"""Worker programs the tests run as real processes: `python tests/workers.py MODE KEY OWNER [ARGS]`.
+
+Each prints "ready" (flushed) when its work is done, then sleeps until killed.
+"""
+import sys
+import time
+
+import stated
+
+
+def write_players(t, n):
+    for i in range(n):
+        h = t.alloc(entity=1000 + i)
+        with t.write(h) as p:
+            p.name = f"player-{i}"
+            p.hp = 100 - i
+            p.gold = i * 1000
+            p.inventory = [i, i + 1, i + 2]
+        t.set(h, "level", (i % 60) + 1)
+
+
+def hold_write_section(t, n):
+    h = t.alloc(entity=1)
+    w = t.write(h)
+    p = w.__enter__()
+    p.hp = 1            # then get killed with the seq odd
+    return h
+
+
+def churn(t, n):
+    """alloc/free forever, asserting nobody else ever holds a slot we got."""
+    import random
+    mine = []
+    seen = 0
+    while True:
+        if len(mine) < n and random.random() < 0.6:
+            try:
+                h = t.alloc()
+            except stated.TableFull:
+                continue
+            p = t.record(h)
+            if p.id != 0:
+                print(f"VIOLATION slot {h.slot} already tagged {p.id}", flush=True)
+            p.id = t._owner          # tag the record with our owner index
+            mine.append(h)
+        elif mine:
+            h = mine.pop(random.randrange(len(mine)))
+            p = t.record(h)
+            if p.id != t._owner:
+                print(f"VIOLATION slot {h.slot} tag {p.id} != {t._owner}", flush=True)
+            p.id = 0
+            t.free(h)
+        seen += 1
+        if seen == 2000:
+            print("ready", flush=True)
+
+
+def main():
+    mode, key, owner = sys.argv[1], int(sys.argv[2], 0), sys.argv[3]
+    n = int(sys.argv[4]) if len(sys.argv) > 4 else 10
+    t = stated.attach(key=key, owner=owner)
+    {"write_players": write_players, "hold_write_section": hold_write_section, "churn": churn}[mode](t, n)
+    print("ready", flush=True)
+    while True:
+        time.sleep(1)
+
+
+if __name__ == "__main__":
+    main()
