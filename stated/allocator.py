@@ -397,14 +397,19 @@ class Allocator:
                 log.warning("table=%s slot=%d: writer died mid-write; record settled as last written",
                             self.table, slot)
 
-    def set_owner_state(self, idx: int, state: int) -> None:
-        """Mark an owner detached/dead (keeps its slots)."""
+    def set_owner_state(self, idx: int, state: int, *, only_pid: int | None = None) -> bool:
+        """Mark an owner detached/dead (its slots stay). With `only_pid`, only if that pid still holds it."""
         self.acquire()
         try:
             base = (idx - 1) * 16
+            if only_pid is not None and (self._o32[base + 8] != only_pid
+                                         or self._o32[base + 9] != fmt.OWNER_ATTACHED):
+                return False
+            now = int(time.time())
             self._o32[base + 9] = state
-            self._o32[base + 14] = int(time.time()) & 0xFFFFFFFF
-            self._o32[base + 15] = int(time.time()) >> 32
+            self._o32[base + 14] = now & 0xFFFFFFFF
+            self._o32[base + 15] = now >> 32
+            return True
         finally:
             self.release()
 
@@ -415,9 +420,11 @@ class Allocator:
         return [i for i, (st, ow) in enumerate(zip(states, owners)) if ow == owner and st == fmt.SLOT_ALLOCATED]
 
     def reap_owner(self, idx: int) -> int:
-        """Free every slot of owner `idx` (dead, past its grace period). Returns how many."""
+        """Free every slot of owner `idx` unless it re-attached meanwhile. Returns how many."""
         self.acquire()
         try:
+            if self._o32[(idx - 1) * 16 + 9] == fmt.OWNER_ATTACHED:
+                return 0            # it came back between the caller's check and now
             n = 0
             for slot in self.slots_of(idx):
                 self._free_locked(slot, fmt.INTENT_REAP)

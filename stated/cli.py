@@ -27,6 +27,15 @@ def human_bytes(n: int) -> str:
     return str(n)
 
 
+def human_seconds(s: float) -> str:
+    s = int(s)
+    if s < 120:
+        return f"{s}s"
+    if s < 7200:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
 def _config(args) -> config_mod.Config:
     return config_mod.load(args.config if args.config else config_mod.default_path())
 
@@ -36,14 +45,30 @@ def cmd_run(args) -> int:
     return Daemon(args.config or config_mod.default_path()).run()
 
 
+def _daemon(cfg: config_mod.Config, op: str, **kw) -> dict | None:
+    """Ask the running daemon; None when none answers on the control socket."""
+    from . import control
+    try:
+        return control.request(cfg.daemon.control_socket, op, **kw)
+    except (ConnectionError, FileNotFoundError, OSError):
+        return None
+
+
 def cmd_status(args) -> int:
     from .status import config_status
     cfg = _config(args)
-    rows = config_status(cfg)
+    reply = _daemon(cfg, "status")
+    daemon = reply["daemon"] if reply else None
+    rows = reply["tables"] if reply else config_status(cfg)
     if args.json:
-        print(json.dumps({"config": cfg.path, "tables": rows}, indent=2))
+        print(json.dumps({"config": cfg.path, "daemon": daemon, "tables": rows}, indent=2))
     else:
         print(f"config: {cfg.path}")
+        if daemon:
+            print(f"daemon: pid {daemon['pid']}, up {human_seconds(daemon['uptime'])}, "
+                  f"metrics on port {daemon['metrics_port']}")
+        else:
+            print("daemon: not running (read the segments directly)")
         hdr = f"{'TABLE':<12} {'KEY':<10} {'SHMID':>7} {'USED':>8} {'CAPACITY':>8} {'ATTACHED':>8} {'MODE':>5} " \
               f"{'SIZE':>10}  LAYOUT"
         print(hdr)
@@ -81,6 +106,21 @@ def cmd_destroy(args) -> int:
     return rc
 
 
+def _daemon_op(op: str):
+    def run(args) -> int:
+        cfg = _config(args)
+        from . import control
+        try:
+            reply = control.request(cfg.daemon.control_socket, op, timeout=args.timeout)
+        except (ConnectionError, FileNotFoundError, OSError) as e:
+            print(f"stated {op}: no daemon answers on {cfg.daemon.control_socket} ({e})", file=sys.stderr)
+            return EXIT_NOT_RUNNING
+        reply.pop("ok", None)
+        print(json.dumps(reply, indent=2) if args.json else f"{op}: ok {reply or ''}".rstrip())
+        return EXIT_OK
+    return run
+
+
 def cmd_header(args) -> int:
     from . import cheader
     cfg = _config(args)
@@ -108,6 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     d = add("destroy", cmd_destroy, "remove tables' segments and semaphores (their state is lost)")
     d.add_argument("--yes", action="store_true", help="confirm")
     d.add_argument("tables", nargs="*", metavar="TABLE", help="tables to remove (default: all)")
+    for op, text in (("reload", "make the running daemon re-read its config (waits for the answer)"),
+                     ("reap", "run the dead-owner pass now"), ("snapshot", "take a snapshot now")):
+        r = add(op, _daemon_op(op), text)
+        r.add_argument("--json", action="store_true", help="machine-readable output")
+        r.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the daemon")
     h = add("header", cmd_header, "print a C11 header for the tables' layouts")
     h.add_argument("tables", nargs="*", metavar="TABLE", help="tables to include (default: all)")
     return p

@@ -1,0 +1,128 @@
+"""Prometheus metrics: a collector over the shared counters, and the HTTP endpoint.
+
+The collector reads each table's header at scrape time: cost O(tables),
+independent of capacity; no per-player, per-slot or per-pid labels. Counters
+that workers bump live in shared memory, so they survive worker and daemon
+restarts. The dirty-slot count needs a scan, so the housekeeping pass computes
+it and the collector reports the last value.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Iterator
+
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from . import __version__
+from . import format as fmt
+
+if TYPE_CHECKING:
+    from .daemon import Daemon
+
+log = logging.getLogger("stated.metrics")
+
+MAX_REQUEST = 8192
+
+
+class TableCollector:
+    """Reads every table's counters from shared memory when Prometheus scrapes."""
+
+    def __init__(self, daemon: "Daemon"):
+        self.daemon = daemon
+
+    def collect(self) -> Iterator[Metric]:
+        L = ["table"]
+        slots = GaugeMetricFamily("stated_slots", "Slots by state (orphaned: held by a dead owner)",
+                                  labels=["table", "state"])
+        capacity = GaugeMetricFamily("stated_capacity_slots", "Slots in the table", labels=L)
+        allocs = CounterMetricFamily("stated_allocations", "Slots allocated", labels=L)
+        frees = CounterMetricFamily("stated_frees", "Slots freed (by workers and the reaper)", labels=L)
+        fails = CounterMetricFamily("stated_alloc_failures", "Allocations refused", labels=["table", "reason"])
+        repairs = CounterMetricFamily("stated_lock_repairs",
+                                      "Repairs after a lock holder died mid-update", labels=L)
+        timeouts = CounterMetricFamily("stated_lock_timeouts", "Allocator lock waits that timed out", labels=L)
+        reaped = CounterMetricFamily("stated_reaped_slots", "Slots released from dead owners", labels=L)
+        torn = CounterMetricFamily("stated_torn_reads", "Consistent reads that gave up on a dead writer",
+                                   labels=L)
+        settled = CounterMetricFamily("stated_settled_slots", "Records settled after a writer died mid-write",
+                                      labels=L)
+        owners = GaugeMetricFamily("stated_owners", "Named owners by liveness", labels=["table", "state"])
+        attached = GaugeMetricFamily("stated_attached_processes", "Processes attached (shm_nattch)", labels=L)
+        size = GaugeMetricFamily("stated_segment_size_bytes", "Shared-memory segment size", labels=L)
+        dirty = GaugeMetricFamily("stated_dirty_slots",
+                                  "Slots changed since the last save (as of the last housekeeping pass)",
+                                  labels=L)
+        for name, ts in self.daemon.tables.items():
+            snap = self.daemon.table_numbers(ts)
+            c = snap["counters"]
+            slots.add_metric([name, "free"], snap["capacity"] - snap["used"])
+            slots.add_metric([name, "allocated"], snap["used"] - snap["orphaned"])
+            slots.add_metric([name, "orphaned"], snap["orphaned"])
+            capacity.add_metric([name], snap["capacity"])
+            allocs.add_metric([name], c["allocations"])
+            frees.add_metric([name], c["frees"])
+            fails.add_metric([name, "full"], c["alloc_failures_full"])
+            fails.add_metric([name, "duplicate"], c["alloc_failures_duplicate"])
+            repairs.add_metric([name], c["lock_repairs"])
+            timeouts.add_metric([name], c["lock_timeouts"])
+            reaped.add_metric([name], c["reaped_slots"])
+            torn.add_metric([name], c["torn_reads"])
+            settled.add_metric([name], c["settled_slots"])
+            owners.add_metric([name, "alive"], snap["owners_alive"])
+            owners.add_metric([name, "dead"], snap["owners_dead"])
+            attached.add_metric([name], snap["attached"])
+            size.add_metric([name], snap["size_bytes"])
+            dirty.add_metric([name], snap["dirty"])
+        info = GaugeMetricFamily("stated_build_info", "stated version and segment format",
+                                 labels=["version", "format_version"])
+        info.add_metric([__version__, str(fmt.FORMAT_VERSION)], 1)
+        yield from (slots, capacity, allocs, frees, fails, repairs, timeouts, reaped, torn, settled, owners,
+                    attached, size, dirty, info)
+
+
+class DaemonMetrics:
+    """The daemon's own registry: the table collector plus pass timings."""
+
+    def __init__(self, daemon: "Daemon"):
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(TableCollector(daemon))
+        self.housekeeping = Histogram("stated_housekeeping_duration_seconds", "Duration of housekeeping passes",
+                                      ["pass"], registry=self.registry,
+                                      buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+async def serve(metrics: DaemonMetrics, host: str, port: int) -> asyncio.AbstractServer:
+    """A minimal HTTP/1.0 server on the event loop: GET /metrics, GET / (a pointer), else 404."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=5)
+            method, path, *_ = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ") + ["", ""]
+            path = path.split("?", 1)[0]
+            if method not in ("GET", "HEAD"):
+                status, ctype, body = "405 Method Not Allowed", "text/plain", b"GET only\n"
+            elif path == "/metrics":
+                status, ctype, body = "200 OK", CONTENT_TYPE_LATEST, metrics.render()
+            elif path == "/":
+                status, ctype, body = "200 OK", "text/html", b'<a href="/metrics">/metrics</a>\n'
+            else:
+                status, ctype, body = "404 Not Found", "text/plain", b"not found\n"
+            hdr = (f"HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+                   f"Connection: close\r\n\r\n").encode()
+            writer.write(hdr if method == "HEAD" else hdr + body)
+            await writer.drain()
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError, ConnectionError,
+                UnicodeDecodeError, ValueError):
+            pass
+        except Exception:   # noqa: BLE001 - a scrape must never take the daemon down
+            log.exception("metrics request failed")
+        finally:
+            writer.close()
+
+    return await asyncio.start_server(handle, host, port, limit=MAX_REQUEST)
