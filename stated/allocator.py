@@ -379,7 +379,7 @@ class Allocator:
             off = self._owners_off + (idx - 1) * fmt.OWNER_SIZE
             prev_slots = mine.slots if mine else 0
             fmt.OWNER.pack_into(self.seg.buf, off, raw, pid, fmt.OWNER_ATTACHED, start, prev_slots, 0,
-                                int(time.time()))
+                                int(time.time() * 1000))
             self._settle_owner_slots(idx)
             self._h64[_C["attaches"]] += 1
             self._h32[_OP] = 0
@@ -405,7 +405,7 @@ class Allocator:
             if only_pid is not None and (self._o32[base + 8] != only_pid
                                          or self._o32[base + 9] != fmt.OWNER_ATTACHED):
                 return False
-            now = int(time.time())
+            now = int(time.time() * 1000)
             self._o32[base + 9] = state
             self._o32[base + 14] = now & 0xFFFFFFFF
             self._o32[base + 15] = now >> 32

@@ -74,7 +74,7 @@ FLAG_HAS_ENTITY = 1
 
 # --- owner table entries (64 bytes) ---------------------------------------------------
 OWNER = struct.Struct("<32sIIQIIQ")
-OWNER_FIELDS = ("name", "pid", "state", "start_time", "slots", "reserved", "since")
+OWNER_FIELDS = ("name", "pid", "state", "start_time", "slots", "reserved", "since_ms")  # since_ms: unix ms
 OWNER_SIZE = OWNER.size
 assert OWNER_SIZE == 64
 OWNERS_CAPACITY = 255   # owner index 1..255 is stored in a slot; 0 means none

@@ -50,7 +50,12 @@ class Owner:
     state: int
     start_time: int
     slots: int
-    since: int          # unix time of the last state change
+    since_ms: int       # unix time in milliseconds of the last state change
+
+    @property
+    def since(self) -> float:
+        """Unix time (seconds) of the last state change."""
+        return self.since_ms / 1000
 
     @property
     def state_name(self) -> str:

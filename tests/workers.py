@@ -19,6 +19,12 @@ def write_players(t, n):
         t.set(h, "level", (i % 60) + 1)
 
 
+def write_players_offset(t, n):
+    for i in range(n):
+        h = t.alloc(entity=5000 + i)
+        t.set(h, "hp", i)
+
+
 def hold_write_section(t, n):
     h = t.alloc(entity=1)
     w = t.write(h)
@@ -59,7 +65,8 @@ def main():
     mode, key, owner = sys.argv[1], int(sys.argv[2], 0), sys.argv[3]
     n = int(sys.argv[4]) if len(sys.argv) > 4 else 10
     t = stated.attach(key=key, owner=owner)
-    {"write_players": write_players, "hold_write_section": hold_write_section, "churn": churn}[mode](t, n)
+    {"write_players": write_players, "hold_write_section": hold_write_section,
+     "write_players_offset": write_players_offset, "churn": churn}[mode](t, n)
     print("ready", flush=True)
     while True:
         time.sleep(1)
