@@ -81,7 +81,7 @@ class Harness:
     def __init__(self, quick: bool):
         self.quick = quick
         self.target = 0.02 if quick else 0.12     # seconds per timed repeat of one variant
-        self.repeats = 3 if quick else 7
+        self.repeats = 3 if quick else 9
         self.results: dict[str, dict] = {}
         self.groups: list[tuple[str, list[tuple[Variant, list[Variant]]]]] = []
 
@@ -267,7 +267,7 @@ def run_alloc_procs(kind: str, nproc: int, key: int, nkey: int, duration: float,
 
 def alloc_section(h: Harness, key: int, nkey: int, children: list) -> None:
     duration = 0.25 if h.quick else 1.0
-    repeats = 3 if h.quick else 5
+    repeats = 3 if h.quick else 7
     configs = [(k, n) for k in ("stated", "stated-entity", "naive") for n in (1, 2)]
     samples = {c: [] for c in configs}
     for _ in range(repeats):                   # interleaved, like the micro benchmarks

@@ -36,7 +36,7 @@ _C_RESERVED = frozenset("""
 auto break case char const continue default do double else enum extern float for goto if inline int long
 register restrict return short signed sizeof static struct switch typedef union unsigned void volatile while
 bool true false NULL offsetof alignas alignof noreturn static_assert thread_local asm typeof
-linux unix i386 errno
+typeof_unqual constexpr nullptr linux unix i386 errno
 """.split())
 
 # Errors returned by the generated helpers (0 is success).
@@ -112,7 +112,8 @@ def _asserts(tag: str, fields, size: int) -> list[str]:
 
 
 def _cname(field: str) -> str:
-    return field + "_" if field in _C_RESERVED else field
+    """The C member name of a field: C keywords and macro names get a trailing underscore."""
+    return field + "_" if field in _C_RESERVED or field.startswith("STATED_") else field
 
 
 def _common() -> list[str]:
@@ -599,6 +600,12 @@ def _table(name: str, key: int, lay: Layout) -> list[str]:
     L.append(f"#define STATED_{U}_RECORD_SIZE {lay.record_size}u")
     L.append(f"#define STATED_{U}_FIELD_COUNT {len(lay.fields)}u")
     L.append("")
+    names = {fl.name for fl in lay.fields}
+    for fl in lay.fields:
+        c = _cname(fl.name)
+        if c != fl.name and c in names:
+            raise ValueError(f"table {name!r}: field {fl.name!r} is a C keyword and its C name {c!r} is "
+                             f"taken by another field; rename one of them")
     fields = []
     L.append(f"struct {tag} {{")
     end = 0

@@ -17,7 +17,7 @@ import logging
 import os
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -30,7 +30,9 @@ from .errors import StatedError
 from .metrics import DaemonMetrics, serve as serve_metrics
 from .notify import Notifier
 from .owners import Liveness
+from .persist import Saver
 from .segment import Segment
+from .snapshot import SnapshotFailed
 
 log = logging.getLogger("stated.daemon")
 
@@ -45,9 +47,9 @@ class TableState:
     tc: TableConfig
     seg: Segment
     alloc: Allocator
-    created: bool
+    how: str                      # created / adopted / restored
+    saver: "Saver | None" = None
     dirty: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 class Daemon:
@@ -103,9 +105,13 @@ class Daemon:
 
     def _add_table(self, tc: TableConfig) -> None:
         assert self.cfg is not None
-        seg, created = provision.ensure(tc, self.cfg.daemon)
+        seg, how, restored = provision.ensure(tc, self.cfg.daemon)
         alloc = Allocator(seg, table=tc.name, lock_timeout=self.cfg.daemon.lock_timeout, liveness=self.liveness)
-        self.tables[tc.name] = TableState(tc.name, tc, seg, alloc, created)
+        ts = self.tables[tc.name] = TableState(tc.name, tc, seg, alloc, how)
+        ts.saver = Saver(tc, seg, alloc, self.cfg.daemon)
+        self.metrics.snapshot_failures.labels(tc.name)     # exported at 0 from the start
+        self.metrics.restored.labels(tc.name).inc(restored)
+        self.metrics.migrated.labels(tc.name)
         self._count_dirty(self.tables[tc.name])
 
     async def _listen(self) -> None:
@@ -135,7 +141,9 @@ class Daemon:
             self._detach_all()
             return 1
         tasks = [loop.create_task(self._every("repair", lambda: self.cfg.daemon.repair_interval, self.repair_pass)),
-                 loop.create_task(self._every("reap", lambda: self.cfg.daemon.reap_interval, self.reap_pass))]
+                 loop.create_task(self._every("reap", lambda: self.cfg.daemon.reap_interval, self.reap_pass)),
+                 loop.create_task(self._every("snapshot", lambda: self.cfg.daemon.snapshot_interval,
+                                              self.snapshot_pass))]
         if self.notifier.watchdog_usec:
             tasks.append(loop.create_task(self._watchdog()))
         log.info("ready: %d tables (%s), pid %d", len(self.tables), ", ".join(self.tables), os.getpid())
@@ -151,6 +159,7 @@ class Daemon:
         for t in tasks:
             t.cancel()
         await asyncio.wait(tasks, timeout=SHUTDOWN_TIMEOUT)
+        self.snapshot_pass()          # the final snapshot
         await self._close_servers()
         self._detach_all()
         log.info("stopped; segments left in place")
@@ -173,6 +182,8 @@ class Daemon:
 
     def _detach_all(self) -> None:
         for ts in self.tables.values():
+            if ts.saver is not None:
+                ts.saver.close()
             ts.alloc.release_views()
             ts.seg.detach()
         self.tables.clear()
@@ -254,6 +265,27 @@ class Daemon:
             self._count_dirty(ts)
         self.notifier.status(self.summary())
 
+    def snapshot_pass(self, kind: str | None = None) -> dict[str, Any]:
+        """Save every table (full or delta as the saver decides). A failure is logged and counted;
+        the daemon keeps running and the previous snapshots stay untouched."""
+        out: dict[str, Any] = {}
+        for name, ts in self.tables.items():
+            if ts.saver is None:
+                continue
+            try:
+                r = ts.saver.save(kind)
+            except SnapshotFailed as e:
+                log.error("table=%s: snapshot failed: %s", name, e)
+                self.metrics.snapshot_failures.labels(name).inc()
+                out[name] = {"error": str(e)}
+                continue
+            self.metrics.snapshot_duration.labels(name).observe(r.seconds)
+            log.info("table=%s: %s snapshot %s: %d records, %d bytes in %.3fs", name, r.kind, r.path.name,
+                     r.records, r.bytes, r.seconds)
+            out[name] = {"path": str(r.path), "kind": r.kind, "records": r.records, "bytes": r.bytes,
+                         "seconds": r.seconds}
+        return out
+
     def reap_pass(self) -> dict[str, int]:
         """Mark owners whose process died; with policy "release", free their slots after the grace."""
         reaped: dict[str, int] = {}
@@ -267,6 +299,13 @@ class Daemon:
                     continue   # the grace period starts now
                 if (o.state in (fmt.OWNER_DEAD, fmt.OWNER_DETACHED) and o.slots and ts.tc.dead_owner == "release"
                         and now - o.since >= ts.tc.dead_owner_grace):
+                    if ts.saver is not None:
+                        try:        # release only after the slots are saved
+                            ts.saver.save()
+                        except SnapshotFailed as e:
+                            log.error("table=%s: not releasing %s's slots: snapshot failed: %s", name, o.name, e)
+                            self.metrics.snapshot_failures.labels(name).inc()
+                            continue
                     n = ts.alloc.reap_owner(o.index)
                     if n:
                         log.warning("table=%s owner=%s: released %d slots after %.0fs grace",
@@ -294,7 +333,10 @@ class Daemon:
             attached = ts.seg.shm.number_attached
         except Exception:  # noqa: BLE001 - segment removed under us; report what we can
             attached = 0
-        return {"capacity": ts.alloc.capacity, "used": used, "orphaned": min(orphaned, used),
+        saver = ts.saver
+        return {"snapshot_time": saver.last_success if saver else None,
+                "snapshot_size": saver.last_size if saver else 0,
+                "capacity": ts.alloc.capacity, "used": used, "orphaned": min(orphaned, used),
                 "owners_alive": alive, "owners_dead": dead, "attached": attached,
                 "size_bytes": ts.seg.header.regions.total_size, "dirty": ts.dirty,
                 "counters": ts.alloc.counters()}
@@ -324,4 +366,11 @@ class Daemon:
         return {"reaped": self.reap_pass()}
 
     def _op_snapshot(self, req: dict) -> dict:
-        raise StatedError("snapshots are not implemented in this version (see issue: persistence)")
+        kind = req.get("kind", "full")
+        if kind not in ("full", "delta"):
+            raise StatedError(f"kind must be full or delta, got {kind!r}")
+        out = self.snapshot_pass(kind)
+        failed = {k: v["error"] for k, v in out.items() if "error" in v}
+        if failed:
+            raise StatedError(f"snapshot failed: {failed}")
+        return {"tables": out}

@@ -12,7 +12,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Iterator
 
-from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
@@ -76,6 +76,14 @@ class TableCollector:
             attached.add_metric([name], snap["attached"])
             size.add_metric([name], snap["size_bytes"])
             dirty.add_metric([name], snap["dirty"])
+        last = GaugeMetricFamily("stated_snapshot_last_success_timestamp_seconds",
+                                 "Unix time of the last snapshot written", labels=L)
+        snap_size = GaugeMetricFamily("stated_snapshot_size_bytes", "Size of the last snapshot file", labels=L)
+        for name, ts in self.daemon.tables.items():
+            if ts.saver is not None and ts.saver.last_success is not None:
+                last.add_metric([name], ts.saver.last_success)
+                snap_size.add_metric([name], ts.saver.last_size)
+        yield from (last, snap_size)
         info = GaugeMetricFamily("stated_build_info", "stated version and segment format",
                                  labels=["version", "format_version"])
         info.add_metric([__version__, str(fmt.FORMAT_VERSION)], 1)
@@ -92,6 +100,16 @@ class DaemonMetrics:
         self.housekeeping = Histogram("stated_housekeeping_duration_seconds", "Duration of housekeeping passes",
                                       ["pass"], registry=self.registry,
                                       buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5))
+
+        self.snapshot_duration = Histogram("stated_snapshot_duration_seconds", "Time to write one snapshot",
+                                           ["table"], registry=self.registry,
+                                           buckets=(.001, .005, .01, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
+        self.snapshot_failures = Counter("stated_snapshot_failures", "Snapshots that failed to write",
+                                         ["table"], registry=self.registry)
+        self.restored = Counter("stated_restored_records", "Records restored from snapshots at start-up",
+                                ["table"], registry=self.registry)
+        self.migrated = Counter("stated_migrated_records", "Records copied by layout migrations",
+                                ["table"], registry=self.registry)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

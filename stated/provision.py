@@ -17,18 +17,32 @@ from .segment import Segment
 log = logging.getLogger("stated.provision")
 
 
-def ensure(tc: TableConfig, dc: DaemonConfig) -> tuple[Segment, bool]:
-    """Return (segment, created). Raises CorruptSegment, LayoutMismatch, SegmentExists."""
+def ensure(tc: TableConfig, dc: DaemonConfig) -> tuple[Segment, str, int]:
+    """Return (segment, how, records restored), how in created/adopted/restored.
+
+    A live segment is always adopted, never overwritten by a snapshot; only an absent
+    one is restored from the newest valid snapshot chain (or created empty).
+    Raises CorruptSegment, LayoutMismatch, SegmentExists.
+    """
+    from . import persist, snapshot
     try:
         seg = segment.open(tc.key, expect=tc.layout, expect_capacity=tc.capacity, table=tc.name)
     except SegmentNotFound:
+        chain, warnings = snapshot.chain(snapshot.table_dir(dc.state_dir, tc.name))
+        for w in warnings:
+            log.warning("table=%s: snapshot %s", tc.name, w)
+        if chain:
+            seg, n = persist.restore(tc, dc, chain)
+            log.info("table=%s key=%#010x shmid=%d: restored %d records from %s", tc.name, tc.key, seg.shm.id,
+                     n, ", ".join(p.name for p, *_ in chain))
+            return seg, "restored", n
         seg = segment.create(tc.key, tc.capacity, tc.layout, mode=dc.mode, group=dc.group)
         log.info("table=%s key=%#010x shmid=%d: created (%d slots of %d bytes)",
                  tc.name, tc.key, seg.shm.id, tc.capacity, tc.layout.record_size)
-        return seg, True
+        return seg, "created", 0
     ensure_semaphore(tc, dc)
     log.info("table=%s key=%#010x shmid=%d: adopted existing segment", tc.name, tc.key, seg.shm.id)
-    return seg, False
+    return seg, "adopted", 0
 
 
 def ensure_semaphore(tc: TableConfig, dc: DaemonConfig) -> bool:

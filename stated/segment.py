@@ -90,8 +90,13 @@ def open_semaphore(key: int, *, create_mode: int | None = None, group: str | Non
     return sem
 
 
-def create(key: int, capacity: int, layout: Layout, *, mode: int = 0o660, group: str | None = None) -> Segment:
-    """Create a new table with IPC_CREAT|IPC_EXCL; never touches an existing segment."""
+def create(key: int, capacity: int, layout: Layout, *, mode: int = 0o660, group: str | None = None,
+           ready: bool = True) -> Segment:
+    """Create a new table with IPC_CREAT|IPC_EXCL; never touches an existing segment.
+
+    With ready=False the state word stays INITIALISING (attachers wait) until the
+    caller, e.g. a restore, has filled it and calls format.write_state(buf, STATE_READY).
+    """
     head, r = fmt.build_header(key, capacity, layout)
     try:
         # init_character: sysv_ipc fills new segments with spaces unless told otherwise
@@ -114,7 +119,8 @@ def create(key: int, capacity: int, layout: Layout, *, mode: int = 0o660, group:
     if sem.value != 1:
         log.warning("semaphore at key %#010x found with value %d, reset to 1", key, sem.value)
         sem.value = 1
-    fmt.write_state(buf, fmt.STATE_READY)
+    if ready:
+        fmt.write_state(buf, fmt.STATE_READY)
     header = fmt.parse_header(buf, shm.size, key)
     log.info("created table segment key=%#010x shmid=%d size=%d capacity=%d", key, shm.id, shm.size, capacity)
     return Segment(shm, buf, header, False)

@@ -245,6 +245,10 @@ def test_generate_refuses_clashing_or_bad_names():
         cheader.generate([("players", 1 << 32, lay)])
     with pytest.raises(ValueError):
         cheader.generate([("Players", 1, lay)])
+    with pytest.raises(ValueError, match="C keyword"):
+        cheader.generate([("t", 1, layout_mod.compute(parse_fields(["int: u8", "int_: u8"])))])
+    with pytest.raises(ValueError, match="clashing"):
+        cheader.generate([("a", 1, lay), ("a_read", 2, lay)])
 
 
 # ---- (b) C reads what Python wrote ---------------------------------------------------------------------

@@ -1,0 +1,203 @@
+"""Saving a live table to snapshots, and rebuilding a table from them.
+
+Saver decides full vs delta (a full every `full_every` saves, and after any
+failure), selects slots (full: every allocated slot; delta: slots dirty or
+pinned), clears their dirty marks *before* copying so a concurrent write is
+caught by the next save, writes the file and prunes old chains.
+Cost of a delta follows the dirty count, not the capacity (one C-speed scan of
+the dirty column aside).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import format as fmt
+from . import segment
+from . import snapshot as snap
+from .allocator import Allocator, _C
+from .config import DaemonConfig, TableConfig
+from .errors import LayoutMismatch, StatedError
+from .schema import to_wire
+from .segment import Segment
+
+log = logging.getLogger("stated.persist")
+
+
+@dataclass
+class SaveResult:
+    path: Path
+    kind: str
+    records: int
+    bytes: int
+    seconds: float
+
+
+class Saver:
+    def __init__(self, tc: TableConfig, seg: Segment, alloc: Allocator, dc: DaemonConfig):
+        self.tc, self.seg, self.alloc, self.dc = tc, seg, alloc, dc
+        self.dir = snap.table_dir(dc.state_dir, tc.name)
+        r = seg.header.regions
+        self.records = seg.buf[r.records_offset:r.records_offset + tc.capacity * seg.header.record_size]
+        files = snap.list_files(self.dir)
+        self.seq = files[-1][0] if files else 0
+        self.base = 0
+        self.saves_since_full = 0
+        self.force_full = True          # the first save of a daemon's life is full
+        self.last_success: float | None = None
+        self.last_size = 0
+
+    def close(self) -> None:
+        self.records.release()
+
+    def save(self, kind: str | None = None) -> SaveResult:
+        """Write one snapshot. Raises SnapshotFailed (the next save is then full)."""
+        t0 = time.perf_counter()
+        if kind is None:
+            kind = "full" if (self.force_full or self.saves_since_full >= self.dc.full_every) else "delta"
+        a = self.alloc
+        s8 = a._s8
+        cap = a.capacity
+        states = s8[18::32].tobytes()
+        if kind == "full":
+            slots = [i for i in range(cap) if states[i] == fmt.SLOT_ALLOCATED] if states.count(0) != cap else []
+            s8[20::32] = bytes(cap)                        # cleared before the copy
+        else:
+            marks = int.from_bytes(s8[20::32].tobytes(), "little") | int.from_bytes(s8[21::32].tobytes(), "little")
+            slots = []
+            if marks:
+                col = marks.to_bytes(cap, "little")
+                i = col.find(1)
+                while i >= 0:           # bytes.find skips clean runs at C speed: cost follows the dirty count
+                    slots.append(i)
+                    i = col.find(1, i + 1)
+                for i in slots:
+                    s8[32 * i + 20] = 0
+        seq = self.seq + 1
+        base = seq if kind == "full" else self.base
+        header = {"format": snap.VERSION, "kind": kind, "table": self.tc.name, "key": self.tc.key,
+                  "schema": to_wire(self.tc.layout.schema), "layout_hash": self.tc.layout.hash,
+                  "record_size": self.tc.layout.record_size, "capacity": cap, "seq": seq, "base": base,
+                  "prev": self.seq, "time": time.time(), "counters": a.counters()}
+        owners = [[o.index, o.name, o.state, o.since_ms] for o in a.owners()]
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o770)
+        path = self.dir / snap.file_name(self.tc.name, seq, kind)
+        try:
+            n = snap.write_file(path, header, owners, snap.capture(a, self.records, self.tc.layout.record_size,
+                                                                     slots), self.dc.mode)
+        except snap.SnapshotFailed:
+            self.force_full = True
+            raise
+        self.seq = seq
+        if kind == "full":
+            self.base, self.saves_since_full, self.force_full = seq, 0, False
+        else:
+            self.saves_since_full += 1
+        size = path.stat().st_size
+        self.last_success, self.last_size = time.time(), size
+        self.prune()
+        return SaveResult(path, kind, n, size, time.perf_counter() - t0)
+
+    def prune(self) -> None:
+        """Keep the newest `snapshots_keep` fulls and the deltas that follow them."""
+        files = snap.list_files(self.dir)
+        fulls = [seq for seq, kind, _ in files if kind == "full"]
+        if len(fulls) <= self.dc.snapshots_keep:
+            return
+        oldest_kept = fulls[-self.dc.snapshots_keep]
+        for seq, kind, p in files:
+            if seq < oldest_kept:
+                try:
+                    p.unlink()
+                except OSError as e:
+                    log.warning("table=%s: cannot prune %s: %s", self.tc.name, p, e)
+
+
+def restore(tc: TableConfig, dc: DaemonConfig, chain: list) -> tuple[Segment, int]:
+    """Create the table's segment from a parsed snapshot chain. Returns (segment, records restored).
+
+    The caller has checked the segment is absent. A chain whose layout differs from
+    the config raises LayoutMismatch (restore then goes through migration).
+    """
+    head = chain[0][1]
+    if head["layout_hash"] != tc.layout.hash or head["capacity"] != tc.capacity:
+        raise LayoutMismatch(
+            f"table {tc.name!r}: snapshot {chain[0][0].name} has layout {head['layout_hash']:#018x} and capacity "
+            f"{head['capacity']}, the config {tc.layout.hash:#018x} and {tc.capacity}: start with --migrate")
+    seg = segment.create(tc.key, tc.capacity, tc.layout, mode=dc.mode, group=dc.group, ready=False)
+    try:
+        n = _apply(seg, tc, chain)
+    except BaseException:
+        seg.detach()
+        segment.destroy(tc.key)     # never leave a half-restored table behind
+        raise
+    fmt.write_state(seg.buf, fmt.STATE_READY)
+    return seg, n
+
+
+def _apply(seg: Segment, tc: TableConfig, chain: list) -> int:
+    a = Allocator(seg, table=tc.name, lock_timeout=5.0)
+    try:
+        rs = tc.layout.record_size
+        r = seg.header.regions
+        recs = seg.buf[r.records_offset:r.records_offset + tc.capacity * rs]
+        s32, s16, s8, s64 = a._s32, a._s16, a._s8, a._s64
+        live = set()
+        for _path, _h, _owners, chunks in chain:
+            for c in chunks:
+                slots = memoryview(c["slots"]).cast("I")
+                gens = memoryview(c["gens"]).cast("I")
+                owners = memoryview(c["owners"]).cast("H")
+                ents = memoryview(c["entities"]).cast("Q")
+                states, flags, data = c["states"], c["flags"], c["records"]
+                for i in range(c["n"]):
+                    slot = slots[i]
+                    s32[8 * slot + 1] = gens[i]
+                    s32[8 * slot] = 0
+                    if states[i] == fmt.SLOT_ALLOCATED:
+                        s16[16 * slot + 8] = owners[i]
+                        s64[4 * slot + 1] = ents[i]
+                        s8[32 * slot + 19] = flags[i] & fmt.FLAG_HAS_ENTITY
+                        s8[32 * slot + 18] = fmt.SLOT_ALLOCATED
+                        recs[slot * rs:(slot + 1) * rs] = data[i * rs:(i + 1) * rs]
+                        live.add(slot)
+                    else:
+                        s16[16 * slot + 8] = 0
+                        s64[4 * slot + 1] = 0
+                        s8[32 * slot + 19] = 0
+                        s8[32 * slot + 18] = fmt.SLOT_FREE
+                        recs[slot * rs:(slot + 1) * rs] = bytes(rs)
+                        live.discard(slot)
+        last_header, last_owners = chain[-1][1], chain[-1][2]
+        now_ms = int(time.time() * 1000)
+        for entry in last_owners:
+            idx, name, _state, _since = entry
+            if not (isinstance(idx, int) and 1 <= idx <= fmt.OWNERS_CAPACITY and isinstance(name, str)):
+                continue
+            off = r.owners_offset + (idx - 1) * fmt.OWNER_SIZE
+            # restored owners have no process: detached until a worker attaches under the name
+            fmt.OWNER.pack_into(seg.buf, off, name.encode()[:32], 0, fmt.OWNER_DETACHED, 0, 0, 0, now_ms)
+        a.repair()                  # free stack, entity index, used and owner counts from slot states
+        for name, value in last_header["counters"].items():
+            if name in _C and isinstance(value, int) and 0 <= value < 1 << 64:
+                a._h64[_C[name]] = value
+        recs.release()
+        return len(live)
+    finally:
+        a.release_views()
+
+
+def verify_file(path: Path) -> dict:
+    """`stated snapshot --verify`: the header and totals of a valid file, CorruptSnapshot otherwise."""
+    header, owners, chunks = snap.read_file(path)
+    torn = sum(sum(1 for f in c["flags"] if f & snap.FLAG_TORN) for c in chunks)
+    return {"path": str(path), "kind": header["kind"], "table": header["table"], "seq": header["seq"],
+            "base": header["base"], "records": sum(c["n"] for c in chunks), "owners": len(owners),
+            "layout_hash": f"{header['layout_hash']:016x}", "capacity": header["capacity"],
+            "time": header["time"], "torn_flagged": torn}
+
+
+class RestoreError(StatedError):
+    """No usable snapshot, or the table already exists."""
