@@ -576,16 +576,6 @@ static inline int stated_@T@_read(void *base, uint32_t slot, struct stated_@T@ *
 }
 """
 
-# identifiers the common part defines, which a table's generated names must not reuse
-_COMMON_NAMES = frozenset({
-    "stated_segment_header", "stated_allocator", "stated_slot", "stated_owner", "stated_index_entry",
-    "stated_header", "stated_slot_at", "stated_owner_at", "stated_index_at", "stated_crc32", "stated_round_up",
-    "stated_index_capacity_for", "stated_validate", "stated_strerror", "stated_owner_find",
-    "stated_write_begin", "stated_write_end", "stated_mark_dirty", "stated_read_begin", "stated_read_retry",
-    "stated_read_record", "stated_index_home", "stated_lookup",
-})
-
-
 def _table(name: str, key: int, lay: Layout) -> list[str]:
     U = name.upper()
     tag = f"stated_{name}"
@@ -634,6 +624,30 @@ def _table(name: str, key: int, lay: Layout) -> list[str]:
     return L
 
 
+def _defined(text: str) -> set[tuple[str, str]]:
+    """(namespace, identifier) pairs a chunk of generated C defines: struct tags, functions, macros."""
+    out = {("tag", m) for m in re.findall(r"^struct (\w+) \{", text, re.M)}
+    out |= {("ident", m) for m in re.findall(r"^static inline [^(]*?\b(\w+)\(", text, re.M)}
+    out |= {("ident", m) for m in re.findall(r"^#define (\w+)", text, re.M)}
+    return out
+
+
+def _check_names(tables) -> None:
+    """Refuse tables whose generated C names collide with the format's or with each other's."""
+    def defined(lines: list[str]) -> set[tuple[str, str]]:
+        text = "\n".join(lines)
+        guards = set(re.findall(r"^#ifndef (\w+)", text, re.M))
+        return {n for n in _defined(text) if n[1] not in guards}
+
+    owner = {n: "the segment format" for n in defined(_common())}
+    for name, key, lay in tables:
+        for n in defined(_table(name, key, lay)):
+            if n in owner:
+                raise ValueError(f"table {name!r} would define the C name {n[1]!r}, which {owner[n]} already "
+                                 f"defines; rename the table")
+            owner[n] = f"table {name!r}"
+
+
 def generate(tables: list[tuple[str, int, Layout]]) -> str:
     """The C11 header for `tables`, a list of (table name, SysV key, Layout)."""
     seen: set[str] = set()
@@ -647,16 +661,7 @@ def generate(tables: list[tuple[str, int, Layout]]) -> str:
             raise ValueError(f"table {name!r}: key {key:#x} does not fit a 32-bit key_t")
         if not isinstance(lay, Layout):
             raise TypeError(f"table {name!r}: expected a Layout, got {type(lay).__name__}")
-        made = {f"stated_{name}", f"stated_{name}_at", f"stated_{name}_slot", f"stated_{name}_check",
-                f"stated_{name}_read"}
-        clash = made & _COMMON_NAMES
-        if clash:
-            raise ValueError(f"table name {name!r} would generate {sorted(clash)[0]!r}, which the header "
-                             f"already defines for the segment format; rename the table")
-    for a_ in seen:          # stated_<a>_read for table "a" vs struct stated_<a_read> etc.
-        for b in seen:
-            if a_ != b and b.startswith(a_ + "_") and b[len(a_) + 1:] in ("at", "slot", "check", "read"):
-                raise ValueError(f"tables {a_!r} and {b!r} would generate clashing C names")
+    _check_names(tables)
 
     digest = hashlib.blake2b(repr([(n, k, lay.hash) for n, k, lay in tables]).encode(),
                              digest_size=8).hexdigest().upper()

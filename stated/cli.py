@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 from . import __version__
 from . import config as config_mod
@@ -106,8 +107,43 @@ def cmd_destroy(args) -> int:
     return rc
 
 
+def cmd_restore(args) -> int:
+    from . import control, persist
+    cfg = _config(args)
+    if control.ping(cfg.daemon.control_socket):
+        print("stated restore: the daemon is running; stop it first (it restores absent tables by itself at "
+              "start-up)", file=sys.stderr)
+        return EXIT_ERROR
+    from . import snapshot
+    header = snapshot.read_file(Path(args.from_))[0]
+    table = args.table or header["table"]
+    out = persist.restore_by_hand(cfg.table(table), cfg.daemon, Path(args.from_), args.force)
+    print(json.dumps(out, indent=2) if args.json else
+          f"{table}: restored {out['records']} records from {', '.join(out['from'])}"
+          + (f" (safety snapshot: {out['safety_snapshot']})" if out["safety_snapshot"] else ""))
+    return EXIT_OK
+
+
+def _verify(args) -> int:
+    from . import persist
+    rc = EXIT_OK
+    for f in args.verify:
+        try:
+            info = persist.verify_file(Path(f))
+            print(json.dumps(info) if args.json else
+                  f"{f}: ok, {info['kind']} snapshot of {info['table']!r} seq {info['seq']}, "
+                  f"{info['records']} records" + (f", {info['torn_flagged']} flagged torn" if info["torn_flagged"]
+                                                   else ""))
+        except StatedError as e:
+            print(f"{f}: INVALID: {e}", file=sys.stderr)
+            rc = EXIT_ERROR
+    return rc
+
+
 def _daemon_op(op: str):
     def run(args) -> int:
+        if getattr(args, "verify", None):
+            return _verify(args)
         cfg = _config(args)
         from . import control
         try:
@@ -153,6 +189,15 @@ def build_parser() -> argparse.ArgumentParser:
         r = add(op, _daemon_op(op), text)
         r.add_argument("--json", action="store_true", help="machine-readable output")
         r.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the daemon")
+        if op == "snapshot":
+            r.add_argument("--verify", nargs="+", metavar="FILE",
+                           help="check snapshot files offline instead (exit 1 if any is invalid)")
+    rs = add("restore", cmd_restore, "rebuild a table from a snapshot file (daemon stopped)")
+    rs.add_argument("--from", dest="from_", required=True, metavar="FILE", help="full or delta snapshot file")
+    rs.add_argument("--table", help="table to restore (default: the one named in the file)")
+    rs.add_argument("--force", action="store_true",
+                    help="replace an existing segment (a safety snapshot of it is taken first)")
+    rs.add_argument("--json", action="store_true", help="machine-readable output")
     h = add("header", cmd_header, "print a C11 header for the tables' layouts")
     h.add_argument("tables", nargs="*", metavar="TABLE", help="tables to include (default: all)")
     return p

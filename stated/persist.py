@@ -19,7 +19,7 @@ from . import segment
 from . import snapshot as snap
 from .allocator import Allocator, _C
 from .config import DaemonConfig, TableConfig
-from .errors import LayoutMismatch, StatedError
+from .errors import LayoutMismatch, SegmentNotFound, StatedError
 from .schema import to_wire
 from .segment import Segment
 
@@ -41,6 +41,7 @@ class Saver:
         self.dir = snap.table_dir(dc.state_dir, tc.name)
         r = seg.header.regions
         self.records = seg.buf[r.records_offset:r.records_offset + tc.capacity * seg.header.record_size]
+        snap.remove_stale_temporaries(self.dir)
         files = snap.list_files(self.dir)
         self.seq = files[-1][0] if files else 0
         self.base = 0
@@ -82,9 +83,12 @@ class Saver:
                   "record_size": self.tc.layout.record_size, "capacity": cap, "seq": seq, "base": base,
                   "prev": self.seq, "time": time.time(), "counters": a.counters()}
         owners = [[o.index, o.name, o.state, o.since_ms] for o in a.owners()]
-        self.dir.mkdir(parents=True, exist_ok=True, mode=0o770)
         path = self.dir / snap.file_name(self.tc.name, seq, kind)
         try:
+            try:
+                self.dir.mkdir(parents=True, exist_ok=True, mode=0o770)
+            except OSError as e:
+                raise snap.SnapshotFailed(f"cannot write snapshot {path}: {e.strerror or e}") from None
             n = snap.write_file(path, header, owners, snap.capture(a, self.records, self.tc.layout.record_size,
                                                                      slots), self.dc.mode)
         except snap.SnapshotFailed:
@@ -201,3 +205,59 @@ def verify_file(path: Path) -> dict:
 
 class RestoreError(StatedError):
     """No usable snapshot, or the table already exists."""
+
+
+def chain_for(path: Path) -> list:
+    """The parsed chain ending at `path`: itself if full, else its base full and the deltas up to it."""
+    header, owners, chunks = snap.read_file(path)
+    if header["kind"] == "full":
+        return [(Path(path), header, owners, chunks)]
+    files = snap.list_files(Path(path).parent)
+    out = []
+    for seq, kind, p in files:
+        if seq == header["base"] and kind == "full":
+            out.append((p, *snap.read_file(p)))
+        elif kind == "delta" and header["base"] < seq <= header["seq"]:
+            parsed = snap.read_file(p)
+            if parsed[0]["base"] == header["base"]:
+                out.append((p, *parsed))
+    if not out or out[0][1]["kind"] != "full":
+        raise RestoreError(f"{path} is a delta and its base full snapshot (seq {header['base']}) is not beside it")
+    prev = out[0][1]["seq"]
+    for p, h, *_ in out[1:]:
+        if h["prev"] != prev:
+            raise RestoreError(f"the delta chain to {path} has a gap before {p.name}")
+        prev = h["seq"]
+    return out
+
+
+def restore_by_hand(tc: TableConfig, dc: DaemonConfig, path: Path, force: bool) -> dict:
+    """`stated restore --from FILE`: refuses over an existing segment unless `force`, which first
+    takes a safety snapshot of the existing table."""
+    chain = chain_for(path)
+    try:
+        seg = segment.open(tc.key, table=tc.name)
+    except SegmentNotFound:
+        seg = None
+    except StatedError as e:
+        if not force:
+            raise RestoreError(f"table {tc.name!r}: the segment at {tc.key:#010x} is unusable ({e}); "
+                               f"use --force to replace it") from None
+        segment.destroy(tc.key)     # refuses (ForeignSegment) when it is not stated's
+        seg = None
+    safety = None
+    if seg is not None:
+        if not force:
+            seg.detach()
+            raise RestoreError(f"table {tc.name!r} has a live segment at {tc.key:#010x}; restoring would "
+                               f"overwrite it. Use --force (a safety snapshot is taken first)")
+        alloc = Allocator(seg, table=tc.name, lock_timeout=dc.lock_timeout)
+        saver = Saver(tc, seg, alloc, dc)
+        safety = str(saver.save("full").path)
+        saver.close()
+        alloc.release_views()
+        seg.detach()
+        segment.destroy(tc.key)
+    seg, n = restore(tc, dc, chain)
+    seg.detach()
+    return {"table": tc.name, "records": n, "from": [str(p) for p, *_ in chain], "safety_snapshot": safety}

@@ -259,6 +259,17 @@ def list_files(d: Path) -> list[tuple[int, str, Path]]:
     return sorted(out)
 
 
+def remove_stale_temporaries(d: Path) -> None:
+    """Delete temporaries left by a writer that died mid-snapshot (their pid is gone)."""
+    if not d.is_dir():
+        return
+    for p in d.glob(".*.tmp"):
+        pid = p.name.rsplit(".", 2)[-2]
+        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            _unlink(p)
+            log.info("removed temporary %s left by dead pid %s", p.name, pid)
+
+
 def header_of(path: Path) -> dict:
     """Verify a file wholly and return its header (CorruptSnapshot otherwise)."""
     return read_file(path)[0]
