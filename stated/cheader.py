@@ -610,7 +610,7 @@ def _table(name: str, key: int, lay: Layout) -> list[str]:
             ctype, count = "uint8_t", f.count
         else:
             ctype, count = SCALARS[f.type][2], (f.count if f.array else 0)
-        note = f"  /* {f.name} */" if cname != f.name else ""
+        note = f"  /* field \"{f.name}\" (renamed: C keyword or macro) */" if cname != f.name else ""
         L.append(f"    {_decl(cname, ctype, count)}{note}")
         fields.append((cname, ctype, count, fl.offset))
         end = fl.offset + f.size

@@ -6,12 +6,11 @@ and C programs read and write records of live segments alongside Python.
 """
 from __future__ import annotations
 
-import os
+import re
 import shutil
 import struct
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -136,7 +135,7 @@ def _layout_probe(tables) -> str:
 
 def _struct_offsets(st: struct.Struct, names) -> dict[str, tuple[int, int]]:
     """offset and size of each field of a '<' struct.Struct, computed with struct.calcsize."""
-    codes = [c for c in __import__("re").findall(r"\d*[a-zA-Z]", st.format[1:])]
+    codes = re.findall(r"\d*[a-zA-Z]", st.format[1:])
     out = {}
     for i, (code, name) in enumerate(zip(codes, names)):
         out[name] = (struct.calcsize("<" + "".join(codes[:i])), struct.calcsize("<" + code))
@@ -210,7 +209,7 @@ def test_sizes_offsets_and_constants_match_python(tmp_path):
         assert int(got[f"STATED_OWNER_{n.upper()}"]) == v
     for n in ("NONE", "ALLOC", "FREE", "OWNER", "REAP", "REPAIR", "RESTORE"):
         assert int(got[f"STATED_INTENT_{n}"]) == getattr(fmt, f"INTENT_{n}")
-    for i, n in enumerate(fmt.COUNTERS):
+    for n in fmt.COUNTERS:
         assert int(got[f"STATED_COUNTER_{n.upper()}"]) * 8 + fmt.OFF_COUNTERS == fmt.COUNTER_OFF[n]
 
 
@@ -236,7 +235,7 @@ def test_header_is_deterministic_and_composable(tmp_path):
 
 def test_generate_refuses_clashing_or_bad_names(tmp_path):
     lay = players_layout()
-    for bad in ("slot", "owner", "segment_header", "index_entry", "allocator", "index"):
+    for bad in ("slot", "owner", "segment_header", "index_entry", "allocator", "index", "err"):
         with pytest.raises(ValueError, match="rename the table"):
             cheader.generate([(bad, 1, lay)])
     with pytest.raises(ValueError, match="twice"):
@@ -249,7 +248,7 @@ def test_generate_refuses_clashing_or_bad_names(tmp_path):
         cheader.generate([("t", 1, layout_mod.compute(parse_fields(["int: u8", "int_: u8"])))])
     # names that only look alike are fine (struct tags and functions are separate C namespaces)
     alike = cheader.generate([("header", 1, lay), ("read", 2, lay), ("state", 3, lay), ("counter", 4, lay),
-                              ("a", 5, lay), ("a_read", 6, lay), ("crc32", 7, lay), ("err", 8, lay)])
+                              ("a", 5, lay), ("a_read", 6, lay), ("crc32", 7, lay)])
     build(tmp_path, "alike", '#include "stated_tables.h"\nint main(void) { return 0; }\n', alike)
 
 
@@ -343,8 +342,8 @@ def test_c_reads_records_python_wrote(tmp_path, make_segment):
         h3 = t.alloc(entity=99)
         t.free(h3)                           # generation moves on; lookup must not find it
         out = run(exe, 42, 2**64 - 1, 99, 12345)
-        owner_index = t._owner
-        last_slot_free = not t.valid((19, t._s32[8 * 19 + 1]))
+        owner_index = next(o.index for o in t.owners() if o.name == "py")
+        last_slot_free = all(x.slot != 19 for x in t.handles())
     g = kv(out)
     assert g["validate"] == "0" and g["check"] == "0", out
     assert (g["capacity"], g["used"], g["allocations"], g["index_count"]) == ("20", "2", "3", "2")

@@ -8,9 +8,9 @@ import time
 import stated
 
 
-def write_players(t, n):
+def write_players(t, n, base=1000):
     for i in range(n):
-        h = t.alloc(entity=1000 + i)
+        h = t.alloc(entity=base + i)
         with t.write(h) as p:
             p.name = f"player-{i}"
             p.hp = 100 - i
@@ -64,9 +64,10 @@ def churn(t, n):
 def main():
     mode, key, owner = sys.argv[1], int(sys.argv[2], 0), sys.argv[3]
     n = int(sys.argv[4]) if len(sys.argv) > 4 else 10
+    extra = [int(a) for a in sys.argv[5:]]
     t = stated.attach(key=key, owner=owner)
     {"write_players": write_players, "hold_write_section": hold_write_section,
-     "write_players_offset": write_players_offset, "churn": churn}[mode](t, n)
+     "write_players_offset": write_players_offset, "churn": churn}[mode](t, n, *extra)
     print("ready", flush=True)
     while True:
         time.sleep(1)
