@@ -32,6 +32,7 @@ from _common import ROOT, exit_on_signals, pick_keys
 
 import stated  # noqa: E402
 from stated import config as config_mod  # noqa: E402
+from stated import format as fmt  # noqa: E402
 from stated import segment  # noqa: E402
 from stated.errors import TableFull  # noqa: E402
 
@@ -119,6 +120,8 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--delay-from", choices=("fork", "loop"), default="fork",
                     help="start the random delay at fork (default) or once the child is in its alloc/free loop")
+    ap.add_argument("--self-test", action="store_true",
+                    help="corrupt the used counter after kill 5 (no intent mark) to show a violation is caught")
     ap.add_argument("-v", "--verbose", action="store_true", help="show stated's repair warnings")
     args = ap.parse_args()
     exit_on_signals()
@@ -165,6 +168,8 @@ def main() -> int:
             if phase == PH_ERROR or not (os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL):
                 msg = bytes(prog[16:]).rstrip(b"\0").decode(errors="replace")
                 violations.append((i, f"child exited on its own (status {status:#x}): {msg.strip()}"))
+            if args.self_test and i == 5:
+                t._alloc._h32[fmt.A_USED // 4] += 1      # a lost update no repair is triggered for
             try:
                 problems = t.verify()
             except stated.StatedError as e:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import struct
 import sys
-import time
 
 from _common import ROOT, exit_on_signals, pick_keys
 from bench_dataplane import CAPACITY, Harness, Variant, paired_ratio

@@ -419,6 +419,10 @@ class Allocator:
         owners = self._s16[8::16]
         return [i for i, (st, ow) in enumerate(zip(states, owners)) if ow == owner and st == fmt.SLOT_ALLOCATED]
 
+    def slots_of_any(self) -> list[int]:
+        """Every allocated slot (an O(capacity) scan)."""
+        return [i for i, st in enumerate(self._s8[18::32]) if st == fmt.SLOT_ALLOCATED]
+
     def reap_owner(self, idx: int) -> int:
         """Free every slot of owner `idx` unless it re-attached meanwhile. Returns how many."""
         self.acquire()

@@ -230,7 +230,7 @@ def _common() -> list[str]:
     a("/* ---- owner table entry (%d bytes; owner index k (1-based) at owners_offset + (k-1)*%d) ----" % (
         fmt.OWNER_SIZE, fmt.OWNER_SIZE))
     a(" * name: UTF-8, NUL-padded, not NUL-terminated when 32 bytes long; start_time: clock")
-    a(" * ticks since boot (/proc/<pid>/stat field 22) identifying pid; since: unix time in milliseconds. */")
+    a(" * ticks since boot (/proc/<pid>/stat field 22) identifying pid; since_ms: unix time in milliseconds. */")
     L += _struct("stated_owner", _struct_fields(fmt.OWNER, fmt.OWNER_FIELDS), fmt.OWNER_SIZE)
     a("")
     a("/* ---- entity index entry (%d bytes; open addressing, index_capacity entries) ------------" %

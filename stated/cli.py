@@ -43,7 +43,23 @@ def _config(args) -> config_mod.Config:
 
 def cmd_run(args) -> int:
     from .daemon import Daemon
-    return Daemon(args.config or config_mod.default_path()).run()
+    return Daemon(args.config or config_mod.default_path(), migrate=args.migrate, allow_lossy=args.allow_lossy,
+                  force=args.force).run()
+
+
+def cmd_migrate(args) -> int:
+    """Offline migration (daemon stopped): every table whose layout or capacity changed."""
+    from . import control, provision
+    cfg = _config(args)
+    if control.ping(cfg.daemon.control_socket):
+        print("stated migrate: the daemon is running; stop it, or restart it with `stated run --migrate`",
+              file=sys.stderr)
+        return EXIT_ERROR
+    for tc in cfg.tables.values():
+        seg, how, n = provision.ensure(tc, cfg.daemon, migrate=True, allow_lossy=args.allow_lossy, force=args.force)
+        seg.detach()
+        print(f"{tc.name}: {how}" + (f" ({n} records)" if how in ("migrated", "restored") else ""))
+    return EXIT_OK
 
 
 def _daemon(cfg: config_mod.Config, op: str, **kw) -> dict | None:
@@ -178,7 +194,15 @@ def build_parser() -> argparse.ArgumentParser:
         sp.set_defaults(func=func)
         return sp
 
-    add("run", cmd_run, "run the daemon in the foreground (creates or adopts the tables)")
+    run = add("run", cmd_run, "run the daemon in the foreground (creates, adopts or restores the tables)")
+    mig = add("migrate", cmd_migrate, "convert tables whose layout changed in the config (daemon stopped)")
+    for sp in (run, mig):
+        if sp is run:
+            sp.add_argument("--migrate", action="store_true",
+                            help="convert tables whose layout/capacity changed (safety snapshot first)")
+        sp.add_argument("--allow-lossy", action="store_true",
+                        help="accept removed fields, narrowed types and shorter strings when migrating")
+        sp.add_argument("--force", action="store_true", help="migrate even while workers are attached")
     s = add("status", cmd_status, "show tables: key, shmid, used/capacity, attached processes, owners")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     d = add("destroy", cmd_destroy, "remove tables' segments and semaphores (their state is lost)")

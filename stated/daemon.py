@@ -54,8 +54,10 @@ class TableState:
 
 class Daemon:
     def __init__(self, config_path: str | None, *, env: Mapping[str, str] | None = None,
-                 proc_root: str = "/proc", sysctl_root: str = "/proc/sys", wall=time.time):
+                 proc_root: str = "/proc", sysctl_root: str = "/proc/sys", wall=time.time,
+                 migrate: bool = False, allow_lossy: bool = False, force: bool = False):
         self.config_path = config_path
+        self.migrate, self.allow_lossy, self.force = migrate, allow_lossy, force
         self.sysctl_root = sysctl_root
         self.wall = wall
         self.liveness = Liveness(proc_root)
@@ -105,13 +107,14 @@ class Daemon:
 
     def _add_table(self, tc: TableConfig) -> None:
         assert self.cfg is not None
-        seg, how, restored = provision.ensure(tc, self.cfg.daemon)
+        seg, how, restored = provision.ensure(tc, self.cfg.daemon, migrate=self.migrate,
+                                              allow_lossy=self.allow_lossy, force=self.force)
         alloc = Allocator(seg, table=tc.name, lock_timeout=self.cfg.daemon.lock_timeout, liveness=self.liveness)
         ts = self.tables[tc.name] = TableState(tc.name, tc, seg, alloc, how)
         ts.saver = Saver(tc, seg, alloc, self.cfg.daemon)
         self.metrics.snapshot_failures.labels(tc.name)     # exported at 0 from the start
-        self.metrics.restored.labels(tc.name).inc(restored)
-        self.metrics.migrated.labels(tc.name)
+        self.metrics.restored.labels(tc.name).inc(restored if how == "restored" else 0)
+        self.metrics.migrated.labels(tc.name).inc(restored if how == "migrated" else 0)
         self._count_dirty(self.tables[tc.name])
 
     async def _listen(self) -> None:

@@ -61,10 +61,10 @@ class Saver:
         a = self.alloc
         s8 = a._s8
         cap = a.capacity
-        states = s8[18::32].tobytes()
         if kind == "full":
+            s8[20::32] = bytes(cap)     # clear first: a slot allocated after this stays dirty for the next delta
+            states = s8[18::32].tobytes()
             slots = [i for i in range(cap) if states[i] == fmt.SLOT_ALLOCATED] if states.count(0) != cap else []
-            s8[20::32] = bytes(cap)                        # cleared before the copy
         else:
             marks = int.from_bytes(s8[20::32].tobytes(), "little") | int.from_bytes(s8[21::32].tobytes(), "little")
             slots = []
@@ -119,20 +119,39 @@ class Saver:
                     log.warning("table=%s: cannot prune %s: %s", self.tc.name, p, e)
 
 
-def restore(tc: TableConfig, dc: DaemonConfig, chain: list) -> tuple[Segment, int]:
+class MigrationRefused(StatedError):
+    """A layout change would lose data (or workers are attached) and was not allowed."""
+
+
+def restore(tc: TableConfig, dc: DaemonConfig, chain: list, *, migrate: bool = False,
+            allow_lossy: bool = False) -> tuple[Segment, int]:
     """Create the table's segment from a parsed snapshot chain. Returns (segment, records restored).
 
-    The caller has checked the segment is absent. A chain whose layout differs from
-    the config raises LayoutMismatch (restore then goes through migration).
+    The caller has checked the segment is absent. A chain whose layout or capacity
+    differs from the config raises LayoutMismatch unless `migrate` (see migrate.py).
     """
+    from . import migrate as migrate_mod
     head = chain[0][1]
+    convert = None
     if head["layout_hash"] != tc.layout.hash or head["capacity"] != tc.capacity:
-        raise LayoutMismatch(
-            f"table {tc.name!r}: snapshot {chain[0][0].name} has layout {head['layout_hash']:#018x} and capacity "
-            f"{head['capacity']}, the config {tc.layout.hash:#018x} and {tc.capacity}: start with --migrate")
+        old = snap.snapshot_layout(head)
+        if not migrate:
+            raise LayoutMismatch(
+                segment.describe_mismatch(tc.key, tc.name, old, tc.layout).replace(
+                    "segment at key", f"snapshot {chain[0][0].name} for key")
+                + f" (capacity {head['capacity']} -> {tc.capacity})")
+        highest = _highest_live_slot(chain)
+        problems = migrate_mod.lossy_changes(old, tc.layout, head["capacity"], tc.capacity, highest)
+        if problems and (not allow_lossy or any("capacity" in p for p in problems)):
+            raise MigrationRefused(f"table {tc.name!r}: migration would lose data: {'; '.join(problems)}. "
+                                   f"Re-run with --allow-lossy to accept that"
+                                   if not any("capacity" in p for p in problems) else
+                                   f"table {tc.name!r}: {'; '.join(problems)}")
+        if old.hash != tc.layout.hash:
+            convert = migrate_mod.converter(old, tc.layout)
     seg = segment.create(tc.key, tc.capacity, tc.layout, mode=dc.mode, group=dc.group, ready=False)
     try:
-        n = _apply(seg, tc, chain)
+        n = _apply(seg, tc, chain, convert)
     except BaseException:
         seg.detach()
         segment.destroy(tc.key)     # never leave a half-restored table behind
@@ -141,7 +160,47 @@ def restore(tc: TableConfig, dc: DaemonConfig, chain: list) -> tuple[Segment, in
     return seg, n
 
 
-def _apply(seg: Segment, tc: TableConfig, chain: list) -> int:
+def _highest_live_slot(chain: list) -> int:
+    live: dict[int, int] = {}
+    for _p, _h, _o, chunks in chain:
+        for c in chunks:
+            for slot, st in zip(memoryview(c["slots"]).cast("I"), c["states"]):
+                live[slot] = st
+    return max((s for s, st in live.items() if st == fmt.SLOT_ALLOCATED), default=-1)
+
+
+def migrate_live(tc: TableConfig, dc: DaemonConfig, *, allow_lossy: bool = False, force: bool = False
+                 ) -> tuple[Segment, int]:
+    """Convert the live segment at tc.key to tc's layout/capacity: safety snapshot, then rebuild from it."""
+    from . import migrate as migrate_mod
+    seg = segment.open(tc.key, table=tc.name)
+    try:
+        others = seg.shm.number_attached - 1
+        if others > 0 and not force:
+            raise MigrationRefused(f"table {tc.name!r}: {others} other process(es) are attached; stop the "
+                                   f"workers first, or use --force (their writes after this point are lost)")
+        old_tc = TableConfig(tc.name, tc.key, seg.header.capacity, seg.header.layout)
+        alloc = Allocator(seg, table=tc.name, lock_timeout=dc.lock_timeout)
+        highest = max(alloc.slots_of_any(), default=-1)
+        problems = migrate_mod.lossy_changes(old_tc.layout, tc.layout, old_tc.capacity, tc.capacity, highest)
+        if problems and (not allow_lossy or any("capacity" in p for p in problems)):
+            alloc.release_views()
+            raise MigrationRefused(f"table {tc.name!r}: migration would lose data: {'; '.join(problems)}. "
+                                   f"Re-run with --allow-lossy to accept that")
+        saver = Saver(old_tc, seg, alloc, dc)
+        safety = saver.save("full")
+        saver.close()
+        alloc.release_views()
+        log.info("table=%s: safety snapshot %s (%d records) before migration", tc.name, safety.path.name,
+                 safety.records)
+    finally:
+        seg.detach()
+    chain = [(safety.path, *snap.read_file(safety.path))]
+    segment.destroy(tc.key)
+    return restore(tc, dc, chain, migrate=True, allow_lossy=allow_lossy)
+
+
+def _apply(seg: Segment, tc: TableConfig, chain: list, convert=None) -> int:
     a = Allocator(seg, table=tc.name, lock_timeout=5.0)
     try:
         rs = tc.layout.record_size
@@ -149,7 +208,8 @@ def _apply(seg: Segment, tc: TableConfig, chain: list) -> int:
         recs = seg.buf[r.records_offset:r.records_offset + tc.capacity * rs]
         s32, s16, s8, s64 = a._s32, a._s16, a._s8, a._s64
         live = set()
-        for _path, _h, _owners, chunks in chain:
+        for _path, h, _owners, chunks in chain:
+            ors = h["record_size"]
             for c in chunks:
                 slots = memoryview(c["slots"]).cast("I")
                 gens = memoryview(c["gens"]).cast("I")
@@ -158,6 +218,8 @@ def _apply(seg: Segment, tc: TableConfig, chain: list) -> int:
                 states, flags, data = c["states"], c["flags"], c["records"]
                 for i in range(c["n"]):
                     slot = slots[i]
+                    if slot >= tc.capacity:
+                        continue
                     s32[8 * slot + 1] = gens[i]
                     s32[8 * slot] = 0
                     if states[i] == fmt.SLOT_ALLOCATED:
@@ -165,7 +227,8 @@ def _apply(seg: Segment, tc: TableConfig, chain: list) -> int:
                         s64[4 * slot + 1] = ents[i]
                         s8[32 * slot + 19] = flags[i] & fmt.FLAG_HAS_ENTITY
                         s8[32 * slot + 18] = fmt.SLOT_ALLOCATED
-                        recs[slot * rs:(slot + 1) * rs] = data[i * rs:(i + 1) * rs]
+                        recs[slot * rs:(slot + 1) * rs] = (convert(data[i * ors:(i + 1) * ors]) if convert
+                                                           else data[i * rs:(i + 1) * rs])
                         live.add(slot)
                     else:
                         s16[16 * slot + 8] = 0

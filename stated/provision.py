@@ -11,13 +11,14 @@ import logging
 
 from . import segment
 from .config import DaemonConfig, TableConfig
-from .errors import SegmentNotFound
+from .errors import LayoutMismatch, SegmentNotFound
 from .segment import Segment
 
 log = logging.getLogger("stated.provision")
 
 
-def ensure(tc: TableConfig, dc: DaemonConfig) -> tuple[Segment, str, int]:
+def ensure(tc: TableConfig, dc: DaemonConfig, *, migrate: bool = False, allow_lossy: bool = False,
+           force: bool = False) -> tuple[Segment, str, int]:
     """Return (segment, how, records restored), how in created/adopted/restored.
 
     A live segment is always adopted, never overwritten by a snapshot; only an absent
@@ -27,12 +28,19 @@ def ensure(tc: TableConfig, dc: DaemonConfig) -> tuple[Segment, str, int]:
     from . import persist, snapshot
     try:
         seg = segment.open(tc.key, expect=tc.layout, expect_capacity=tc.capacity, table=tc.name)
+    except LayoutMismatch:
+        if not migrate:
+            raise
+        seg, n = persist.migrate_live(tc, dc, allow_lossy=allow_lossy, force=force)
+        log.info("table=%s key=%#010x shmid=%d: migrated %d records to layout %#018x", tc.name, tc.key,
+                 seg.shm.id, n, tc.layout.hash)
+        return seg, "migrated", n
     except SegmentNotFound:
         chain, warnings = snapshot.chain(snapshot.table_dir(dc.state_dir, tc.name))
         for w in warnings:
             log.warning("table=%s: snapshot %s", tc.name, w)
         if chain:
-            seg, n = persist.restore(tc, dc, chain)
+            seg, n = persist.restore(tc, dc, chain, migrate=migrate, allow_lossy=allow_lossy)
             log.info("table=%s key=%#010x shmid=%d: restored %d records from %s", tc.name, tc.key, seg.shm.id,
                      n, ", ".join(p.name for p, *_ in chain))
             return seg, "restored", n

@@ -157,6 +157,15 @@ def open(key: int, *, readonly: bool = False, expect: Layout | None = None,
         buf = memoryview(shm).toreadonly()   # sysv_ipc's own buffer claims to be writable
     else:
         buf = memoryview(shm)
+    try:
+        return _validate(shm, buf, key, readonly, expect, expect_capacity, name, table)
+    except BaseException:
+        buf.release()
+        shm.detach()        # a refused segment must not stay attached (it would block migration)
+        raise
+
+
+def _validate(shm, buf, key, readonly, expect, expect_capacity, name, table) -> Segment:
     deadline = time.monotonic() + INIT_WAIT
     while True:
         header = fmt.parse_header(buf, shm.size, key)
