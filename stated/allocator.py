@@ -45,6 +45,8 @@ _TOP, _USED, _OP, _ISLOT = fmt.A_FREE_TOP // 4, fmt.A_USED // 4, fmt.A_INTENT_OP
 _IENT, _IOWN, _IPID = fmt.A_INTENT_ENTITY // 8, fmt.A_INTENT_OWNER // 4, fmt.A_INTENT_PID // 4
 _ISEQ, _HOLDER, _ICOUNT = fmt.A_INDEX_SEQ // 4, fmt.A_HOLDER_PID // 4, fmt.A_INDEX_COUNT // 4
 _C = {name: off // 8 for name, off in fmt.COUNTER_OFF.items()}
+_C_ALLOCS, _C_FREES = _C["allocations"], _C["frees"]
+_new_handle = tuple.__new__      # Handle(slot, gen) without NamedTuple's slower __new__
 
 
 class Handle(NamedTuple):
@@ -209,9 +211,9 @@ class Allocator:
             h32[_USED] += 1
             if owner:
                 self._o32[(owner - 1) * 16 + 12] += 1
-            self._h64[_C["allocations"]] += 1
+            self._h64[_C_ALLOCS] += 1
             h32[_OP] = 0
-            return Handle(slot, gen)
+            return _new_handle(Handle, (slot, gen))
         finally:
             self.release()
 
@@ -231,7 +233,7 @@ class Allocator:
                 raise NotOwner(f"table {self.table!r}: slot {slot} belongs to owner #{slot_owner}, not to this "
                                f"worker's owner #{owner}")
             self._free_locked(slot, fmt.INTENT_FREE)
-            self._h64[_C["frees"]] += 1
+            self._h64[_C_FREES] += 1
         finally:
             self.release()
 
@@ -331,7 +333,7 @@ class Allocator:
             if slot < 0:
                 return None
             if s8[32 * slot + 18] == fmt.SLOT_ALLOCATED and self._s64[4 * slot + 1] == entity:
-                return Handle(slot, gen)
+                return _new_handle(Handle, (slot, gen))
         if self._sem is None:       # readonly observers cannot take the lock
             return None
         self.acquire()

@@ -31,6 +31,9 @@ from . import segment as segment_mod
 
 log = logging.getLogger("stated.table")
 
+_F32_MAX = 3.4028234663852886e38
+_new_handle = tuple.__new__     # Handle(slot, gen) without NamedTuple's slower __new__
+
 __all__ = ["attach", "Table", "Handle"]
 
 
@@ -102,15 +105,22 @@ class Table:
         self._views: dict[int, RecordBase] = {}
         self._casts: dict[str, memoryview] = {}
         self._acc: dict[str, tuple] = {}
+        self._cols: list[memoryview] = []
+        self._gen = self._s32[1::8]         # generation of slot i is _gen[i]
+        self._own = self._s16[8::16]        # owner index of slot i
+        self._dirty = self._s8[20::32]      # dirty mark of slot i
         for fl in h.layout.fields:
             f = fl.field
             if f.array or f.is_string:
-                self._acc[fl.name] = (None, 0, 0, f)
+                self._acc[fl.name] = (None, f)
             else:
                 v = self._casts.get(f.code)
                 if v is None:
                     v = self._casts[f.code] = self._rec.cast(f.code)
-                self._acc[fl.name] = (v, rs // f.size, fl.offset // f.size, f if f.type == "f32" else None)
+                # a strided view: element [slot] is this field of record `slot`
+                col = v[fl.offset // f.size::rs // f.size]
+                self._cols.append(col)
+                self._acc[fl.name] = (col, f if f.type == "f32" else None)
         self.owner = owner
         self._owner = 0
         if owner is not None:
@@ -127,6 +137,9 @@ class Table:
             except StatedError as e:
                 log.warning("table=%s owner=%s: could not mark detached: %s", self.name, self.owner, e)
         self._views.clear()
+        for v in (*self._cols, self._gen, self._own, self._dirty):
+            v.release()
+        self._cols.clear()
         for v in self._casts.values():
             v.release()
         self._casts.clear()
@@ -173,13 +186,13 @@ class Table:
         if not self._owner:
             return []
         s32 = self._s32
-        return [Handle(s, s32[8 * s + 1]) for s in self._alloc.slots_of(self._owner)]
+        return [_new_handle(Handle, (s, s32[8 * s + 1])) for s in self._alloc.slots_of(self._owner)]
 
     def handles(self) -> list[Handle]:
         """Every allocated slot's handle, whoever owns it (an O(capacity) scan)."""
         s32 = self._s32
         states = self._s8[18::32]
-        return [Handle(i, s32[8 * i + 1]) for i, st in enumerate(states) if st == fmt.SLOT_ALLOCATED]
+        return [_new_handle(Handle, (i, s32[8 * i + 1])) for i, st in enumerate(states) if st == fmt.SLOT_ALLOCATED]
 
     def entity(self, h: Handle) -> int | None:
         self._check(h)
@@ -200,38 +213,43 @@ class Table:
         """One field. Scalars are read atomically; strings and arrays through a consistent read."""
         slot, gen = h
         try:
-            ok = self._s32[8 * slot + 1] == gen and slot >= 0
-            view, stride, k, _ = self._acc[name]
+            col, _ = self._acc[name]
+            ok = self._gen[slot] == gen and slot >= 0
         except IndexError:
             raise self._out_of_range(slot) from None
         except KeyError:
             raise self._no_field(name) from None
         if not ok:
             raise self._stale(h)
-        if view is not None:
-            return view[slot * stride + k]
+        if col is not None:
+            return col[slot]
         return getattr(self.read(h), name)
 
     def set(self, h: Handle, name: str, value: Any) -> None:
         """Write one field and mark the slot dirty; ValueError (nothing written) if it does not fit."""
         slot, gen = h
         try:
-            ok = self._s32[8 * slot + 1] == gen and slot >= 0 and self._s16[16 * slot + 8] == self._owner
-            view, stride, k, check = self._acc[name]
+            col, f32 = self._acc[name]
+            ok = self._gen[slot] == gen and slot >= 0 and self._own[slot] == self._owner
         except IndexError:
             raise self._out_of_range(slot) from None
         except KeyError:
             raise self._no_field(name) from None
         if not ok or not self._owner:
             raise self._refused(h)
-        if view is not None:
-            if check is not None:
-                check_value(check, value)
+        if col is not None:
+            if f32 is not None:
+                try:
+                    inside = -_F32_MAX <= value <= _F32_MAX
+                except TypeError:
+                    inside = False
+                if not inside:
+                    check_value(f32, value)      # raises for overflow and non-numbers; lets inf/nan through
             try:
-                view[slot * stride + k] = value
+                col[slot] = value
             except (ValueError, TypeError) as e:
                 raise ValueError(f"table {self.name!r} field {name!r}: {value!r} does not fit ({e})") from None
-            self._s8[32 * slot + 20] = 1
+            self._dirty[slot] = 1
         else:
             p = self._view(slot)
             with _WriteSection(self._s32, self._s8, slot, p):
