@@ -176,19 +176,16 @@ class Allocator:
                                           f"use lookup({entity}) to get its handle")
                 if not 0 <= entity <= M64:
                     raise ValueError(f"entity ids are u64; {entity} is out of range")
-            for _ in range(2):
-                top = h32[_TOP]
-                if top == 0:
-                    self._h64[_C["alloc_failures_full"]] += 1
-                    raise TableFull(f"table {self.table!r} is full: all {self.capacity} slots are allocated. "
-                                    f"Free some, or raise capacity in the config and migrate")
-                slot = self._free[top - 1]
-                if slot < self.capacity and s8[32 * slot + 18] == fmt.SLOT_FREE:
-                    break
-                self.repair()               # free stack disagrees with the slot table: rebuild it
-            else:
-                raise CorruptSegment(f"table {self.table!r}: free stack still inconsistent after repair")
-            self._intent(fmt.INTENT_ALLOC, slot, entity or 0, owner)
+            top = h32[_TOP]
+            slot = self._free[top - 1] if top else 0
+            if not top or slot >= self.capacity or s8[32 * slot + 18] != fmt.SLOT_FREE:
+                top, slot = self._free_top_slow(top)
+            # the intent mark, inlined (hot path): op is written last
+            h32[_ISLOT] = slot
+            self._h64[_IENT] = entity or 0
+            h32[_IOWN] = owner
+            h32[_IPID] = self.pid
+            h32[_OP] = fmt.INTENT_ALLOC
             h32[_TOP] = top - 1
             gen = (s32[8 * slot + 1] + 1) & 0xFFFFFFFF
             s32[8 * slot + 1] = gen
@@ -217,6 +214,20 @@ class Allocator:
         finally:
             self.release()
 
+    def _free_top_slow(self, top: int) -> tuple[int, int]:
+        """Top of the free stack when the fast check failed: full, or repair a stack that disagrees."""
+        if top:
+            self.repair()               # free stack disagrees with the slot table: rebuild it
+            top = self._h32[_TOP]
+        if top == 0:
+            self._h64[_C["alloc_failures_full"]] += 1
+            raise TableFull(f"table {self.table!r} is full: all {self.capacity} slots are allocated. "
+                            f"Free some, or raise capacity in the config and migrate")
+        slot = self._free[top - 1]
+        if slot >= self.capacity or self._s8[32 * slot + 18] != fmt.SLOT_FREE:
+            raise CorruptSegment(f"table {self.table!r}: free stack still inconsistent after repair")
+        return top, slot
+
     def free(self, h: Handle, owner: int, *, force: bool = False) -> None:
         slot, gen = h
         if not 0 <= slot < self.capacity:
@@ -238,11 +249,15 @@ class Allocator:
             self.release()
 
     def _free_locked(self, slot: int, op: int) -> None:
-        s8 = self._s8
+        s8, h32 = self._s8, self._h32
         b = 32 * slot
         entity = self._s64[4 * slot + 1]
         slot_owner = self._s16[16 * slot + 8]
-        self._intent(op, slot, entity, slot_owner)
+        h32[_ISLOT] = slot              # the intent mark, inlined (hot path): op is written last
+        self._h64[_IENT] = entity
+        h32[_IOWN] = slot_owner
+        h32[_IPID] = self.pid
+        h32[_OP] = op
         self._s32[8 * slot + 1] = (self._s32[8 * slot + 1] + 1) & 0xFFFFFFFF
         s8[b + 18] = fmt.SLOT_FREE
         s8[b + 20] = 1          # dirty: the next delta records the free

@@ -121,6 +121,7 @@ class Table:
                 col = v[fl.offset // f.size::rs // f.size]
                 self._cols.append(col)
                 self._acc[fl.name] = (col, f if f.type == "f32" else None)
+        self._getcol = {name: acc[0] for name, acc in self._acc.items()}   # get()'s one dict lookup
         self.owner = owner
         self._owner = 0
         if owner is not None:
@@ -140,6 +141,7 @@ class Table:
         for v in (*self._cols, self._gen, self._own, self._dirty):
             v.release()
         self._cols.clear()
+        self._getcol.clear()
         for v in self._casts.values():
             v.release()
         self._casts.clear()
@@ -213,7 +215,7 @@ class Table:
         """One field. Scalars are read atomically; strings and arrays through a consistent read."""
         slot, gen = h
         try:
-            col, _ = self._acc[name]
+            col = self._getcol[name]
             ok = self._gen[slot] == gen and slot >= 0
         except IndexError:
             raise self._out_of_range(slot) from None

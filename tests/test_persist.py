@@ -103,3 +103,45 @@ def test_sigkill_during_snapshots_never_breaks_the_previous(write_config, notify
     assert not list(sdir.glob(".*.tmp")), "temporaries of killed writers are cleaned at start-up"
     chain, _ = snap.chain(sdir)
     assert sum(c["n"] for _, _, _, cs in chain[:1] for c in cs) == 20000
+
+
+def test_snapshot_failure_is_loud_and_the_daemon_keeps_running(write_config, notify, procs, tmp_path):
+    from test_service import m, scrape
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("x")
+    cfg = write_config({"players": {"capacity": 50}}, daemon={"state_dir": str(blocker / "state")})
+    d = start(procs, cfg, notify)
+    key = ctl(cfg, "status")["tables"][0]["key"]
+    spawn(procs, "write_players", key, "zone-1", 5)
+    with pytest.raises(stated.DaemonError, match="snapshot failed"):
+        ctl(cfg, "snapshot")
+    ms = scrape(cfg)
+    assert m(ms, "stated_snapshot_failures_total", table="players") == 1
+    assert d.poll() is None
+    d.send_signal(signal.SIGTERM)                 # the final snapshot fails too, the exit is still clean
+    assert d.wait(timeout=10) == 0
+    assert "snapshot failed" in open(str(cfg) + ".log").read()
+
+
+def test_restore_cli_refuses_live_segment_unless_forced(write_config, notify, procs):
+    cfg = write_config({"players": {"capacity": 50}})
+    d = start(procs, cfg, notify)
+    key = ctl(cfg, "status")["tables"][0]["key"]
+    w = spawn(procs, "write_players", key, "zone-1", 10)
+    first = ctl(cfg, "snapshot")["tables"]["players"]["path"]
+    kill9(w)
+    with stated.attach(key=key, owner="zone-1") as t:
+        for h in t.owned()[:5]:
+            t.free(h)
+    d.send_signal(signal.SIGTERM)
+    assert d.wait(timeout=10) == 0
+    run = lambda *a: subprocess.run([*STATED, "restore", "--config", str(cfg), "--from", first, *a],  # noqa: E731
+                                    capture_output=True, text=True)
+    out = run()
+    assert out.returncode == 1 and "--force" in out.stderr
+    out = run("--force")
+    assert out.returncode == 0 and "restored 10 records" in out.stdout and "safety snapshot" in out.stdout
+    with stated.attach(key=key, readonly=True) as ro:
+        assert len(ro) == 10
+    ok = subprocess.run([*STATED, "snapshot", "--verify", first], capture_output=True, text=True)
+    assert ok.returncode == 0
