@@ -52,7 +52,11 @@ async def serve(path: Path, mode: int, handlers: dict[str, Handler], group_gid: 
         if ping(path):
             raise DaemonError(f"another daemon answers on {path}; stop it first")
         path.unlink()
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.parent.is_dir():     # created by us: group may traverse, others may not, whatever the umask
+        path.parent.mkdir(parents=True)
+        os.chmod(path.parent, 0o750)
+        if group_gid is not None:
+            os.chown(path.parent, -1, group_gid)
     ops = set(handlers)
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

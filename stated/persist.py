@@ -9,7 +9,9 @@ the dirty column aside).
 """
 from __future__ import annotations
 
+import grp
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,8 +49,19 @@ class Saver:
         self.base = 0
         self.saves_since_full = 0
         self.force_full = True          # the first save of a daemon's life is full
+        self.gid = grp.getgrnam(dc.group).gr_gid if dc.group else None
         self.last_success: float | None = None
         self.last_size = 0
+
+    def _make_dir(self) -> None:
+        """state_dir/<table> with the config's mode (x bits added) and group, whatever the umask."""
+        if self.dir.is_dir():
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        dmode = (self.dc.mode & 0o770) | ((self.dc.mode & 0o440) >> 2)   # rw -> rwx for the same classes
+        os.chmod(self.dir, dmode)
+        if self.gid is not None:
+            os.chown(self.dir, -1, self.gid)
 
     def close(self) -> None:
         self.records.release()
@@ -86,11 +99,16 @@ class Saver:
         path = self.dir / snap.file_name(self.tc.name, seq, kind)
         try:
             try:
-                self.dir.mkdir(parents=True, exist_ok=True, mode=0o770)
+                self._make_dir()
             except OSError as e:
                 raise snap.SnapshotFailed(f"cannot write snapshot {path}: {e.strerror or e}") from None
             n = snap.write_file(path, header, owners, snap.capture(a, self.records, self.tc.layout.record_size,
                                                                      slots), self.dc.mode)
+            if self.gid is not None:
+                try:
+                    os.chown(path, -1, self.gid)
+                except OSError as e:
+                    log.warning("table=%s: cannot give %s to group %s: %s", self.tc.name, path, self.dc.group, e)
         except snap.SnapshotFailed:
             self.force_full = True
             raise

@@ -7,7 +7,10 @@ out is a segment whose header has been validated.
 """
 from __future__ import annotations
 
+import ctypes
+import errno
 import grp
+import os
 import logging
 import struct
 import time
@@ -141,22 +144,18 @@ def open(key: int, *, readonly: bool = False, expect: Layout | None = None,
     """
     name = f"table {table!r} " if table else ""
     try:
-        shm = sysv_ipc.SharedMemory(key, 0)
+        if readonly:   # attach SHM_RDONLY straight away: a read-only user may not attach read-write at all
+            shm = sysv_ipc.attach(_shmid(key), None, sysv_ipc.SHM_RDONLY)
+        else:
+            shm = sysv_ipc.SharedMemory(key, 0)
     except sysv_ipc.ExistentialError:
         raise SegmentNotFound(f"{name}has no segment at key {key:#010x}: start the daemon (`stated run "
                               f"--config ...`) so it creates or restores it, or check the key") from None
     except sysv_ipc.PermissionsError:
         raise PermissionDenied(f"{name}segment at key {key:#010x}: permission denied; run the worker as a "
                                f"member of the daemon's group, or attach readonly=True if allowed") from None
-    if readonly:
-        shm.detach()
-        try:
-            shm.attach(None, sysv_ipc.SHM_RDONLY)
-        except sysv_ipc.PermissionsError:
-            raise PermissionDenied(f"{name}segment at key {key:#010x}: no read permission") from None
-        buf = memoryview(shm).toreadonly()   # sysv_ipc's own buffer claims to be writable
-    else:
-        buf = memoryview(shm)
+    # sysv_ipc's buffer over a SHM_RDONLY attach claims to be writable (a write would segfault)
+    buf = memoryview(shm).toreadonly() if readonly else memoryview(shm)
     try:
         return _validate(shm, buf, key, readonly, expect, expect_capacity, name, table)
     except BaseException:
@@ -182,6 +181,23 @@ def _validate(shm, buf, key, readonly, expect, expect_capacity, name, table) -> 
         raise LayoutMismatch(f"{name}segment at key {key:#010x} has capacity {header.capacity}, the config "
                              f"says {expect_capacity}: run `stated migrate` to resize")
     return Segment(shm, buf, header, readonly)
+
+
+_libc = None
+
+
+def _shmid(key: int) -> int:
+    """shmget(key, 0, 0): the id without attaching (sysv_ipc's constructor always attaches read-write)."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    shmid = _libc.shmget(ctypes.c_int(key), ctypes.c_size_t(0), ctypes.c_int(0))
+    if shmid < 0:
+        err = ctypes.get_errno()
+        if err == errno.EACCES:
+            raise sysv_ipc.PermissionsError("permission denied")
+        raise sysv_ipc.ExistentialError(f"no segment ({os.strerror(err)})")
+    return shmid
 
 
 def describe_mismatch(key: int, table: str | None, have: Layout, want: Layout) -> str:
