@@ -69,8 +69,8 @@ def _gid(group: str | None) -> int | None:
 def open_semaphore(key: int, *, create_mode: int | None = None, group: str | None = None) -> sysv_ipc.Semaphore:
     """Open the table's semaphore (SEM_UNDO on). With `create_mode`, create it when missing.
 
-    A semaphore has no header to check, so one found on a key whose segment we just
-    created is adopted (it is a leftover of a removed table) and reset to 1.
+    A semaphore has no header to check: create() refuses a key whose semaphore exists
+    without a segment; here (recreation by the daemon) one created meanwhile is simply used.
     """
     try:
         sem = sysv_ipc.Semaphore(key)
@@ -102,6 +102,14 @@ def create(key: int, capacity: int, layout: Layout, *, mode: int = 0o660, group:
     """
     head, r = fmt.build_header(key, capacity, layout)
     try:
+        sysv_ipc.Semaphore(key)
+    except sysv_ipc.ExistentialError:
+        pass
+    else:   # no header to tell whose it is: never adopt (and reset) somebody else's lock
+        raise ForeignSegment(f"a semaphore already exists at key {key:#010x} but no segment does: it is not "
+                             f"stated's to reuse. If it is left over from a removed stated table, remove it "
+                             f"with `ipcrm -S {key:#010x}`; otherwise choose another key in the config")
+    try:
         # init_character: sysv_ipc fills new segments with spaces unless told otherwise
         shm = sysv_ipc.SharedMemory(key, sysv_ipc.IPC_CREX, mode, r.total_size, init_character=b"\0")
     except sysv_ipc.ExistentialError:
@@ -118,10 +126,7 @@ def create(key: int, capacity: int, layout: Layout, *, mode: int = 0o660, group:
     buf = memoryview(shm)
     buf[0:len(head)] = head     # state word says INITIALISING until the end
     init_regions(buf, r, capacity)
-    sem = open_semaphore(key, create_mode=mode, group=group)
-    if sem.value != 1:
-        log.warning("semaphore at key %#010x found with value %d, reset to 1", key, sem.value)
-        sem.value = 1
+    open_semaphore(key, create_mode=mode, group=group)
     if ready:
         fmt.write_state(buf, fmt.STATE_READY)
     header = fmt.parse_header(buf, shm.size, key)

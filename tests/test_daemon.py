@@ -94,3 +94,16 @@ def test_status_and_destroy_cli(write_config):
     assert out.returncode == 2 and "--yes" in out.stderr
     out = subprocess.run([*STATED, "status", "--config", "/nonexistent.toml"], capture_output=True, text=True)
     assert out.returncode == 1 and "/nonexistent.toml" in out.stderr
+
+
+def test_run_refuses_foreign_semaphore(write_config, new_key, procs):
+    key = new_key()
+    sem = sysv_ipc.Semaphore(key, sysv_ipc.IPC_CREX, 0o600, 7)
+    cfg = write_config({"players": {"capacity": 10, "key": key}})
+    d = start_daemon(procs, cfg)
+    assert d.wait(timeout=10) == 1
+    err = d.stderr.read()
+    assert "semaphore already exists" in err and f"ipcrm -S {key:#010x}" in err
+    assert sem.value == 7
+    with pytest.raises(sysv_ipc.ExistentialError):
+        sysv_ipc.SharedMemory(key)              # nothing half-created
