@@ -97,21 +97,27 @@ class Allocator:
     # ---- the lock -------------------------------------------------------------------
     def acquire(self) -> None:
         """Take the table lock (bounded wait), repairing if a dead holder left an intent."""
-        sem = self._sem
         try:
-            sem.acquire(self.lock_timeout)
-        except sysv_ipc.BusyError:
+            self._sem.acquire(self.lock_timeout)
+        except (sysv_ipc.BusyError, sysv_ipc.ExistentialError) as e:
+            self._acquire_failed(e)
+        self._h32[_HOLDER] = self.pid
+        if self._h32[_OP]:
+            self._settle_intent()
+
+    def _acquire_failed(self, e: Exception) -> None:
+        """Slow path of acquire: a timeout becomes LockTimeout; a removed semaphore is reopened."""
+        if isinstance(e, sysv_ipc.BusyError):
             self._h64[_C["lock_timeouts"]] += 1    # racy by nature: we do not hold the lock
             holder = self._h32[_HOLDER]
             raise LockTimeout(f"table {self.table!r} (key {self.key:#010x}): allocator lock not obtained "
                               f"within {self.lock_timeout}s; last holder pid {holder}. If that process is "
                               f"stuck, stop it; a dead holder releases the lock automatically") from None
-        except sysv_ipc.ExistentialError:
-            self._reopen_semaphore()
-            return self.acquire()
-        self._h32[_HOLDER] = self.pid
-        if self._h32[_OP]:
-            self._settle_intent()
+        self._reopen_semaphore()
+        try:
+            self._sem.acquire(self.lock_timeout)
+        except (sysv_ipc.BusyError, sysv_ipc.ExistentialError) as e2:
+            self._acquire_failed(e2)
 
     def release(self) -> None:
         self._h32[_HOLDER] = 0
@@ -167,7 +173,15 @@ class Allocator:
               rec_size: int) -> Handle:
         """Take a free slot for `owner`, fill its record with `init`, index `entity`."""
         h32, s32, s8 = self._h32, self._s32, self._s8
-        self.acquire()
+        sem = self._sem
+        try:                                    # acquire(), inlined: this is the hot path
+            sem.acquire(self.lock_timeout)
+        except (sysv_ipc.BusyError, sysv_ipc.ExistentialError) as e:
+            self._acquire_failed(e)
+            sem = self._sem
+        h32[_HOLDER] = self.pid
+        if h32[_OP]:
+            self._settle_intent()
         try:
             if entity is not None:
                 if self._find(entity) >= 0:
@@ -212,7 +226,11 @@ class Allocator:
             h32[_OP] = 0
             return _new_handle(Handle, (slot, gen))
         finally:
-            self.release()
+            h32[_HOLDER] = 0                    # release(), inlined
+            try:
+                sem.release()
+            except sysv_ipc.ExistentialError:
+                pass
 
     def _free_top_slow(self, top: int) -> tuple[int, int]:
         """Top of the free stack when the fast check failed: full, or repair a stack that disagrees."""
@@ -232,8 +250,15 @@ class Allocator:
         slot, gen = h
         if not 0 <= slot < self.capacity:
             raise SlotOutOfRange(f"table {self.table!r}: slot {slot} is outside [0, {self.capacity})")
-        s8 = self._s8
-        self.acquire()
+        s8, h32, sem = self._s8, self._h32, self._sem
+        try:                                    # acquire(), inlined: this is the hot path
+            sem.acquire(self.lock_timeout)
+        except (sysv_ipc.BusyError, sysv_ipc.ExistentialError) as e:
+            self._acquire_failed(e)
+            sem = self._sem
+        h32[_HOLDER] = self.pid
+        if h32[_OP]:
+            self._settle_intent()
         try:
             b = 32 * slot
             if self._s32[8 * slot + 1] != gen or s8[b + 18] != fmt.SLOT_ALLOCATED:
@@ -246,7 +271,11 @@ class Allocator:
             self._free_locked(slot, fmt.INTENT_FREE)
             self._h64[_C_FREES] += 1
         finally:
-            self.release()
+            h32[_HOLDER] = 0                    # release(), inlined
+            try:
+                sem.release()
+            except sysv_ipc.ExistentialError:
+                pass
 
     def _free_locked(self, slot: int, op: int) -> None:
         s8, h32 = self._s8, self._h32
