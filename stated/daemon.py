@@ -18,7 +18,6 @@ import os
 import signal
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Mapping
 
 from . import __version__, control, kernel, provision

@@ -28,7 +28,7 @@ import operator
 from typing import Any
 
 from .layout import Layout
-from .schema import SCALARS, Field, check_value, int_range
+from .schema import Field, check_value, int_range
 
 _CTYPES = {
     "i8": ctypes.c_int8, "u8": ctypes.c_uint8, "i16": ctypes.c_int16, "u16": ctypes.c_uint16,
@@ -161,6 +161,3 @@ def default_record(cls: type[RecordBase]) -> bytes:
         setattr(r, fl.name, f.zero())
     return bytes(r)
 
-
-def scalar_code(f: Field) -> str:
-    return SCALARS[f.type][1]
