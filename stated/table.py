@@ -76,7 +76,7 @@ class _WriteSection:
         self._s32[8 * self._slot] += 1
         return self._view
 
-    def __exit__(self, *exc) -> bool:
+    def __exit__(self, exc_type, exc, tb) -> bool:
         self._s32[8 * self._slot] += 1
         self._s8[32 * self._slot + 20] = 1
         return False
@@ -103,6 +103,7 @@ class Table:
         self._view_cls = readonly_class(cls) if seg.readonly else cls
         self._init = default_record(cls)
         self._views: dict[int, RecordBase] = {}
+        self._sections: dict[int, _WriteSection] = {}
         self._casts: dict[str, memoryview] = {}
         self._acc: dict[str, tuple] = {}
         self._cols: list[memoryview] = []
@@ -138,6 +139,7 @@ class Table:
             except StatedError as e:
                 log.warning("table=%s owner=%s: could not mark detached: %s", self.name, self.owner, e)
         self._views.clear()
+        self._sections.clear()
         for v in (*self._cols, self._gen, self._own, self._dirty):
             v.release()
         self._cols.clear()
@@ -177,6 +179,7 @@ class Table:
         if not self._owner:
             raise self._cannot_write("free")
         self._views.pop(h[0], None)
+        self._sections.pop(h[0], None)
         self._alloc.free(h, self._owner)
 
     def lookup(self, entity: int) -> Handle | None:
@@ -281,7 +284,10 @@ class Table:
             raise self._refused(h)
         if self._s32[8 * slot] & 1:
             raise StatedError(f"table {self.name!r} slot {slot}: already inside a write section")
-        return _WriteSection(self._s32, self._s8, slot, self._view(slot))
+        ws = self._sections.get(slot)
+        if ws is None:          # one reusable section object per slot: no allocation per write
+            ws = self._sections[slot] = _WriteSection(self._s32, self._s8, slot, self._view(slot))
+        return ws
 
     def read(self, h: Handle) -> RecordBase:
         """A consistent copy of the whole record (never torn). Raises StaleHandle, TornRecord."""
