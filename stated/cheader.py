@@ -583,7 +583,7 @@ def _table(name: str, key: int, lay: Layout) -> list[str]:
     L = [f"/* ==== table {name}: key 0x{key:08X}, layout 0x{lay.hash:016x}, "
          f"{lay.record_size}-byte records ==== */"]
     for fl in lay.fields:
-        L.append(f"/*   {fl.offset:6d}  {fl.field.decl} */")
+        L.append(f"/*   {fl.offset:6d}  {fl.field.decl.replace('*/', '* /')} */")
     L += [f"#ifndef {guard}", f"#define {guard}", ""]
     L.append(f"#define STATED_{U}_KEY 0x{key:08X}")
     L.append(f"#define STATED_{U}_LAYOUT_HASH 0x{lay.hash:016X}ULL")

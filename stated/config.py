@@ -20,7 +20,7 @@ from .errors import ConfigError, SchemaError
 from .schema import parse_fields
 
 BUILTIN = "<built-in default>"
-_NAME = re.compile(r"^[a-z][a-z0-9_]{0,30}$")
+_NAME = re.compile(r"^[a-z][a-z0-9_]{0,30}\Z")
 KEY_MIN, KEY_MAX = 1, 0x7FFFFFFF
 
 
@@ -101,7 +101,7 @@ def parse(data: dict[str, Any], path: str, base_dir: Path) -> Config:
 
     def positive(k: str, default: float) -> float:
         v = d.get(k, default)
-        if v <= 0:
+        if not v > 0:       # also refuses nan
             raise ConfigError(f"must be > 0, got {v}", path=path, field=k)
         return v
 
@@ -112,6 +112,9 @@ def parse(data: dict[str, Any], path: str, base_dir: Path) -> Config:
     if mode & 0o600 != 0o600:
         raise ConfigError(f"mode {oct(mode)} must give the owner read and write (0o600)",
                           path=path, field="mode")
+    for k in ("state_dir", "control_socket", "group"):
+        if "\0" in d.get(k, ""):
+            raise ConfigError("must not contain a NUL character", path=path, field=k)
     base_key = d.get("base_key", 0x53540000)
     daemon = DaemonConfig(
         state_dir=(base_dir / d.get("state_dir", "var")).resolve(),
@@ -127,7 +130,7 @@ def parse(data: dict[str, Any], path: str, base_dir: Path) -> Config:
         full_every=int(positive("full_every", 10)),
     )
     host, _, port = daemon.metrics_address.rpartition(":")
-    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not host or not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
         raise ConfigError(f"expected host:port, got {daemon.metrics_address!r}", path=path,
                           field="metrics_address")
 
@@ -190,7 +193,7 @@ def load(path: str | os.PathLike | None = None) -> Config:
 def loads(text: str, path: str, base_dir: Path) -> Config:
     try:
         data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
+    except (tomllib.TOMLDecodeError, ValueError, RecursionError) as e:   # ValueError: int digit limit
         raise ConfigError(f"not valid TOML: {e}", path=path) from None
     return parse(data, path, base_dir)
 

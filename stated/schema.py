@@ -9,6 +9,7 @@ import ast
 import keyword
 import math
 import re
+import reprlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +30,8 @@ STRINGS = ("str", "bytes")
 # Names a record view already uses for itself.
 RESERVED = frozenset({"handle", "slot", "generation", "to_dict", "table"})
 
-_DECL = re.compile(r"^\s*([A-Za-z_]\w*)\s*:\s*([a-z]+\d*)\s*(?:\[\s*(\d+)\s*\])?\s*(?:=\s*(.+?))?\s*$")
+_DECL = re.compile(r"^\s*([A-Za-z_]\w*)\s*:\s*([a-z]+\d*)\s*(?:\[\s*(\d+)\s*\])?\s*(?:=\s*(.+?))?\s*\Z",
+                   re.ASCII)   # names become Python and C identifiers
 
 
 @dataclass(frozen=True)
@@ -107,7 +109,11 @@ def check_value(field: Field, value: Any) -> None:
     elif t[0] == "f":
         if not isinstance(value, (int, float)):
             raise ValueError(f"field {field.name!r} is {t}; got {value!r}")
-        if t == "f32" and math.isfinite(value) and abs(value) > 3.4028234663852886e38:
+        try:
+            fv = float(value)
+        except OverflowError:
+            fv = math.inf
+        if t == "f32" and abs(fv) > 3.4028234663852886e38 and not (isinstance(value, float) and math.isinf(value)):
             raise ValueError(f"field {field.name!r} is f32: {value} is too large")
     elif t == "str":
         if not isinstance(value, str):
@@ -127,7 +133,7 @@ def check_value(field: Field, value: Any) -> None:
 def parse_field(decl: str) -> Field:
     """Parse one declaration such as ``"inventory: u32[32]"`` or ``"level: u16 = 1"``."""
     if not isinstance(decl, str):
-        raise SchemaError(f"a field must be a string like \"hp: i32 = 100\", got {decl!r}")
+        raise SchemaError(f"a field must be a string like \"hp: i32 = 100\", got {reprlib.repr(decl)}")
     m = _DECL.match(decl)
     if not m:
         raise SchemaError(f"cannot parse {decl!r}; expected \"name: type\", \"name: type[N]\" "
@@ -149,19 +155,19 @@ def parse_field(decl: str) -> Field:
         return f
     try:
         default = ast.literal_eval(default_text)
-    except (ValueError, SyntaxError):
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
         low = default_text.strip().lower()
         if low in ("true", "false"):
             default = low == "true"
         else:
             raise SchemaError(f"cannot parse default {default_text!r}", field=name) from None
-    if t == "bytes" and isinstance(default, str):
-        default = default.encode()
-    if t[0] == "f" and isinstance(default, int) and not isinstance(default, bool):
-        default = float(default)
     try:
+        if t == "bytes" and isinstance(default, str):
+            default = default.encode()
+        if t[0] == "f" and isinstance(default, int) and not isinstance(default, bool):
+            default = float(default)
         check_value(f, default)
-    except ValueError as e:
+    except (ValueError, OverflowError) as e:
         raise SchemaError(f"bad default: {e}", field=name) from None
     return Field(name=name, type=t, count=count, array=f.array, default=default)
 
@@ -191,11 +197,11 @@ def from_wire(data: Any) -> tuple[Field, ...]:
     out = []
     for item in data:
         if not (isinstance(item, list) and len(item) == 5):
-            raise SchemaError(f"schema entry {item!r} is malformed")
+            raise SchemaError(f"schema entry {reprlib.repr(item)} is malformed")
         name, t, count, array, default = item
         if not (isinstance(name, str) and isinstance(t, str) and isinstance(count, int)
                 and isinstance(array, bool)):
-            raise SchemaError(f"schema entry {item!r} is malformed")
+            raise SchemaError(f"schema entry {reprlib.repr(item)} is malformed")
         decl = f"{name}: {t}[{count}]" if (array or t in STRINGS) else f"{name}: {t}"
         f = parse_field(decl)
         if default is not None:

@@ -194,8 +194,8 @@ def read_file(path: Path, *, load: bool = True) -> tuple[dict, list, list[dict]]
         total += c["n"]
     if end.get("records") != total or end.get("chunks") != len(chunks):
         raise CorruptSnapshot(f"{path}: end frame says {end.get('records')} records, file has {total}")
-    if not isinstance(owners, list):
-        raise CorruptSnapshot(f"{path}: owners frame malformed")
+    if not isinstance(owners, list) or not all(isinstance(o, list) and len(o) == 4 for o in owners):
+        raise CorruptSnapshot(f"{path}: owners frame malformed")     # entries are [index, name, state, since_ms]
     return header, owners, chunks
 
 
