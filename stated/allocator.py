@@ -45,7 +45,8 @@ _TOP, _USED, _OP, _ISLOT = fmt.A_FREE_TOP // 4, fmt.A_USED // 4, fmt.A_INTENT_OP
 _IENT, _IOWN, _IPID = fmt.A_INTENT_ENTITY // 8, fmt.A_INTENT_OWNER // 4, fmt.A_INTENT_PID // 4
 _ISEQ, _HOLDER, _ICOUNT = fmt.A_INDEX_SEQ // 4, fmt.A_HOLDER_PID // 4, fmt.A_INDEX_COUNT // 4
 _C = {name: off // 8 for name, off in fmt.COUNTER_OFF.items()}
-_C_ALLOCS, _C_FREES = _C["allocations"], _C["frees"]
+_C_ALLOCS, _C_FREES, _C_REAPED = _C["allocations"], _C["frees"], _C["reaped_slots"]
+_ICOUNT1, _ICOUNT2 = fmt.A_INTENT_COUNT // 8, fmt.A_INTENT_COUNT2 // 8
 _new_handle = tuple.__new__      # Handle(slot, gen) without NamedTuple's slower __new__
 
 
@@ -99,14 +100,21 @@ class Allocator:
         """Take the table lock (bounded wait), repairing if a dead holder left an intent."""
         try:
             self._sem.acquire(self.lock_timeout)
-        except (sysv_ipc.BusyError, sysv_ipc.ExistentialError) as e:
+        except sysv_ipc.Error as e:
             self._acquire_failed(e)
         self._h32[_HOLDER] = self.pid
         if self._h32[_OP]:
             self._settle_intent()
 
     def _acquire_failed(self, e: Exception) -> None:
-        """Slow path of acquire: a timeout becomes LockTimeout; a removed semaphore is reopened."""
+        """Slow path of acquire: a timeout becomes LockTimeout; a removed semaphore is reopened;
+        a wait interrupted by a signal (EINTR: "Signaled while waiting") is simply retried."""
+        if not isinstance(e, (sysv_ipc.BusyError, sysv_ipc.ExistentialError)):
+            try:
+                self._sem.acquire(self.lock_timeout)
+            except sysv_ipc.Error as e2:
+                self._acquire_failed(e2)
+            return
         if isinstance(e, sysv_ipc.BusyError):
             self._h64[_C["lock_timeouts"]] += 1    # racy by nature: we do not hold the lock
             holder = self._h32[_HOLDER]
@@ -116,7 +124,7 @@ class Allocator:
         self._reopen_semaphore()
         try:
             self._sem.acquire(self.lock_timeout)
-        except (sysv_ipc.BusyError, sysv_ipc.ExistentialError) as e2:
+        except sysv_ipc.Error as e2:
             self._acquire_failed(e2)
 
     def release(self) -> None:
@@ -166,6 +174,9 @@ class Allocator:
         self._h64[_IENT] = entity & M64
         h32[_IOWN] = owner
         h32[_IPID] = self.pid
+        h64 = self._h64
+        h64[_ICOUNT1] = h64[_C_FREES]       # lets repair count this free exactly once
+        h64[_ICOUNT2] = h64[_C_REAPED]
         h32[_OP] = op            # written last: the mark is complete once op is non-zero
 
     # ---- alloc / free -----------------------------------------------------------------
@@ -176,7 +187,7 @@ class Allocator:
         sem = self._sem
         try:                                    # acquire(), inlined: this is the hot path
             sem.acquire(self.lock_timeout)
-        except (sysv_ipc.BusyError, sysv_ipc.ExistentialError) as e:
+        except sysv_ipc.Error as e:
             self._acquire_failed(e)
             sem = self._sem
         h32[_HOLDER] = self.pid
@@ -199,6 +210,7 @@ class Allocator:
             self._h64[_IENT] = entity or 0
             h32[_IOWN] = owner
             h32[_IPID] = self.pid
+            self._h64[_ICOUNT1] = self._h64[_C_ALLOCS]    # lets repair count this alloc exactly once
             h32[_OP] = fmt.INTENT_ALLOC
             h32[_TOP] = top - 1
             gen = (s32[8 * slot + 1] + 1) & 0xFFFFFFFF
@@ -253,7 +265,7 @@ class Allocator:
         s8, h32, sem = self._s8, self._h32, self._sem
         try:                                    # acquire(), inlined: this is the hot path
             sem.acquire(self.lock_timeout)
-        except (sysv_ipc.BusyError, sysv_ipc.ExistentialError) as e:
+        except sysv_ipc.Error as e:
             self._acquire_failed(e)
             sem = self._sem
         h32[_HOLDER] = self.pid
@@ -269,7 +281,6 @@ class Allocator:
                 raise NotOwner(f"table {self.table!r}: slot {slot} belongs to owner #{slot_owner}, not to this "
                                f"worker's owner #{owner}")
             self._free_locked(slot, fmt.INTENT_FREE)
-            self._h64[_C_FREES] += 1
         finally:
             h32[_HOLDER] = 0                    # release(), inlined
             try:
@@ -286,6 +297,9 @@ class Allocator:
         self._h64[_IENT] = entity
         h32[_IOWN] = slot_owner
         h32[_IPID] = self.pid
+        h64 = self._h64
+        h64[_ICOUNT1] = h64[_C_FREES]       # lets repair count this free exactly once
+        h64[_ICOUNT2] = h64[_C_REAPED]
         h32[_OP] = op
         self._s32[8 * slot + 1] = (self._s32[8 * slot + 1] + 1) & 0xFFFFFFFF
         s8[b + 18] = fmt.SLOT_FREE
@@ -305,6 +319,9 @@ class Allocator:
             o = (slot_owner - 1) * 16 + 12
             if self._o32[o]:
                 self._o32[o] -= 1
+        h64[_C_FREES] += 1
+        if op == fmt.INTENT_REAP:
+            h64[_C_REAPED] += 1
         self._h32[_OP] = 0
 
     # ---- entity index -------------------------------------------------------------------
@@ -477,10 +494,8 @@ class Allocator:
                 return 0            # it came back between the caller's check and now
             n = 0
             for slot in self.slots_of(idx):
-                self._free_locked(slot, fmt.INTENT_REAP)
+                self._free_locked(slot, fmt.INTENT_REAP)     # counts frees and reaped_slots itself
                 n += 1
-            self._h64[_C["reaped_slots"]] += n
-            self._h64[_C["frees"]] += n
             return n
         finally:
             self.release()
@@ -488,7 +503,16 @@ class Allocator:
     # ---- repair and verification ----------------------------------------------------------
     def repair(self) -> None:
         """Rebuild free stack, index, used count and owner counts from slot states. Lock held."""
-        h32, s8 = self._h32, self._s8
+        h32, s8, h64 = self._h32, self._s8, self._h64
+        op, islot = h32[_OP], h32[_ISLOT]
+        if islot < self.capacity:     # count the interrupted op exactly once, whether or not it took effect
+            state = s8[32 * islot + 18]
+            if op == fmt.INTENT_ALLOC:
+                h64[_C_ALLOCS] = h64[_ICOUNT1] + (state == fmt.SLOT_ALLOCATED)
+            elif op in (fmt.INTENT_FREE, fmt.INTENT_REAP):
+                h64[_C_FREES] = h64[_ICOUNT1] + (state == fmt.SLOT_FREE)
+                if op == fmt.INTENT_REAP:
+                    h64[_C_REAPED] = h64[_ICOUNT2] + (state == fmt.SLOT_FREE)
         h32[_OP] = fmt.INTENT_REPAIR
         h32[_ISEQ] |= 1
         cap = self.capacity
@@ -577,6 +601,9 @@ class Allocator:
                 break
         if self._h32[_OP]:
             problems.append(f"intent mark {self._h32[_OP]} left set")
+        allocs, frees = self._h64[_C_ALLOCS], self._h64[_C_FREES]
+        if allocs - frees != len(allocated):
+            problems.append(f"counters: allocations {allocs} - frees {frees} != allocated {len(allocated)}")
         return problems
 
     def counters(self) -> dict[str, int]:

@@ -52,6 +52,8 @@ A_INTENT_PID = 156      # u32 pid of the process that set the intent
 A_INDEX_SEQ = 160       # u32 seqlock over the entity index (odd while it changes)
 A_HOLDER_PID = 164      # u32 pid holding the lock (advisory, for messages)
 A_INDEX_COUNT = 168     # u32 entries in the entity index
+A_INTENT_COUNT = 176    # u64 the op's counter before it (allocations for ALLOC, frees for FREE/REAP)
+A_INTENT_COUNT2 = 184   # u64 reaped_slots before a REAP
 INTENT_NONE, INTENT_ALLOC, INTENT_FREE, INTENT_OWNER, INTENT_REAP, INTENT_REPAIR, INTENT_RESTORE = range(7)
 
 # --- shared counters at 192: u64 each --------------------------------------------

@@ -268,6 +268,12 @@ def _apply(seg: Segment, tc: TableConfig, chain: list, convert=None) -> int:
         for name, value in last_header["counters"].items():
             if name in _C and isinstance(value, int) and 0 <= value < 1 << 64:
                 a._h64[_C[name]] = value
+        # the counters were read a moment before the records were copied: reconcile so that
+        # allocations - frees = allocated slots, as on a live table
+        allocs, used = a._h64[_C["allocations"]], a.used()
+        if allocs < used:
+            a._h64[_C["allocations"]] = allocs = used
+        a._h64[_C["frees"]] = allocs - used
         recs.release()
         return len(live)
     finally:
