@@ -383,7 +383,18 @@ class Allocator:
         if not 0 <= entity <= M64:
             return None
         h32, s8, s32 = self._h32, self._s8, self._s32
-        for _ in range(8):
+        # writers fall back to the lock after a few tries; readonly observers cannot lock, so they keep
+        # trying (bounded by lock_timeout) rather than answer None while the index is changing
+        tries = 8 if self._sem is not None else 1 << 62
+        deadline = None
+        for i in range(tries):
+            if i and i % 64 == 0:
+                now = time.monotonic()
+                deadline = deadline or now + self.lock_timeout
+                if now > deadline:
+                    raise LockTimeout(f"table {self.table!r}: the entity index kept changing for "
+                                      f"{self.lock_timeout}s (a writer died mid-update?); retry")
+                time.sleep(0)
             seq = h32[_ISEQ]
             if seq & 1:
                 continue
@@ -395,8 +406,6 @@ class Allocator:
                 return None
             if s8[32 * slot + 18] == fmt.SLOT_ALLOCATED and self._s64[4 * slot + 1] == entity:
                 return _new_handle(Handle, (slot, gen))
-        if self._sem is None:       # readonly observers cannot take the lock
-            return None
         self.acquire()
         try:
             slot = self._find(entity)

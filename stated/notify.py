@@ -39,9 +39,14 @@ class Notifier:
             return False
         try:
             if self._sock is None:
-                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                # non-blocking: a service manager that stops reading must never stall the event loop
+                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC
+                                           | socket.SOCK_NONBLOCK)
             self._sock.sendto("\n".join(lines).encode(), self.path)
             return True
+        except BlockingIOError:
+            log.debug("notify socket %r is full; dropped %s", self.path, lines[0])
+            return False
         except OSError as e:
             log.warning("notify socket %r: %s", self.path, e)
             return False

@@ -1,0 +1,274 @@
+"""The soak run (bench/soak.py) and the example zone worker (examples/zone_worker.py).
+
+test_soak_45s runs the fault-injection soak for 45 s as part of the suite: zones and the daemon
+SIGKILLed at random moments (zones also inside write sections and allocator operations), every
+segment and semaphore removed with ipcrm and restored from snapshots; it must report 0 violations.
+The seed is random and printed on failure; STATED_SOAK_SEED=N reruns one. The 10-minute variant is
+marked slow (`make test-slow`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import PLAYER_FIELDS, _in_use
+
+import stated
+from stated import config as config_mod
+from stated import control
+
+ROOT = Path(__file__).resolve().parent.parent
+SOAK = ROOT / "bench" / "soak.py"
+ZONE = ROOT / "examples" / "zone_worker.py"
+SUMMARY = re.compile(r"kills=(?P<kw>\d+)/(?P<kd>\d+) \(workers/daemon\) restarts=(?P<restarts>\d+) "
+                     r"restores=(?P<restores>\d+) ops=(?P<ops>\d+) .*violations=(?P<violations>\d+)")
+
+
+def run_soak(tmp_path: Path, key: int, duration: float, timeout: float) -> tuple[dict, str, float]:
+    seed = int(os.environ.get("STATED_SOAK_SEED") or random.SystemRandom().randrange(1 << 31))
+    cmd = [sys.executable, str(SOAK), "--duration", str(duration), "--key", hex(key), "--seed", str(seed),
+           "--dir", str(tmp_path)]
+    t0 = time.monotonic()
+    # its own session: if it ever hangs, the whole group (soak, daemon, zones) is stopped below
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGTERM)          # soak.py cleans up on SIGTERM
+        try:
+            out, _ = p.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            out, _ = p.communicate()
+        pytest.fail(f"soak.py --duration {duration} --seed {seed} did not finish within {timeout}s:\n{out[-6000:]}")
+    elapsed = time.monotonic() - t0
+    m = SUMMARY.search(out)
+    assert m, f"no summary line (seed {seed}, exit {p.returncode}):\n{out[-6000:]}"
+    s = {k: int(v) for k, v in m.groupdict().items()}
+    assert p.returncode == 0 and s["violations"] == 0, f"seed {seed}: exit {p.returncode}:\n{out[-8000:]}"
+    assert not list(tmp_path.glob("stated-soak-*")), "soak.py left its directory behind"
+    assert not _in_use(key), f"soak.py left IPC objects on {key:#x}"
+    return s, out, elapsed
+
+
+def test_soak_45s(tmp_path, new_key):
+    s, out, elapsed = run_soak(tmp_path, new_key(), 45, timeout=120)
+    assert s["kw"] >= 5 and s["kd"] >= 1 and s["restores"] >= 1 and s["ops"] > 100_000, out
+    assert s["restarts"] >= s["kw"], out
+    assert elapsed < 80, f"the 45 s soak took {elapsed:.0f}s:\n{out[-3000:]}"
+
+
+@pytest.mark.slow
+def test_soak_10min(tmp_path, new_key):
+    s, out, _ = run_soak(tmp_path, new_key(), 600, timeout=720)
+    assert s["kw"] >= 100 and s["kd"] >= 20 and s["restores"] >= 5, out
+
+
+# ---- the zone worker on its own --------------------------------------------------------------------
+def _start_daemon(procs, cfg: Path) -> subprocess.Popen:
+    with open(str(cfg) + ".log", "a") as log:
+        d = subprocess.Popen([sys.executable, "-m", "stated", "run", "--config", str(cfg)], stderr=log)
+    procs.append(d)
+    sock = config_mod.load(cfg).daemon.control_socket
+    deadline = time.monotonic() + 15
+    while not control.ping(sock):
+        assert d.poll() is None and time.monotonic() < deadline, Path(str(cfg) + ".log").read_text()
+        time.sleep(0.05)
+    return d
+
+
+def _zone(procs, cfg: Path, ack: Path, **kw) -> subprocess.Popen:
+    w = subprocess.Popen([sys.executable, str(ZONE), "--config", str(cfg), "--zone", "7", "--players", "60",
+                          "--ack-file", str(ack), "--seed", "7"], stdout=subprocess.PIPE, text=True, **kw)
+    procs.append(w)
+    return w
+
+
+def _wait_ack(ack: Path, w: subprocess.Popen, cond=lambda d: True, timeout: float = 20) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            d = json.loads(ack.read_text())
+        except FileNotFoundError:
+            d = {}
+        if d.get("pid") == w.pid and cond(d):
+            return d
+        assert w.poll() is None, f"zone worker exited with {w.returncode}"
+        time.sleep(0.02)
+    raise AssertionError(f"no acknowledgement from pid {w.pid} matching the condition; last: {d}")
+
+
+def _held(cfg: Path) -> dict[int, int]:
+    """entity -> writes of every allocated record (only zone-7 allocates here)."""
+    with stated.attach("players", config=str(cfg)) as t:
+        return {t.entity(h): t.get(h, "writes") for h in t.handles()}
+
+
+def test_zone_worker_resumes_its_players_after_kill_9(write_config, procs, tmp_path):
+    cfg = write_config({"players": {"capacity": 200, "fields": PLAYER_FIELDS + ["writes: u64"]}},
+                       daemon={"snapshot_interval": 0.5})
+    d = _start_daemon(procs, cfg)
+    ack = tmp_path / "zone-7.ack.json"
+    w = _zone(procs, cfg, ack)
+    assert w.stdout.readline().startswith("zone-7: resumed 0 players")
+    _wait_ack(ack, w, lambda d: d["tick"] >= 40 and len(d["players"]) == 60)
+    time.sleep(random.uniform(0, 0.05))
+    w.kill()
+    w.wait()
+    doc = json.loads(ack.read_text())
+    held = _held(cfg)
+    acked = {int(e): n for e, n in doc["players"].items()}
+    assert all(e // 1_000_000 == 7 for e in held)
+    assert set(acked) - set(doc["pending_logout"]) <= set(held), "an acknowledged player is gone"
+    assert set(held) <= set(acked) | set(doc["pending_login"]), "a player nobody announced is there"
+    assert all(held[e] >= n for e, n in acked.items() if e in held), "a write counter went back"
+    assert not set(doc["logged_out"]) & set(held), "a logged-out player is still there"
+
+    w2 = _zone(procs, cfg, ack)
+    assert w2.stdout.readline() == f"zone-7: resumed {len(held)} players (pid {w2.pid})\n"
+    first = _wait_ack(ack, w2)
+    assert first["resumed"] == {"players": len(held), "entity_sum": sum(held), "writes_sum": sum(held.values())}
+    _wait_ack(ack, w2, lambda d: d["tick"] >= 20)
+    w2.send_signal(signal.SIGTERM)
+    assert w2.wait(timeout=10) == 0
+    assert w2.stdout.readline().startswith("zone-7: stopped after")
+    final = json.loads(ack.read_text())
+    assert final["state"] == "stopped" and final["violations"] == 0
+    assert not final["pending_login"] and not final["pending_logout"]
+    assert _held(cfg) == {int(e): n for e, n in final["players"].items()}
+    with stated.attach("players", config=str(cfg)) as t:
+        o = next(o for o in t.owners() if o.name == "zone-7")
+        assert o.state_name == "detached" and o.slots == len(final["players"]) and t.verify() == []
+    d.send_signal(signal.SIGTERM)
+    assert d.wait(timeout=10) == 0
+
+
+# ---- regression tests for bugs the soak run found in stated/ (fixed) ---------------------------------------
+
+
+def _die_inside(key: int, op: str) -> None:
+    """A child attached as owner 'w' that dies inside alloc (after the slot is marked allocated) or
+    free (after it is marked free), before the allocator counts the operation."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            from stated import allocator
+            t = stated.attach(key=key, owner="w")
+            if op == "alloc":
+                allocator.Allocator._index_insert = lambda self, e, s: os._exit(0)
+                t.alloc(entity=7)
+            else:
+                allocator.Allocator._index_delete = lambda self, e: os._exit(0)
+                t.free(t.lookup(7))
+        finally:
+            os._exit(3)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_allocation_counters_agree_with_used_after_a_death_mid_alloc_or_free(make_segment):
+    key = make_segment(capacity=16)
+    for op in ("alloc", "free"):
+        _die_inside(key, op)
+        with stated.attach(key=key) as t:
+            assert t.verify() == []                 # takes the lock: repairs after the dead holder
+            c = t.counters()
+            assert c["allocations"] - c["frees"] == len(t), (op, c["allocations"], c["frees"], len(t))
+
+
+def test_readonly_lookup_never_misses_a_present_entity_under_churn(make_segment):
+    key = make_segment(capacity=64)
+    with stated.attach(key=key, owner="stable") as t:
+        t.alloc(entity=42)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            t = stated.attach(key=key, owner="churn")
+            end = time.monotonic() + 1.5
+            i = 0
+            while time.monotonic() < end:
+                t.free(t.alloc(entity=1000 + i % 20))
+                i += 1
+        finally:
+            os._exit(0)
+    try:
+        with stated.attach(key=key, readonly=True) as ro:
+            end = time.monotonic() + 1.2
+            misses = n = 0
+            while time.monotonic() < end:
+                n += 1
+                misses += ro.lookup(42) is None
+    finally:
+        os.waitpid(pid, 0)
+    assert misses == 0, f"{misses} of {n} readonly lookups of a present entity returned None"
+
+
+def test_daemon_keeps_working_when_its_notify_socket_is_not_read(write_config, procs, tmp_path):
+    import socket
+    cfg = write_config({"players": {"capacity": 10}}, daemon={"repair_interval": 0.05})
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / "notify.sock"))      # bound, never read: a stuck service manager
+    try:
+        with open(str(cfg) + ".log", "a") as log:
+            d = subprocess.Popen([sys.executable, "-m", "stated", "run", "--config", str(cfg)], stderr=log,
+                                 env=dict(os.environ, NOTIFY_SOCKET=str(tmp_path / "notify.sock")))
+        procs.append(d)
+        path = config_mod.load(cfg).daemon.control_socket
+        deadline = time.monotonic() + 15
+        while not path.exists():
+            assert time.monotonic() < deadline and d.poll() is None
+            time.sleep(0.05)
+        time.sleep(1.5)                              # > net.unix.max_dgram_qlen STATUS datagrams unread
+        assert control.request(path, "ping", timeout=3)["pid"] == d.pid
+        d.send_signal(signal.SIGTERM)
+        assert d.wait(timeout=10) == 0
+    finally:
+        sock.close()
+
+
+def test_a_signal_during_the_lock_wait_does_not_fail_alloc(make_segment):
+    key = make_segment(capacity=16)
+    r, w = os.pipe()
+    holder = os.fork()
+    if holder == 0:                                  # holds the allocator lock for 1 s
+        try:
+            t = stated.attach(key=key, owner="holder")
+            t._alloc.acquire()
+            os.write(w, b"x")
+            time.sleep(1.0)
+            t._alloc.release()
+        finally:
+            os._exit(0)
+    os.read(r, 1)
+    waiter = os.fork()
+    if waiter == 0:                                  # a worker with a signal handler, waiting for the lock
+        code = 1
+        try:
+            signal.signal(signal.SIGUSR1, lambda *_: None)
+            t = stated.attach(key=key, owner="waiter", lock_timeout=5.0)
+            t.alloc(entity=1)
+            code = 0
+        except BaseException as e:  # noqa: BLE001 - report and exit: never return into pytest
+            print(f"waiter: {type(e).__module__}.{type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        finally:
+            os._exit(code)
+    try:
+        time.sleep(0.3)                              # the waiter is inside semtimedop now
+        os.kill(waiter, signal.SIGUSR1)              # a handled signal: EINTR
+        time.sleep(0.1)
+        os.kill(waiter, signal.SIGSTOP)              # stop + continue: EINTR too (signal(7))
+        os.kill(waiter, signal.SIGCONT)
+    finally:
+        _, status = os.waitpid(waiter, 0)
+        os.waitpid(holder, 0)
+        os.close(r)
+        os.close(w)
+    assert os.waitstatus_to_exitcode(status) == 0, "alloc() failed when a signal interrupted its lock wait"
