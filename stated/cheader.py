@@ -188,7 +188,9 @@ def _common() -> list[str]:
                     ("intent_pid", "uint32_t", 0, fmt.A_INTENT_PID),
                     ("index_seq", "uint32_t", 0, fmt.A_INDEX_SEQ),
                     ("holder_pid", "uint32_t", 0, fmt.A_HOLDER_PID),
-                    ("index_count", "uint32_t", 0, fmt.A_INDEX_COUNT)]
+                    ("index_count", "uint32_t", 0, fmt.A_INDEX_COUNT),
+                    ("intent_count", "uint64_t", 0, fmt.A_INTENT_COUNT),
+                    ("intent_count2", "uint64_t", 0, fmt.A_INTENT_COUNT2)]
     alloc_size = fmt.OFF_COUNTERS - fmt.OFF_ALLOC
     a("/* ---- the allocator block (header offset %d, %d bytes) ----------------------------" % (
         fmt.OFF_ALLOC, alloc_size))
