@@ -465,6 +465,7 @@ class Allocator:
         for slot in self.slots_of(idx):
             if s32[8 * slot] & 1:
                 s32[8 * slot] += 1
+                self._s8[32 * slot + 20] = 1   # dirty: the settled record reaches the next save
                 self._h64[_C["settled_slots"]] += 1
                 log.warning("table=%s slot=%d: writer died mid-write; record settled as last written",
                             self.table, slot)

@@ -270,10 +270,11 @@ def _apply(seg: Segment, tc: TableConfig, chain: list, convert=None) -> int:
                 a._h64[_C[name]] = value
         # the counters were read a moment before the records were copied: reconcile so that
         # allocations - frees = allocated slots, as on a live table
-        allocs, used = a._h64[_C["allocations"]], a.used()
-        if allocs < used:
-            a._h64[_C["allocations"]] = allocs = used
-        a._h64[_C["frees"]] = allocs - used
+        allocs, frees, used = a._h64[_C["allocations"]], a._h64[_C["frees"]], a.used()
+        if allocs - frees < used:
+            a._h64[_C["allocations"]] = frees + used     # an alloc raced the copy (counters stay monotonic)
+        else:
+            a._h64[_C["frees"]] = allocs - used          # a free raced the copy
         recs.release()
         return len(live)
     finally:
