@@ -30,10 +30,9 @@ from typing import Any, Iterator
 
 import msgpack
 
-from . import format as fmt
 from . import layout as layout_mod
 from .errors import StatedError
-from .schema import from_wire, to_wire
+from .schema import from_wire
 
 log = logging.getLogger("stated.snapshot")
 
@@ -151,7 +150,7 @@ def _unlink(p: Path) -> None:
 
 
 # ---- reading ---------------------------------------------------------------------------------------
-def read_file(path: Path, *, load: bool = True) -> tuple[dict, list, list[dict]]:
+def read_file(path: Path) -> tuple[dict, list, list[dict]]:
     """Read and verify a whole file. Raises CorruptSnapshot on any doubt; never returns part of a file."""
     try:
         data = Path(path).read_bytes()
@@ -268,11 +267,6 @@ def remove_stale_temporaries(d: Path) -> None:
         if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
             _unlink(p)
             log.info("removed temporary %s left by dead pid %s", p.name, pid)
-
-
-def header_of(path: Path) -> dict:
-    """Verify a file wholly and return its header (CorruptSnapshot otherwise)."""
-    return read_file(path)[0]
 
 
 def chain(d: Path) -> tuple[list[tuple[Path, dict, list, list[dict]]], list[str]]:
