@@ -19,18 +19,21 @@ Contract
 """
 from __future__ import annotations
 
+import array
 import logging
 import os
 import time
+from collections import Counter
+from itertools import compress
 from typing import NamedTuple
 
 import sysv_ipc
 
 from . import format as fmt
-from .errors import (CorruptSegment, DuplicateEntity, LockTimeout, NotOwner, OwnerBusy, SegmentNotFound, SlotOutOfRange,
-                     StaleHandle, StatedError, TableFull)
+from .errors import (CorruptSegment, DuplicateEntity, LockTimeout, NotOwner, OwnerBusy, OwnersExhausted,
+                     SegmentNotFound, SlotOutOfRange, StaleHandle, StatedError, TableFull)
 from .owners import Liveness, Owner, read_owners
-from .segment import Segment, open_semaphore
+from .segment import Segment, Trust, open_semaphore
 
 if not sysv_ipc.SEMAPHORE_TIMEOUT_SUPPORTED:
     raise ImportError(
@@ -46,8 +49,18 @@ _IENT, _IOWN, _IPID = fmt.A_INTENT_ENTITY // 8, fmt.A_INTENT_OWNER // 4, fmt.A_I
 _ISEQ, _HOLDER, _ICOUNT = fmt.A_INDEX_SEQ // 4, fmt.A_HOLDER_PID // 4, fmt.A_INDEX_COUNT // 4
 _C = {name: off // 8 for name, off in fmt.COUNTER_OFF.items()}
 _C_ALLOCS, _C_FREES, _C_REAPED = _C["allocations"], _C["frees"], _C["reaped_slots"]
+_C_TIMEOUTS, _C_REBUILDS = _C["lock_timeouts"], _C["rebuilds"]
+_C_FULL, _C_DUP = _C["alloc_failures_full"], _C["alloc_failures_duplicate"]
+_FREE_SELECTOR = bytes([1] + [0] * 255)    # bytes.translate tables: slot state -> "is free",
+_LOW_BIT = bytes(i & 1 for i in range(256))  # byte -> its bit 0 (entity flag, seq parity)
+U32 = 0xFFFFFFFF     # every counter, generation and seq in shared memory wraps as C would
 _ICOUNT1, _ICOUNT2 = fmt.A_INTENT_COUNT // 8, fmt.A_INTENT_COUNT2 // 8
 _new_handle = tuple.__new__      # Handle(slot, gen) without NamedTuple's slower __new__
+
+
+class _Inconsistent(Exception):
+    """Internal: shared allocator state disagrees with the slot table; caught under the lock,
+    which rebuilds the derivable state. Never leaves this module."""
 
 
 class Handle(NamedTuple):
@@ -61,11 +74,12 @@ class Allocator:
     """Allocation state of one attached table. Not thread-safe (one per thread)."""
 
     def __init__(self, seg: Segment, *, table: str, lock_timeout: float = 2.0,
-                 liveness: Liveness | None = None, pid: int | None = None):
+                 liveness: Liveness | None = None, pid: int | None = None, trust: Trust | None = None):
         self.seg, self.table, self.key = seg, table, seg.key
         self.lock_timeout = lock_timeout
         self.liveness = liveness or Liveness()
         self.pid = pid or os.getpid()
+        self.trust = trust
         h = seg.header
         r = h.regions
         self.capacity = cap = h.capacity
@@ -81,6 +95,7 @@ class Allocator:
         self._s8 = slots.cast("B")      # state = [32i+18], flags +19, dirty +20, pinned +21
         self._free = buf[r.free_offset:r.free_offset + 4 * cap].cast("I")
         self._imask = r.index_capacity - 1
+        self._index_capacity = r.index_capacity
         self._ishift = 64 - (r.index_capacity.bit_length() - 1)
         index = buf[r.index_offset:r.index_offset + r.index_capacity * fmt.INDEX_ENTRY_SIZE]
         self._index = index
@@ -88,7 +103,7 @@ class Allocator:
         self._i32 = index.cast("I")     # slot + 1 = [4e+2]; 0 = empty
         self._owners_off = r.owners_offset
         self._o32 = buf[r.owners_offset:r.owners_offset + fmt.OWNERS_CAPACITY * fmt.OWNER_SIZE].cast("I")
-        self._sem = None if seg.readonly else open_semaphore(self.key)
+        self._sem = None if seg.readonly else open_semaphore(self.key, trust=trust)
 
     def release_views(self) -> None:
         for v in (self._h32, self._h64, self._s32, self._s64, self._s16, self._s8, self._free, self._i64,
@@ -97,49 +112,107 @@ class Allocator:
 
     # ---- the lock -------------------------------------------------------------------
     def acquire(self) -> None:
-        """Take the table lock (bounded wait), repairing if a dead holder left an intent."""
+        """Take the table lock within `lock_timeout`, then settle what a previous holder left.
+
+        One deadline covers EINTR retries and a semaphore that must be reopened. After the
+        semop: a live holder that entered under a since-removed semaphore is waited for, and
+        an intent mark left by a dead holder is repaired. If anything after the semop raises,
+        the lock is given back before the exception leaves: a kept lock would stop every
+        process's alloc/free until the holder exits.
+        """
+        t0 = time.monotonic()
         try:
             self._sem.acquire(self.lock_timeout)
         except sysv_ipc.Error as e:
-            self._acquire_failed(e)
-        self._h32[_HOLDER] = self.pid
-        if self._h32[_OP]:
-            self._settle_intent()
-
-    def _acquire_failed(self, e: Exception) -> None:
-        """Slow path of acquire: a timeout becomes LockTimeout; a removed semaphore is reopened;
-        a wait interrupted by a signal (EINTR: "Signaled while waiting") is simply retried."""
-        if not isinstance(e, (sysv_ipc.BusyError, sysv_ipc.ExistentialError)):
-            try:
-                self._sem.acquire(self.lock_timeout)
-            except sysv_ipc.Error as e2:
-                self._acquire_failed(e2)
-            return
-        if isinstance(e, sysv_ipc.BusyError):
-            self._h64[_C["lock_timeouts"]] += 1    # racy by nature: we do not hold the lock
-            holder = self._h32[_HOLDER]
-            raise LockTimeout(f"table {self.table!r} (key {self.key:#010x}): allocator lock not obtained "
-                              f"within {self.lock_timeout}s; last holder pid {holder}. If that process is "
-                              f"stuck, stop it; a dead holder releases the lock automatically") from None
-        self._reopen_semaphore()
+            self._acquire_slow(e, t0 + self.lock_timeout)
         try:
-            self._sem.acquire(self.lock_timeout)
-        except sysv_ipc.Error as e2:
-            self._acquire_failed(e2)
+            h32 = self._h32
+            holder = h32[_HOLDER]
+            if holder and holder != self.pid:
+                self._wait_swapped_holder(holder, t0 + self.lock_timeout)
+            h32[_HOLDER] = self.pid
+            if h32[_OP]:
+                self._settle_intent()
+        except BaseException:
+            self.release()
+            raise
+
+    def _acquire_slow(self, e: Exception, deadline: float) -> None:
+        """Slow path of acquire, bounded by `deadline`: a timeout becomes LockTimeout, a removed
+        semaphore is reopened, a wait interrupted by a signal (EINTR: "Signaled while waiting")
+        is retried with the time that is left, not a fresh timeout."""
+        while True:
+            if isinstance(e, sysv_ipc.BusyError):
+                raise self._timeout()
+            if isinstance(e, sysv_ipc.PermissionsError):
+                raise StatedError(f"table {self.table!r} (key {self.key:#010x}): no permission to use its "
+                                  f"semaphore; run the worker in the daemon's group") from None
+            if isinstance(e, sysv_ipc.ExistentialError):
+                self._reopen_semaphore(deadline)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise self._timeout()
+            try:
+                self._sem.acquire(remaining)
+                return
+            except sysv_ipc.Error as e2:
+                e = e2
+
+    def _timeout(self) -> LockTimeout:
+        h64 = self._h64
+        h64[_C_TIMEOUTS] = (h64[_C_TIMEOUTS] + 1) & M64    # racy by nature: we do not hold the lock
+        return LockTimeout(f"table {self.table!r} (key {self.key:#010x}): allocator lock not obtained within "
+                           f"{self.lock_timeout}s; last holder pid {self._h32[_HOLDER]}. If that process is "
+                           f"stuck, stop it; a dead holder releases the lock automatically")
+
+    def _wait_swapped_holder(self, holder: int, deadline: float) -> None:
+        """The holder word names another process although we hold the semaphore.
+
+        Normally the holder clears the word before releasing, so a non-zero word means either
+        the holder died holding the lock (SEM_UNDO gave it back: proceed) or the semaphore was
+        removed and recreated while a live holder was inside its critical section, and we
+        entered on the new one. Then we wait, bounded, for it to leave. What this cannot close
+        (without a compare-and-swap, which the pure-Python core lacks) is the few bytecodes
+        between another process's semop and its write of the holder word; docs/format.md
+        records that window.
+        """
+        while self._pid_exists(holder):
+            if time.monotonic() > deadline:
+                raise self._timeout()
+            time.sleep(0.0005)
+            holder = self._h32[_HOLDER]
+            if not holder or holder == self.pid:
+                return
+
+    @staticmethod
+    def _pid_exists(pid: int) -> bool:
+        """True unless the kernel says the pid is gone (EPERM means it exists)."""
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except OSError:
+            return True
+        return True
 
     def release(self) -> None:
-        self._h32[_HOLDER] = 0
+        """Give the lock back. An op of ours that an exception interrupted is repaired first."""
+        h32 = self._h32
+        if h32[_OP] and h32[_IPID] == self.pid:
+            self._rebuild("an operation was interrupted by an error")
+        h32[_HOLDER] = 0
         try:
             self._sem.release()
         except sysv_ipc.ExistentialError:
             pass   # removed from under us; the daemon recreates it and repairs
 
-    def _reopen_semaphore(self) -> None:
+    def _reopen_semaphore(self, deadline: float | None = None) -> None:
         """The semaphore was removed (ipcrm, systemd RemoveIPC): wait for the daemon to recreate it."""
-        deadline = time.monotonic() + self.lock_timeout
+        if deadline is None:
+            deadline = time.monotonic() + self.lock_timeout
         while True:
             try:
-                self._sem = open_semaphore(self.key)
+                self._sem = open_semaphore(self.key, trust=self.trust)
                 log.warning("table=%s key=%#010x pid=%d: semaphore was removed; reopened the new one",
                             self.table, self.key, self.pid)
                 return
@@ -179,78 +252,102 @@ class Allocator:
         h64[_ICOUNT2] = h64[_C_REAPED]
         h32[_OP] = op            # written last: the mark is complete once op is non-zero
 
+    def _rebuild(self, why: str) -> None:
+        """Allocator state disagreed with the slot table (scribbled memory, or a bug): rebuild the
+        derivable parts from slot states, count it and log it. Lock held."""
+        h64 = self._h64
+        h64[_C_REBUILDS] = (h64[_C_REBUILDS] + 1) & M64
+        log.error("table=%s key=%#010x pid=%d: allocator state inconsistent (%s); rebuilt free stack, entity "
+                  "index and counts from the slot table", self.table, self.key, self.pid, why)
+        self.repair()
+
     # ---- alloc / free -----------------------------------------------------------------
     def alloc(self, entity: int | None, owner: int, init: bytes | None, records, rec_off: int,
               rec_size: int) -> Handle:
-        """Take a free slot for `owner`, fill its record with `init`, index `entity`."""
-        h32, s32, s8 = self._h32, self._s32, self._s8
-        sem = self._sem
-        try:                                    # acquire(), inlined: this is the hot path
-            sem.acquire(self.lock_timeout)
-        except sysv_ipc.Error as e:
-            self._acquire_failed(e)
-            sem = self._sem
-        h32[_HOLDER] = self.pid
-        if h32[_OP]:
-            self._settle_intent()
+        """Take a free slot for `owner`, fill its record with `init`, index `entity`.
+
+        Shared state another process can scribble on is checked before it is used as an
+        offset; when it disagrees with the slot table, the derivable state is rebuilt and the
+        allocation retried once. Only a slot table that still makes no sense raises
+        CorruptSegment.
+        """
+        if entity is not None and not 0 <= entity <= M64:
+            raise ValueError(f"entity ids are u64; {entity} is out of range")
+        self.acquire()
         try:
-            if entity is not None:
-                if self._find(entity) >= 0:
-                    self._h64[_C["alloc_failures_duplicate"]] += 1
-                    raise DuplicateEntity(f"table {self.table!r}: entity {entity} already has a slot; "
-                                          f"use lookup({entity}) to get its handle")
-                if not 0 <= entity <= M64:
-                    raise ValueError(f"entity ids are u64; {entity} is out of range")
-            top = h32[_TOP]
-            slot = self._free[top - 1] if top else 0
-            if not top or slot >= self.capacity or s8[32 * slot + 18] != fmt.SLOT_FREE:
-                top, slot = self._free_top_slow(top)
-            # the intent mark, inlined (hot path): op is written last
-            h32[_ISLOT] = slot
-            self._h64[_IENT] = entity or 0
-            h32[_IOWN] = owner
-            h32[_IPID] = self.pid
-            self._h64[_ICOUNT1] = self._h64[_C_ALLOCS]    # lets repair count this alloc exactly once
-            h32[_OP] = fmt.INTENT_ALLOC
-            h32[_TOP] = top - 1
-            gen = (s32[8 * slot + 1] + 1) & 0xFFFFFFFF
-            s32[8 * slot + 1] = gen
-            if init is not None:
-                base = rec_off + slot * rec_size
-                records[base:base + rec_size] = init
-            b = 32 * slot
-            if entity is not None:
-                self._s64[4 * slot + 1] = entity
-                s8[b + 19] = fmt.FLAG_HAS_ENTITY
-            else:
-                self._s64[4 * slot + 1] = 0
-                s8[b + 19] = 0
-            self._s16[16 * slot + 8] = owner
-            s8[b + 20] = 1      # dirty: a new record must reach the next snapshot
-            s8[b + 21] = 0
-            s8[b + 18] = fmt.SLOT_ALLOCATED
-            if entity is not None:
-                self._index_insert(entity, slot)
-            h32[_USED] += 1
-            if owner:
-                self._o32[(owner - 1) * 16 + 12] += 1
-            self._h64[_C_ALLOCS] += 1
-            h32[_OP] = 0
-            return _new_handle(Handle, (slot, gen))
+            for attempt in (0, 1):
+                try:
+                    return self._alloc_locked(entity, owner, init, records, rec_off, rec_size)
+                except (_Inconsistent, IndexError, ValueError, OverflowError) as e:
+                    if attempt:
+                        raise CorruptSegment(f"table {self.table!r} (key {self.key:#010x}): allocator state "
+                                             f"still inconsistent after a rebuild ({e})") from None
+                    done = self._h32[_OP] == fmt.INTENT_ALLOC and self._h32[_IPID] == self.pid
+                    slot = self._h32[_ISLOT]
+                    self._rebuild(str(e) or type(e).__name__)
+                    if done and slot < self.capacity and self._s8[32 * slot + 18] == fmt.SLOT_ALLOCATED \
+                            and self._s16[16 * slot + 8] == owner:
+                        return Handle(slot, self._s32[8 * slot + 1])   # the rebuild completed it
+            raise AssertionError("unreachable")
         finally:
-            h32[_HOLDER] = 0                    # release(), inlined
-            try:
-                sem.release()
-            except sysv_ipc.ExistentialError:
-                pass
+            self.release()
+
+    def _alloc_locked(self, entity: int | None, owner: int, init: bytes | None, records, rec_off: int,
+                      rec_size: int) -> Handle:
+        h32, s32, s8, h64 = self._h32, self._s32, self._s8, self._h64
+        if entity is not None and self._find_checked(entity) >= 0:
+            h64[_C_DUP] = (h64[_C_DUP] + 1) & M64
+            raise DuplicateEntity(f"table {self.table!r}: entity {entity} already has a slot; "
+                                  f"use lookup({entity}) to get its handle")
+        top = h32[_TOP]
+        # free_top, and the slot it names, are shared memory: bounds-checked before use
+        slot = self._free[top - 1] if 0 < top <= self.capacity else self.capacity
+        if slot >= self.capacity or s8[32 * slot + 18] != fmt.SLOT_FREE:
+            top, slot = self._free_top_slow(top)
+        # the intent mark, inlined (hot path): op is written last
+        h32[_ISLOT] = slot
+        h64[_IENT] = entity or 0
+        h32[_IOWN] = owner
+        h32[_IPID] = self.pid
+        h64[_ICOUNT1] = h64[_C_ALLOCS]    # lets repair count this alloc exactly once
+        h32[_OP] = fmt.INTENT_ALLOC
+        h32[_TOP] = top - 1
+        gen = (s32[8 * slot + 1] + 1) & U32
+        s32[8 * slot + 1] = gen
+        if init is not None:
+            base = rec_off + slot * rec_size
+            records[base:base + rec_size] = init
+        b = 32 * slot
+        if entity is not None:
+            self._s64[4 * slot + 1] = entity
+            s8[b + 19] = fmt.FLAG_HAS_ENTITY
+        else:
+            self._s64[4 * slot + 1] = 0
+            s8[b + 19] = 0
+        self._s16[16 * slot + 8] = owner
+        s8[b + 20] = 1      # dirty: a new record must reach the next snapshot
+        s8[b + 21] = 0
+        s8[b + 18] = fmt.SLOT_ALLOCATED
+        if entity is not None:
+            self._index_insert(entity, slot)
+        h32[_USED] = (h32[_USED] + 1) & U32
+        if owner:
+            o = (owner - 1) * 16 + 12
+            self._o32[o] = (self._o32[o] + 1) & U32
+        h64[_C_ALLOCS] = (h64[_C_ALLOCS] + 1) & M64
+        h32[_OP] = 0
+        return _new_handle(Handle, (slot, gen))
 
     def _free_top_slow(self, top: int) -> tuple[int, int]:
-        """Top of the free stack when the fast check failed: full, or repair a stack that disagrees."""
-        if top:
-            self.repair()               # free stack disagrees with the slot table: rebuild it
+        """Top of the free stack when the fast check failed: full, or rebuild a stack that disagrees
+        with the slot table (a scribbled free_top of 0 must not make an empty table "full")."""
+        states = self._s8[18::32].tobytes()
+        n_free = states.count(fmt.SLOT_FREE)
+        if top or n_free:
+            self._rebuild(f"free stack top {top} disagrees with {n_free} free slots")
             top = self._h32[_TOP]
         if top == 0:
-            self._h64[_C["alloc_failures_full"]] += 1
+            self._h64[_C_FULL] = (self._h64[_C_FULL] + 1) & M64
             raise TableFull(f"table {self.table!r} is full: all {self.capacity} slots are allocated. "
                             f"Free some, or raise capacity in the config and migrate")
         slot = self._free[top - 1]
@@ -262,69 +359,64 @@ class Allocator:
         slot, gen = h
         if not 0 <= slot < self.capacity:
             raise SlotOutOfRange(f"table {self.table!r}: slot {slot} is outside [0, {self.capacity})")
-        s8, h32, sem = self._s8, self._h32, self._sem
-        try:                                    # acquire(), inlined: this is the hot path
-            sem.acquire(self.lock_timeout)
-        except sysv_ipc.Error as e:
-            self._acquire_failed(e)
-            sem = self._sem
-        h32[_HOLDER] = self.pid
-        if h32[_OP]:
-            self._settle_intent()
+        self.acquire()
         try:
             b = 32 * slot
-            if self._s32[8 * slot + 1] != gen or s8[b + 18] != fmt.SLOT_ALLOCATED:
+            if self._s32[8 * slot + 1] != gen or self._s8[b + 18] != fmt.SLOT_ALLOCATED:
                 raise StaleHandle(f"table {self.table!r}: slot {slot} generation {gen} was already freed "
                                   f"(now generation {self._s32[8 * slot + 1]})")
             slot_owner = self._s16[16 * slot + 8]
             if slot_owner != owner and not force:
                 raise NotOwner(f"table {self.table!r}: slot {slot} belongs to owner #{slot_owner}, not to this "
                                f"worker's owner #{owner}")
-            self._free_locked(slot, fmt.INTENT_FREE)
-        finally:
-            h32[_HOLDER] = 0                    # release(), inlined
             try:
-                sem.release()
-            except sysv_ipc.ExistentialError:
-                pass
+                self._free_locked(slot, fmt.INTENT_FREE)
+            except (_Inconsistent, IndexError, ValueError, OverflowError) as e:
+                # the slot state was set free before anything that can fail: the rebuild completes the free
+                self._rebuild(str(e) or type(e).__name__)
+        finally:
+            self.release()
 
     def _free_locked(self, slot: int, op: int) -> None:
-        s8, h32 = self._s8, self._h32
+        s8, h32, h64 = self._s8, self._h32, self._h64
         b = 32 * slot
         entity = self._s64[4 * slot + 1]
         slot_owner = self._s16[16 * slot + 8]
         h32[_ISLOT] = slot              # the intent mark, inlined (hot path): op is written last
-        self._h64[_IENT] = entity
+        h64[_IENT] = entity
         h32[_IOWN] = slot_owner
         h32[_IPID] = self.pid
-        h64 = self._h64
         h64[_ICOUNT1] = h64[_C_FREES]       # lets repair count this free exactly once
         h64[_ICOUNT2] = h64[_C_REAPED]
         h32[_OP] = op
-        self._s32[8 * slot + 1] = (self._s32[8 * slot + 1] + 1) & 0xFFFFFFFF
+        self._s32[8 * slot + 1] = (self._s32[8 * slot + 1] + 1) & U32
         s8[b + 18] = fmt.SLOT_FREE
         s8[b + 20] = 1          # dirty: the next delta records the free
         s8[b + 21] = 0
         if self._s32[8 * slot] & 1:
-            self._s32[8 * slot] += 1   # a writer died mid-section; the slot is gone anyway
+            self._s32[8 * slot] = (self._s32[8 * slot] + 1) & U32   # a writer died (or is) mid-section
         if s8[b + 19] & fmt.FLAG_HAS_ENTITY:
             self._index_delete(entity)
         s8[b + 19] = 0
         self._s16[16 * slot + 8] = 0
-        top = self._h32[_TOP]
+        top = h32[_TOP]
+        if top >= self.capacity:
+            raise _Inconsistent(f"free stack top {top} with slot {slot} still allocated")
         self._free[top] = slot
-        self._h32[_TOP] = top + 1
-        self._h32[_USED] -= 1
-        if slot_owner:
+        h32[_TOP] = top + 1
+        h32[_USED] = (h32[_USED] - 1) & U32
+        if 0 < slot_owner <= fmt.OWNERS_CAPACITY:
             o = (slot_owner - 1) * 16 + 12
             if self._o32[o]:
                 self._o32[o] -= 1
-        h64[_C_FREES] += 1
+        h64[_C_FREES] = (h64[_C_FREES] + 1) & M64
         if op == fmt.INTENT_REAP:
-            h64[_C_REAPED] += 1
-        self._h32[_OP] = 0
+            h64[_C_REAPED] = (h64[_C_REAPED] + 1) & M64
+        h32[_OP] = 0
 
     # ---- entity index -------------------------------------------------------------------
+    # Every probe loop is bounded by the index capacity: the index lives in shared memory, and
+    # an index with no empty entry (scribbled) must raise, never spin while holding the lock.
     def _home(self, entity: int) -> int:
         return ((entity * fmt.HASH_MUL) & M64) >> self._ishift
 
@@ -341,29 +433,47 @@ class Allocator:
             e = (e + 1) & mask
         return -1
 
+    def _find_checked(self, entity: int) -> int:
+        """`_find` under the lock, with the answer checked against the slot table; an index entry
+        that names a free slot, a slot out of range or another entity is scribbled: rebuild."""
+        slot = self._find(entity)
+        if slot < 0:
+            return -1
+        if slot < self.capacity and self._s8[32 * slot + 18] == fmt.SLOT_ALLOCATED \
+                and self._s8[32 * slot + 19] & fmt.FLAG_HAS_ENTITY and self._s64[4 * slot + 1] == entity:
+            return slot
+        self._rebuild(f"index entry for entity {entity} names slot {slot}, which does not hold it")
+        return self._find(entity)
+
     def _index_insert(self, entity: int, slot: int) -> None:
-        i64, i32, mask = self._i64, self._i32, self._imask
-        self._h32[_ISEQ] += 1
+        i64, i32, mask, h32 = self._i64, self._i32, self._imask, self._h32
+        h32[_ISEQ] = (h32[_ISEQ] + 1) & U32
         e = self._home(entity)
-        while i32[4 * e + 2]:
+        for _ in range(mask + 1):
+            if not i32[4 * e + 2]:
+                break
             e = (e + 1) & mask
+        else:
+            raise _Inconsistent("entity index has no empty entry")
         i64[2 * e] = entity
         i32[4 * e + 2] = slot + 1
-        self._h32[_ICOUNT] += 1
-        self._h32[_ISEQ] += 1
+        h32[_ICOUNT] = (h32[_ICOUNT] + 1) & U32
+        h32[_ISEQ] = (h32[_ISEQ] + 1) & U32
 
     def _index_delete(self, entity: int) -> None:
-        i64, i32, mask = self._i64, self._i32, self._imask
+        i64, i32, mask, h32 = self._i64, self._i32, self._imask, self._h32
         e = self._home(entity)
-        while True:
+        for _ in range(mask + 1):
             if i32[4 * e + 2] == 0:
                 return          # not there (repair will agree)
             if i64[2 * e] == entity:
                 break
             e = (e + 1) & mask
-        self._h32[_ISEQ] += 1
+        else:
+            raise _Inconsistent("entity index has no empty entry")
+        h32[_ISEQ] = (h32[_ISEQ] + 1) & U32
         hole, j = e, e
-        while True:   # backward-shift deletion keeps every probe chain unbroken
+        for _ in range(mask + 1):   # backward-shift deletion keeps every probe chain unbroken
             j = (j + 1) & mask
             if i32[4 * j + 2] == 0:
                 break
@@ -373,10 +483,12 @@ class Allocator:
             i64[2 * hole] = i64[2 * j]
             i32[4 * hole + 2] = i32[4 * j + 2]
             hole = j
+        else:
+            raise _Inconsistent("entity index has no empty entry")
         i64[2 * hole] = 0
         i32[4 * hole + 2] = 0
-        self._h32[_ICOUNT] -= 1
-        self._h32[_ISEQ] += 1
+        h32[_ICOUNT] = (h32[_ICOUNT] - 1) & U32
+        h32[_ISEQ] = (h32[_ISEQ] + 1) & U32
 
     def lookup(self, entity: int) -> Handle | None:
         """Handle of the slot holding `entity`, without the lock unless the index is changing."""
@@ -399,16 +511,20 @@ class Allocator:
             if seq & 1:
                 continue
             slot = self._find(entity)
+            if slot >= self.capacity:
+                slot = -2           # scribbled entry: let the locked path sort it out
             gen = s32[8 * slot + 1] if slot >= 0 else 0
             if h32[_ISEQ] != seq:
                 continue
-            if slot < 0:
+            if slot == -1:
                 return None
-            if s8[32 * slot + 18] == fmt.SLOT_ALLOCATED and self._s64[4 * slot + 1] == entity:
+            if slot >= 0 and s8[32 * slot + 18] == fmt.SLOT_ALLOCATED and self._s64[4 * slot + 1] == entity:
                 return _new_handle(Handle, (slot, gen))
+            if self._sem is None and i >= 8:
+                return None         # an observer cannot repair; the index disagrees with the slots
         self.acquire()
         try:
-            slot = self._find(entity)
+            slot = self._find_checked(entity)
             return None if slot < 0 else Handle(slot, s32[8 * slot + 1])
         finally:
             self.release()
@@ -434,7 +550,7 @@ class Allocator:
                                     f"stop that worker first, or use another owner name")
                 idx = mine.index
                 if mine.pid != pid and mine.slots:
-                    self._h64[_C["owner_takeovers"]] += 1
+                    self._bump(_C["owner_takeovers"])
                     log.info("table=%s owner=%s: pid %d takes over %d slots from pid %d",
                              self.table, name, pid, mine.slots, mine.pid)
             else:
@@ -444,8 +560,11 @@ class Allocator:
                     free_idx = [o.index for o in entries if o.slots == 0 and
                                 not (o.state == fmt.OWNER_ATTACHED and self.liveness.alive(o.pid, o.start_time))]
                 if not free_idx:
-                    raise StatedError(f"table {self.table!r}: all {fmt.OWNERS_CAPACITY} owner entries are in "
-                                      f"use by owners holding slots; free slots of retired owners")
+                    raise OwnersExhausted(
+                        f"table {self.table!r}: all {fmt.OWNERS_CAPACITY} owner names are taken by owners that "
+                        f"still hold slots, so owner {name!r} cannot attach. Reuse a retired worker's name, or "
+                        f"release a dead owner's slots: `stated reap --owner NAME` (after the daemon saves them), "
+                        f"or set dead_owner = \"release\" for this table")
                 idx = free_idx[0]
             self._intent(fmt.INTENT_OWNER, 0, 0, idx)
             off = self._owners_off + (idx - 1) * fmt.OWNER_SIZE
@@ -453,7 +572,7 @@ class Allocator:
             fmt.OWNER.pack_into(self.seg.buf, off, raw, pid, fmt.OWNER_ATTACHED, start, prev_slots, 0,
                                 int(time.time() * 1000))
             self._settle_owner_slots(idx)
-            self._h64[_C["attaches"]] += 1
+            self._bump(_C["attaches"])
             self._h32[_OP] = 0
             return idx
         finally:
@@ -464,9 +583,9 @@ class Allocator:
         s32 = self._s32
         for slot in self.slots_of(idx):
             if s32[8 * slot] & 1:
-                s32[8 * slot] += 1
+                s32[8 * slot] = (s32[8 * slot] + 1) & U32
                 self._s8[32 * slot + 20] = 1   # dirty: the settled record reaches the next save
-                self._h64[_C["settled_slots"]] += 1
+                self._bump(_C["settled_slots"])
                 log.warning("table=%s slot=%d: writer died mid-write; record settled as last written",
                             self.table, slot)
 
@@ -518,13 +637,14 @@ class Allocator:
         if islot < self.capacity:     # count the interrupted op exactly once, whether or not it took effect
             state = s8[32 * islot + 18]
             if op == fmt.INTENT_ALLOC:
-                h64[_C_ALLOCS] = h64[_ICOUNT1] + (state == fmt.SLOT_ALLOCATED)
+                h64[_C_ALLOCS] = (h64[_ICOUNT1] + (state == fmt.SLOT_ALLOCATED)) & M64
             elif op in (fmt.INTENT_FREE, fmt.INTENT_REAP):
-                h64[_C_FREES] = h64[_ICOUNT1] + (state == fmt.SLOT_FREE)
+                h64[_C_FREES] = (h64[_ICOUNT1] + (state == fmt.SLOT_FREE)) & M64
                 if op == fmt.INTENT_REAP:
-                    h64[_C_REAPED] = h64[_ICOUNT2] + (state == fmt.SLOT_FREE)
+                    h64[_C_REAPED] = (h64[_ICOUNT2] + (state == fmt.SLOT_FREE)) & M64
         h32[_OP] = fmt.INTENT_REPAIR
         h32[_ISEQ] |= 1
+        s32 = self._s32
         cap = self.capacity
         states = s8[18::32].tobytes()
         owner_counts = [0] * (fmt.OWNERS_CAPACITY + 1)
@@ -544,7 +664,7 @@ class Allocator:
                         s8[32 * slot + 19] = 0
                         continue
                     e = self._home(ent)
-                    while self._i32[4 * e + 2]:
+                    while self._i32[4 * e + 2]:     # ends: the index was cleared and has 2x capacity entries
                         e = (e + 1) & self._imask
                     self._i64[2 * e] = ent
                     self._i32[4 * e + 2] = slot + 1
@@ -552,6 +672,8 @@ class Allocator:
             else:
                 if st != fmt.SLOT_FREE:
                     s8[32 * slot + 18] = fmt.SLOT_FREE
+                if s32[8 * slot] & 1:     # freed inside a write section: nobody writes it now
+                    s32[8 * slot] = (s32[8 * slot] + 1) & U32
                 free_slots.append(slot)
         # free stack: lowest slot on top
         n = len(free_slots)
@@ -562,9 +684,64 @@ class Allocator:
         h32[_ICOUNT] = count
         for idx in range(1, fmt.OWNERS_CAPACITY + 1):
             self._o32[(idx - 1) * 16 + 12] = owner_counts[idx]
-        self._h64[_C["lock_repairs"]] += 1
-        h32[_ISEQ] += 1
+        self._bump(_C["lock_repairs"])
+        h32[_ISEQ] = (h32[_ISEQ] + 1) & U32
         h32[_OP] = 0
+
+    def audit(self) -> list[str]:
+        """The daemon's periodic check: find disagreement between the derivable allocator state and
+        the slot table, and rebuild it. Returns the problems found (empty: consistent).
+
+        The checks run at C speed (bytes counts over strided columns), first without the lock, so
+        a healthy table costs its workers nothing; only when something looks wrong is the lock
+        taken, the check repeated (a mutation in flight is not damage) and the state rebuilt.
+        Raises CorruptSegment when the rebuilt table still fails verify().
+        """
+        if not self._quick_check():
+            return []
+        self.acquire()
+        try:
+            problems = self._quick_check()
+            if problems:
+                self._rebuild("; ".join(problems))
+                left = self.verify()
+                if left:
+                    raise CorruptSegment(f"table {self.table!r} (key {self.key:#010x}): still inconsistent "
+                                         f"after a rebuild: {'; '.join(left)}")
+            return problems
+        finally:
+            self.release()
+
+    def _quick_check(self) -> list[str]:
+        """Counts of slot states, the free stack top, used, index occupancy and owner slot counts,
+        compared with the slot table. O(capacity) but in C loops, no Python loop per slot."""
+        cap, h32 = self.capacity, self._h32
+        states = self._s8[18::32].tobytes()
+        n_free, n_alloc = states.count(fmt.SLOT_FREE), states.count(fmt.SLOT_ALLOCATED)
+        problems = []
+        if n_free + n_alloc != cap:
+            problems.append(f"{cap - n_free - n_alloc} slots with an invalid state")
+        if h32[_TOP] != n_free:
+            problems.append(f"free stack top {h32[_TOP]} != {n_free} free slots")
+        if h32[_USED] != n_alloc:
+            problems.append(f"used {h32[_USED]} != {n_alloc} allocated slots")
+        allocated = [st == fmt.SLOT_ALLOCATED for st in states] if n_free + n_alloc != cap else states
+        flags = self._s8[19::32].tobytes()
+        n_ent = bytes(compress(flags, allocated)).translate(_LOW_BIT).count(1)
+        n_indexed = self._index_capacity - array.array("I", self._i32[2::4].tobytes()).count(0)
+        if n_indexed != n_ent or h32[_ICOUNT] != n_ent:
+            problems.append(f"entity index holds {n_indexed} entries (count word {h32[_ICOUNT]}) for {n_ent} "
+                            f"entities")
+        per_owner = Counter(compress(self._s16[8::16].tolist(), allocated))
+        for idx in range(1, fmt.OWNERS_CAPACITY + 1):
+            if self._o32[(idx - 1) * 16 + 12] != per_owner.get(idx, 0):
+                problems.append(f"owner #{idx} slot count {self._o32[(idx - 1) * 16 + 12]} != "
+                                f"{per_owner.get(idx, 0)}")
+                break
+        seq_low = self._s8[0::32].tobytes()          # seq is little-endian: its parity is in byte 0
+        if bytes(compress(seq_low, states.translate(_FREE_SELECTOR))).translate(_LOW_BIT).count(1):
+            problems.append("a free slot is left inside a write section (odd seq)")
+        return problems
 
     def verify(self) -> list[str]:
         """Check every invariant; returns problems found (empty when consistent). Lock held by caller."""
@@ -611,10 +788,25 @@ class Allocator:
                 break
         if self._h32[_OP]:
             problems.append(f"intent mark {self._h32[_OP]} left set")
+        odd = [i for i, (st, seq) in enumerate(zip(states, self._s32[0::8].tolist()))
+               if st == fmt.SLOT_FREE and seq & 1]
+        if odd:
+            problems.append(f"free slots left inside a write section (odd seq): {odd[:10]}")
+        counts = [0] * (fmt.OWNERS_CAPACITY + 1)
+        for s in allocated:
+            ow = self._s16[16 * s + 8]
+            counts[ow if ow <= fmt.OWNERS_CAPACITY else 0] += 1
+        wrong = [i for i in range(1, fmt.OWNERS_CAPACITY + 1) if self._o32[(i - 1) * 16 + 12] != counts[i]]
+        if wrong:
+            problems.append(f"owner slot counts disagree with the slot table for owners {wrong[:10]}")
         allocs, frees = self._h64[_C_ALLOCS], self._h64[_C_FREES]
         if allocs - frees != len(allocated):
             problems.append(f"counters: allocations {allocs} - frees {frees} != allocated {len(allocated)}")
         return problems
+
+    def _bump(self, counter: int) -> None:
+        h64 = self._h64
+        h64[counter] = (h64[counter] + 1) & M64
 
     def counters(self) -> dict[str, int]:
         return {name: self._h64[i] for name, i in _C.items()}

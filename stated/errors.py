@@ -77,6 +77,10 @@ class OwnerBusy(StatedError):
     """A live process already holds this owner name."""
 
 
+class OwnersExhausted(StatedError):
+    """Every owner entry (255 per table) is taken by owners that still hold slots."""
+
+
 class ReadOnlyTable(StatedError):
     """A write was attempted through a read-only attach."""
 

@@ -60,7 +60,7 @@ INTENT_NONE, INTENT_ALLOC, INTENT_FREE, INTENT_OWNER, INTENT_REAP, INTENT_REPAIR
 OFF_COUNTERS = 192
 COUNTERS = ("allocations", "frees", "alloc_failures_full", "alloc_failures_duplicate", "lock_repairs",
             "lock_timeouts", "reaped_slots", "torn_reads", "settled_slots", "owner_takeovers",
-            "attaches")
+            "attaches", "rebuilds")
 COUNTER_OFF = {name: OFF_COUNTERS + 8 * i for i, name in enumerate(COUNTERS)}
 SCHEMA_OFFSET = 512     # schema blob starts here; counters may grow up to it (40 slots)
 

@@ -8,10 +8,14 @@ daemon stops rather than guess.
 from __future__ import annotations
 
 import logging
+import os
 
+import sysv_ipc
+
+from . import format as fmt
 from . import segment
 from .config import DaemonConfig, TableConfig
-from .errors import LayoutMismatch, SegmentNotFound
+from .errors import CorruptSegment, LayoutMismatch, SegmentNotFound
 from .segment import Segment
 
 log = logging.getLogger("stated.provision")
@@ -26,8 +30,13 @@ def ensure(tc: TableConfig, dc: DaemonConfig, *, migrate: bool = False, allow_lo
     Raises CorruptSegment, LayoutMismatch, SegmentExists.
     """
     from . import persist, snapshot
+    trust = segment.Trust.daemon(dc.mode)
     try:
-        seg = segment.open(tc.key, expect=tc.layout, expect_capacity=tc.capacity, table=tc.name)
+        try:
+            seg = segment.open(tc.key, expect=tc.layout, expect_capacity=tc.capacity, table=tc.name, trust=trust)
+        except segment.SegmentInitialising as e:
+            remove_half_built(tc, e.creator_pid, trust)
+            raise SegmentNotFound(str(e)) from None
     except LayoutMismatch:
         if not migrate:
             raise
@@ -48,18 +57,53 @@ def ensure(tc: TableConfig, dc: DaemonConfig, *, migrate: bool = False, allow_lo
         log.info("table=%s key=%#010x shmid=%d: created (%d slots of %d bytes)",
                  tc.name, tc.key, seg.shm.id, tc.capacity, tc.layout.record_size)
         return seg, "created", 0
-    ensure_semaphore(tc, dc)
+    try:
+        ensure_semaphore(tc, dc)
+    except BaseException:
+        seg.detach()
+        raise
     log.info("table=%s key=%#010x shmid=%d: adopted existing segment", tc.name, tc.key, seg.shm.id)
     return seg, "adopted", 0
 
 
-def ensure_semaphore(tc: TableConfig, dc: DaemonConfig) -> bool:
-    """Recreate the table's semaphore if it was removed (True if recreated)."""
+def remove_half_built(tc: TableConfig, creator_pid: int, trust: segment.Trust) -> None:
+    """A segment left INITIALISING by a creator that died (a daemon SIGKILLed while creating or
+    restoring) can never become ready: remove it so the caller rebuilds the table. A live
+    creator is still at work: CorruptSegment (try again later), never a removal under it."""
+    if _pid_exists(creator_pid):
+        raise CorruptSegment(f"table {tc.name!r} (key {tc.key:#010x}) is being built by live pid {creator_pid}; "
+                             f"is another daemon or `stated restore` running?")
+    shm = sysv_ipc.SharedMemory(tc.key, 0)
     try:
-        segment.open_semaphore(tc.key)
+        segment.check_provenance(shm, tc.key, trust)
+        if bytes(memoryview(shm)[0:8]) != fmt.MAGIC or fmt.read_state(memoryview(shm)) != fmt.STATE_INITIALISING:
+            raise CorruptSegment(f"table {tc.name!r} (key {tc.key:#010x}) changed while being inspected")
+    finally:
+        shm.detach()
+    log.warning("table=%s key=%#010x shmid=%d: its creator pid %d died while building it; removing the "
+                "half-built segment and rebuilding", tc.name, tc.key, shm.id, creator_pid)
+    shm.remove()
+
+
+def _pid_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True      # EPERM: it exists, as somebody else
+    return True
+
+
+def ensure_semaphore(tc: TableConfig, dc: DaemonConfig) -> bool:
+    """Recreate the table's semaphore if it was removed (True if recreated). An existing one
+    must pass the provenance check (ForeignSegment otherwise)."""
+    trust = segment.Trust.daemon(dc.mode)
+    try:
+        segment.open_semaphore(tc.key, trust=trust)
         return False
     except SegmentNotFound:
-        segment.open_semaphore(tc.key, create_mode=dc.mode, group=dc.group)
+        segment.open_semaphore(tc.key, create_mode=dc.mode, group=dc.group, trust=trust)
         log.warning("table=%s key=%#010x: semaphore was missing (removed by ipcrm or systemd RemoveIPC?); "
                     "recreated", tc.name, tc.key)
         return True

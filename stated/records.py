@@ -142,13 +142,44 @@ def record_class(layout: Layout, name: str = "record") -> type[RecordBase]:
     return cls
 
 
+class FrozenArray(tuple):
+    """An array field read through a read-only view: a copy whose item assignment raises.
+
+    A live ctypes array over a SHM_RDONLY mapping would accept `a[0] = 5` and the store
+    would fault (SIGSEGV); a copy cannot write to shared memory at all.
+    """
+
+    __slots__ = ()
+
+    def __setitem__(self, i: Any, v: Any) -> None:
+        from .errors import ReadOnlyTable
+        raise ReadOnlyTable("cannot set an array element: the table was attached readonly=True")
+
+
 def readonly_class(cls: type[RecordBase]) -> type[RecordBase]:
     """A subclass for read-only attaches: reads as fast, every write raises."""
     from .errors import ReadOnlyTable
 
     def refuse(self, k, v):
         raise ReadOnlyTable(f"cannot set {k!r}: the table was attached readonly=True")
-    return type(cls.__name__ + "_ro", (cls,), {"__setattr__": refuse, "__slots__": ()})
+    ns: dict[str, Any] = {"__setattr__": refuse, "__slots__": ()}
+    for fl in cls._layout.fields:
+        if fl.field.array:
+            raw = f"_raw_{fl.name}"
+            ns[fl.name] = property(lambda self, raw=raw: FrozenArray(getattr(self, raw)), doc=fl.field.decl)
+    return type(cls.__name__ + "_ro", (cls,), ns)
+
+
+def dead_class(cls: type[RecordBase], error: type[Exception], message: str) -> type[RecordBase]:
+    """A subclass a view is switched to (by assigning __class__) when it must not be used any
+    more: its table was closed or its slot freed. Any attribute use raises `error(message)`;
+    the live path pays nothing for this, since only dead views change class."""
+
+    def refuse(self, *args):
+        raise error(message)
+    return type(cls.__name__ + "_dead", (cls,), {"__getattribute__": refuse, "__setattr__": refuse,
+                                                 "__bytes__": refuse, "__repr__": lambda self: f"<dead {cls.__name__} view>",
+                                                 "__slots__": ()})
 
 
 def default_record(cls: type[RecordBase]) -> bytes:

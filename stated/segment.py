@@ -12,6 +12,7 @@ import errno
 import grp
 import os
 import logging
+import mmap
 import struct
 import time
 from dataclasses import dataclass
@@ -29,6 +30,58 @@ INIT_WAIT = 2.0  # seconds an opener waits for a segment still being initialised
 
 class PermissionDenied(StatedError, PermissionError):
     """The caller's uid/gid may not attach the segment or semaphore with the rights asked."""
+
+
+@dataclass(frozen=True)
+class Trust:
+    """Whose IPC objects we accept: created (the kernel's cuid, which nobody can change) by one
+    of `uids`, with no permission bits beyond `mode`.
+
+    Without this, anyone who can create a SysV object could plant one on a table's key while
+    it is absent (after a reboot, after `ipcrm`), and workers would write players into a
+    segment the planter reads, or wait forever on a semaphore the planter holds.
+    """
+
+    uids: frozenset[int]
+    mode: int = 0o770
+
+    @classmethod
+    def daemon(cls, mode: int) -> "Trust":
+        """The daemon adopts only its own user's (or root's) objects, no wider than configured."""
+        return cls(frozenset({0, os.geteuid()}), mode)
+
+    @classmethod
+    def worker(cls, mode: int = 0o770, state_dir: str | os.PathLike | None = None) -> "Trust":
+        """A worker trusts root, itself and the daemon's user: the owner of the daemon's state_dir
+        (a directory outsiders cannot create in its place)."""
+        uids = {0, os.geteuid()}
+        if state_dir is not None:
+            try:
+                uids.add(os.lstat(state_dir).st_uid)
+            except OSError:
+                pass
+        return cls(frozenset(uids), mode)
+
+
+def check_provenance(obj: "sysv_ipc.SharedMemory | sysv_ipc.Semaphore", key: int, trust: Trust) -> None:
+    """Refuse (ForeignSegment) an object created by an untrusted uid or with too wide a mode."""
+    what, flag = ("segment", "m") if isinstance(obj, sysv_ipc.SharedMemory) else ("semaphore", "s")
+    cuid, perm = obj.cuid, obj.mode & 0o777
+    if cuid in trust.uids and not perm & ~trust.mode:
+        return
+    raise ForeignSegment(
+        f"the {what} at key {key:#010x} (id {obj.id}) was created by uid {cuid} with mode {perm:04o}; stated "
+        f"accepts only objects created by uid {'/'.join(map(str, sorted(trust.uids)))} with no permission beyond "
+        f"{trust.mode:04o}. It may have been planted: inspect it with `ipcs -{flag}i {obj.id}`, remove it with "
+        f"`ipcrm -{flag} {obj.id}`, then restart the daemon")
+
+
+class SegmentInitialising(CorruptSegment):
+    """The segment is still being built (state INITIALISING); `creator_pid` made it."""
+
+    def __init__(self, message: str, creator_pid: int):
+        super().__init__(message)
+        self.creator_pid = creator_pid
 
 
 @dataclass
@@ -56,6 +109,29 @@ class Segment:
             pass
         return True
 
+    def detach_under_views(self) -> None:
+        """Detach although ctypes objects may still point into the mapping.
+
+        shmdt would leave them pointing at unmapped memory (their next use is a SIGSEGV), so the
+        mapping is instead replaced, at the same address and in one mmap(MAP_FIXED) call, by
+        private zero pages: the segment is detached (the kernel drops the attach with the old
+        mapping), and a stray access reads zeros from private memory instead of crashing.
+        """
+        try:
+            self.buf.release()
+        except BufferError:
+            pass
+        size = (self.shm.size + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
+        libc = _libc_handle()
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                              ctypes.c_long)
+        got = libc.mmap(self.shm.address, size, mmap.PROT_READ | mmap.PROT_WRITE,
+                        mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_FIXED, -1, 0)
+        if got != self.shm.address:
+            log.warning("key=%#010x: could not replace the mapping (errno %d); it stays attached until exit",
+                        self.key, ctypes.get_errno())
+
 
 def _gid(group: str | None) -> int | None:
     if group is None:
@@ -66,14 +142,17 @@ def _gid(group: str | None) -> int | None:
         raise StatedError(f"group {group!r} does not exist; create it or change [daemon] group") from None
 
 
-def open_semaphore(key: int, *, create_mode: int | None = None, group: str | None = None) -> sysv_ipc.Semaphore:
+def open_semaphore(key: int, *, create_mode: int | None = None, group: str | None = None,
+                   trust: Trust | None = None) -> sysv_ipc.Semaphore:
     """Open the table's semaphore (SEM_UNDO on). With `create_mode`, create it when missing.
 
-    A semaphore has no header to check: create() refuses a key whose semaphore exists
-    without a segment; here (recreation by the daemon) one created meanwhile is simply used.
+    A semaphore has no header to check: its provenance (creator uid and mode) is all there is,
+    so an existing one is checked against `trust` (default: root, ourselves, no world bits).
     """
+    trust = trust or Trust.worker()
     try:
         sem = sysv_ipc.Semaphore(key)
+        check_provenance(sem, key, trust)
     except sysv_ipc.ExistentialError:
         if create_mode is None:
             raise SegmentNotFound(f"no semaphore at key {key:#010x}: the daemon recreates it on its next "
@@ -82,6 +161,7 @@ def open_semaphore(key: int, *, create_mode: int | None = None, group: str | Non
             sem = sysv_ipc.Semaphore(key, sysv_ipc.IPC_CREX, create_mode, 1)
         except sysv_ipc.ExistentialError:   # somebody else created it just now
             sem = sysv_ipc.Semaphore(key)
+            check_provenance(sem, key, trust)
         else:
             gid = _gid(group)
             if gid is not None:
@@ -99,16 +179,21 @@ def create(key: int, capacity: int, layout: Layout, *, mode: int = 0o660, group:
 
     With ready=False the state word stays INITIALISING (attachers wait) until the
     caller, e.g. a restore, has filled it and calls format.write_state(buf, STATE_READY).
+    A semaphore left on the key without a segment (the segment was removed with `ipcrm -M`)
+    is reused when we made it (provenance checked); anybody else's is refused, never reset.
     """
     head, r = fmt.build_header(key, capacity, layout)
+    trust = Trust.daemon(mode)
     try:
-        sysv_ipc.Semaphore(key)
+        leftover = sysv_ipc.Semaphore(key)
     except sysv_ipc.ExistentialError:
         pass
-    else:   # no header to tell whose it is: never adopt (and reset) somebody else's lock
-        raise ForeignSegment(f"a semaphore already exists at key {key:#010x} but no segment does: it is not "
-                             f"stated's to reuse. If it is left over from a removed stated table, remove it "
-                             f"with `ipcrm -S {key:#010x}`; otherwise choose another key in the config")
+    else:
+        check_provenance(leftover, key, trust)
+        if leftover.value > 1:       # a mutex never counts above 1; nobody can be inside it now
+            leftover.value = 1
+        log.warning("key=%#010x: reusing the semaphore (id %d) left behind when the segment was removed",
+                    key, leftover.id)
     try:
         # init_character: sysv_ipc fills new segments with spaces unless told otherwise
         shm = sysv_ipc.SharedMemory(key, sysv_ipc.IPC_CREX, mode, r.total_size, init_character=b"\0")
@@ -126,7 +211,7 @@ def create(key: int, capacity: int, layout: Layout, *, mode: int = 0o660, group:
     buf = memoryview(shm)
     buf[0:len(head)] = head     # state word says INITIALISING until the end
     init_regions(buf, r, capacity)
-    open_semaphore(key, create_mode=mode, group=group)
+    open_semaphore(key, create_mode=mode, group=group, trust=trust)
     if ready:
         fmt.write_state(buf, fmt.STATE_READY)
     header = fmt.parse_header(buf, shm.size, key)
@@ -142,11 +227,13 @@ def init_regions(buf: memoryview, r: fmt.Regions, capacity: int) -> None:
 
 
 def open(key: int, *, readonly: bool = False, expect: Layout | None = None,
-         expect_capacity: int | None = None, table: str | None = None) -> Segment:
-    """Attach an existing table by key and validate its header before trusting it.
+         expect_capacity: int | None = None, table: str | None = None, trust: Trust | None = None) -> Segment:
+    """Attach an existing table by key and validate its provenance and header before trusting it.
 
     With `expect`, the segment's layout hash must match it (LayoutMismatch otherwise).
+    `trust` says whose segments are accepted (default: root's or our own, no world bits).
     """
+    trust = trust or Trust.worker()
     name = f"table {table!r} " if table else ""
     try:
         if readonly:   # attach SHM_RDONLY straight away: a read-only user may not attach read-write at all
@@ -162,6 +249,7 @@ def open(key: int, *, readonly: bool = False, expect: Layout | None = None,
     # sysv_ipc's buffer over a SHM_RDONLY attach claims to be writable (a write would segfault)
     buf = memoryview(shm).toreadonly() if readonly else memoryview(shm)
     try:
+        check_provenance(shm, key, trust)
         return _validate(shm, buf, key, readonly, expect, expect_capacity, name, table)
     except BaseException:
         buf.release()
@@ -177,9 +265,17 @@ def _validate(shm, buf, key, readonly, expect, expect_capacity, name, table) -> 
         if state != fmt.STATE_INITIALISING or time.monotonic() > deadline:
             break
         time.sleep(0.01)
+    if state == fmt.STATE_INITIALISING:
+        raise SegmentInitialising(f"{name}segment at key {key:#010x} is still being built by pid "
+                                  f"{shm.creator_pid}: wait for the daemon to finish (or `stated status`); if "
+                                  f"that pid died, the next daemon start rebuilds the table", shm.creator_pid)
+    if state not in fmt.STATE_NAMES:
+        raise CorruptSegment(f"{name}segment at key {key:#010x} has an invalid state word {state:#x}: its "
+                             f"header was overwritten. Restart the daemon (it repairs a table it runs) or "
+                             f"`stated destroy` the table and restore it from a snapshot")
     if state != fmt.STATE_READY:
-        raise CorruptSegment(f"{name}segment at key {key:#010x} is {fmt.STATE_NAMES.get(state, state)!s}, "
-                             f"not ready: wait for the daemon to finish (or `stated status`)")
+        raise CorruptSegment(f"{name}segment at key {key:#010x} is {fmt.STATE_NAMES[state]}, not ready: "
+                             f"wait for the daemon to finish (or `stated status`)")
     if expect is not None and header.layout_hash != expect.hash:
         raise LayoutMismatch(describe_mismatch(key, table, header.layout, expect))
     if expect_capacity is not None and header.capacity != expect_capacity:
@@ -189,14 +285,19 @@ def _validate(shm, buf, key, readonly, expect, expect_capacity, name, table) -> 
 
 
 _libc = None
+_MAP_FIXED = 0x10    # Linux, every architecture (the mmap module does not export it)
+
+
+def _libc_handle() -> ctypes.CDLL:
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    return _libc
 
 
 def _shmid(key: int) -> int:
     """shmget(key, 0, 0): the id without attaching (sysv_ipc's constructor always attaches read-write)."""
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-    shmid = _libc.shmget(ctypes.c_int(key), ctypes.c_size_t(0), ctypes.c_int(0))
+    shmid = _libc_handle().shmget(ctypes.c_int(key), ctypes.c_size_t(0), ctypes.c_int(0))
     if shmid < 0:
         err = ctypes.get_errno()
         if err == errno.EACCES:

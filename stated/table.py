@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from typing import Any
 
 from . import config as config_mod
@@ -24,7 +25,7 @@ from . import format as fmt
 from .allocator import Allocator, Handle
 from .errors import NotOwner, ReadOnlyTable, SlotOutOfRange, StaleHandle, StatedError, TornRecord
 from .owners import Liveness, Owner
-from .records import RecordBase, default_record, readonly_class, record_class
+from .records import RecordBase, dead_class, default_record, readonly_class, record_class
 from .schema import check_value
 from .segment import Segment
 from . import segment as segment_mod
@@ -49,23 +50,32 @@ def attach(name: str | None = None, *, key: int | None = None, owner: str | None
     if (name is None) == (key is None):
         raise TypeError("attach() takes a table name or key=, not both")
     expect = capacity = None
+    trust = segment_mod.Trust.worker()
     if name is not None:
         cfg = config_mod.load(config if config is not None else config_mod.default_path())
         tc = cfg.table(name)
         key, expect, capacity = tc.key, tc.layout, tc.capacity
+        trust = segment_mod.Trust.worker(cfg.daemon.mode, cfg.daemon.state_dir)
         if lock_timeout is None:
             lock_timeout = cfg.daemon.lock_timeout
-    seg = segment_mod.open(key, readonly=readonly, expect=expect, expect_capacity=capacity, table=name)
+    assert key is not None
+    seg = segment_mod.open(key, readonly=readonly, expect=expect, expect_capacity=capacity, table=name, trust=trust)
     try:
         return Table(seg, name=name or f"{key:#010x}", owner=None if readonly else owner,
-                     lock_timeout=lock_timeout or 2.0, read_timeout=read_timeout, liveness=Liveness(proc_root))
+                     lock_timeout=lock_timeout or 2.0, read_timeout=read_timeout, liveness=Liveness(proc_root),
+                     trust=trust)
     except BaseException:
         seg.detach()
         raise
 
 
 class _WriteSection:
-    """`with t.write(h) as p`: seq odd on entry, even on exit, slot marked dirty."""
+    """`with t.write(h) as p`: seq odd on entry, even on exit, slot marked dirty.
+
+    The seq is a u32 that wraps as C's would (parity survives the wrap: 2^32 is even). A slot
+    freed inside its own section (a player dies mid-update) disarms the section: free() has
+    settled the seq already, and the slot may belong to someone else by the time we exit.
+    """
 
     __slots__ = ("_s32", "_s8", "_slot", "_view")
 
@@ -73,26 +83,35 @@ class _WriteSection:
         self._s32, self._s8, self._slot, self._view = s32, s8, slot, view
 
     def __enter__(self):
-        self._s32[8 * self._slot] += 1
+        slot = self._slot
+        if slot < 0:
+            raise StaleHandle("this write section's slot was freed; look the entity up again")
+        self._s32[8 * slot] = (self._s32[8 * slot] + 1) & 0xFFFFFFFF
         return self._view
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        self._s32[8 * self._slot] += 1
-        self._s8[32 * self._slot + 20] = 1
+        slot = self._slot
+        if slot >= 0:
+            self._s32[8 * slot] = (self._s32[8 * slot] + 1) & 0xFFFFFFFF
+            self._s8[32 * slot + 20] = 1
         return False
+
+    def disarm(self) -> None:
+        self._slot = -1
 
 
 class Table:
     """One attached table. Not thread-safe: use one Table per thread."""
 
     def __init__(self, seg: Segment, *, name: str, owner: str | None = None, lock_timeout: float = 2.0,
-                 read_timeout: float = 0.1, liveness: Liveness | None = None):
+                 read_timeout: float = 0.1, liveness: Liveness | None = None,
+                 trust: segment_mod.Trust | None = None):
         h = seg.header
         self.name, self.key, self.readonly = name, seg.key, seg.readonly
         self.capacity, self.layout = h.capacity, h.layout
         self.read_timeout = read_timeout
         self._seg = seg
-        self._alloc = Allocator(seg, table=name, lock_timeout=lock_timeout, liveness=liveness)
+        self._alloc = Allocator(seg, table=name, lock_timeout=lock_timeout, liveness=liveness, trust=trust)
         self._s32, self._s16, self._s8 = self._alloc._s32, self._alloc._s16, self._alloc._s8
         rs = self.record_size = h.record_size
         r = h.regions
@@ -103,6 +122,12 @@ class Table:
         self._view_cls = readonly_class(cls) if seg.readonly else cls
         self._init = default_record(cls)
         self._views: dict[int, RecordBase] = {}
+        # every view handed out and still referenced somewhere (views are unhashable: keyed by id)
+        self._all_views: dict[int, weakref.ref[RecordBase]] = {}
+        self._stale_cls = dead_class(self._view_cls, StaleHandle, f"table {name!r}: this record view's slot "
+                                     f"was freed; look the entity up again and take a new view")
+        self._closed_cls = dead_class(self._view_cls, StatedError, f"table {name!r} was closed; this record "
+                                      f"view can no longer be used")
         self._sections: dict[int, _WriteSection] = {}
         self._casts: dict[str, memoryview] = {}
         self._acc: dict[str, tuple] = {}
@@ -130,7 +155,12 @@ class Table:
 
     # ---- lifecycle --------------------------------------------------------------------------
     def close(self) -> None:
-        """Detach: the owner is marked detached (its slots stay), buffers are released."""
+        """Detach: the owner is marked detached (its slots stay), buffers are released.
+
+        Every record view handed out raises StatedError from now on. If any of them (or an array
+        taken from one) is still referenced, the mapping is swapped for private zero pages rather
+        than unmapped: a live ctypes object over unmapped memory would SIGSEGV on its next use.
+        """
         if self._seg is None:
             return
         if self._owner and not self.readonly:
@@ -138,7 +168,16 @@ class Table:
                 self._alloc.set_owner_state(self._owner, fmt.OWNER_DETACHED)
             except StatedError as e:
                 log.warning("table=%s owner=%s: could not mark detached: %s", self.name, self.owner, e)
+        views_alive = False
+        for ref in list(self._all_views.values()):
+            v = ref()
+            if v is not None:
+                object.__setattr__(v, "__class__", self._closed_cls)
+                views_alive = True
+        self._all_views.clear()
         self._views.clear()
+        for ws in self._sections.values():
+            ws.disarm()
         self._sections.clear()
         for v in (*self._cols, self._gen, self._own, self._dirty):
             v.release()
@@ -150,9 +189,10 @@ class Table:
         self._acc.clear()
         self._rec.release()
         self._alloc.release_views()
-        if not self._seg.detach():
-            log.debug("table=%s: views still referenced; segment stays attached until exit", self.name)
+        if views_alive or not self._seg.detach():
+            self._seg.detach_under_views()
         self._seg = None
+        object.__setattr__(self, "__class__", _ClosedTable)
 
     def __enter__(self) -> "Table":
         return self
@@ -178,9 +218,14 @@ class Table:
         """Give the slot back. The handle (and any copy of it) becomes stale."""
         if not self._owner:
             raise self._cannot_write("free")
-        self._views.pop(h[0], None)
-        self._sections.pop(h[0], None)
         self._alloc.free(h, self._owner)
+        slot = h[0]
+        v = self._views.pop(slot, None)
+        if v is not None:
+            object.__setattr__(v, "__class__", self._stale_cls)
+        ws = self._sections.pop(slot, None)
+        if ws is not None:
+            ws.disarm()
 
     def lookup(self, entity: int) -> Handle | None:
         """Handle of the record holding `entity`, or None."""
@@ -283,7 +328,8 @@ class Table:
         if not ok or not self._owner:
             raise self._refused(h)
         if self._s32[8 * slot] & 1:
-            raise StatedError(f"table {self.name!r} slot {slot}: already inside a write section")
+            raise StatedError(f"table {self.name!r} slot {slot}: already inside a write section (write "
+                              f"sections do not nest)")
         ws = self._sections.get(slot)
         if ws is None:          # one reusable section object per slot: no allocation per write
             ws = self._sections[slot] = _WriteSection(self._s32, self._s8, slot, self._view(slot))
@@ -342,6 +388,8 @@ class Table:
             else:
                 v = self._cls.from_buffer(self._rec, off)
             self._views[slot] = v
+            views = self._all_views
+            views[id(v)] = weakref.ref(v, lambda _, k=id(v): views.pop(k, None))
         return v
 
     # ---- introspection --------------------------------------------------------------------------
@@ -397,3 +445,19 @@ class Table:
                         f"not to {self.owner!r} (#{self._owner}); only a slot's owner writes it")
 
 
+
+
+class _ClosedTable(Table):
+    """What a Table becomes after close(): every use raises StatedError instead of touching
+    released buffers (which would raise ValueError, or worse, read unmapped memory)."""
+
+    _ALLOWED = frozenset({"close", "name", "key", "readonly", "owner", "capacity", "layout", "record_size",
+                          "_seg", "__class__", "__repr__", "__enter__", "__exit__", "__dict__"})
+
+    def __getattribute__(self, k: str) -> Any:
+        if k in _ClosedTable._ALLOWED:
+            return object.__getattribute__(self, k)
+        raise StatedError(f"table {object.__getattribute__(self, 'name')!r} is closed; attach again")
+
+    def __len__(self) -> int:
+        raise StatedError(f"table {self.name!r} is closed; attach again")
