@@ -344,7 +344,7 @@ class Allocator:
         states = self._s8[18::32].tobytes()
         n_free = states.count(fmt.SLOT_FREE)
         if top or n_free:
-            self._rebuild(f"free stack top {top} disagrees with {n_free} free slots")
+            self._rebuild(f"free stack (top {top}) disagrees with the slot table ({n_free} free slots)")
             top = self._h32[_TOP]
         if top == 0:
             self._h64[_C_FULL] = (self._h64[_C_FULL] + 1) & M64
@@ -682,6 +682,8 @@ class Allocator:
         h32[_TOP] = n
         h32[_USED] = cap - n
         h32[_ICOUNT] = count
+        if (h64[_C_ALLOCS] - h64[_C_FREES]) & M64 != cap - n:   # scribbled counters: keep frees, fix allocations
+            h64[_C_ALLOCS] = (h64[_C_FREES] + cap - n) & M64
         for idx in range(1, fmt.OWNERS_CAPACITY + 1):
             self._o32[(idx - 1) * 16 + 12] = owner_counts[idx]
         self._bump(_C["lock_repairs"])
@@ -738,6 +740,8 @@ class Allocator:
                 problems.append(f"owner #{idx} slot count {self._o32[(idx - 1) * 16 + 12]} != "
                                 f"{per_owner.get(idx, 0)}")
                 break
+        if (self._h64[_C_ALLOCS] - self._h64[_C_FREES]) & M64 != n_alloc:
+            problems.append("counters: allocations - frees != allocated slots")
         seq_low = self._s8[0::32].tobytes()          # seq is little-endian: its parity is in byte 0
         if bytes(compress(seq_low, states.translate(_FREE_SELECTOR))).translate(_LOW_BIT).count(1):
             problems.append("a free slot is left inside a write section (odd seq)")
@@ -800,7 +804,7 @@ class Allocator:
         if wrong:
             problems.append(f"owner slot counts disagree with the slot table for owners {wrong[:10]}")
         allocs, frees = self._h64[_C_ALLOCS], self._h64[_C_FREES]
-        if allocs - frees != len(allocated):
+        if (allocs - frees) & M64 != len(allocated):
             problems.append(f"counters: allocations {allocs} - frees {frees} != allocated {len(allocated)}")
         return problems
 

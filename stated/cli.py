@@ -162,8 +162,9 @@ def _daemon_op(op: str):
             return _verify(args)
         cfg = _config(args)
         from . import control
+        extra = {k: v for k in ("owner", "table") if (v := getattr(args, k, None)) is not None}
         try:
-            reply = control.request(cfg.daemon.control_socket, op, timeout=args.timeout)
+            reply = control.request(cfg.daemon.control_socket, op, timeout=args.timeout, **extra)
         except (ConnectionError, FileNotFoundError, OSError) as e:
             print(f"stated {op}: no daemon answers on {cfg.daemon.control_socket} ({e})", file=sys.stderr)
             return EXIT_NOT_RUNNING
@@ -216,6 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
         if op == "snapshot":
             r.add_argument("--verify", nargs="+", metavar="FILE",
                            help="check snapshot files offline instead (exit 1 if any is invalid)")
+        if op == "reap":
+            r.add_argument("--owner", metavar="NAME",
+                           help="release this gone owner's slots now, whatever the dead-owner policy (they are "
+                                "saved first); frees its owner entry for new names")
+            r.add_argument("--table", metavar="TABLE", help="with --owner: only in this table")
     rs = add("restore", cmd_restore, "rebuild a table from a snapshot file (daemon stopped)")
     rs.add_argument("--from", dest="from_", required=True, metavar="FILE", help="full or delta snapshot file")
     rs.add_argument("--table", help="table to restore (default: the one named in the file)")

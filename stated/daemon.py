@@ -20,6 +20,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+import sysv_ipc
+
 from . import __version__, control, kernel, provision
 from . import config as config_mod
 from . import format as fmt
@@ -28,9 +30,9 @@ from .config import Config, TableConfig
 from .errors import StatedError
 from .metrics import DaemonMetrics, serve as serve_metrics
 from .notify import Notifier
-from .owners import Liveness
+from .owners import Liveness, Owner
 from .persist import Saver
-from .segment import Segment
+from .segment import Segment, Trust
 from .snapshot import SnapshotFailed
 
 log = logging.getLogger("stated.daemon")
@@ -54,16 +56,19 @@ class TableState:
 class Daemon:
     def __init__(self, config_path: str | None, *, env: Mapping[str, str] | None = None,
                  proc_root: str = "/proc", sysctl_root: str = "/proc/sys", wall=time.time,
-                 migrate: bool = False, allow_lossy: bool = False, force: bool = False):
+                 monotonic=time.monotonic, migrate: bool = False, allow_lossy: bool = False, force: bool = False):
         self.config_path = config_path
         self.migrate, self.allow_lossy, self.force = migrate, allow_lossy, force
         self.sysctl_root = sysctl_root
         self.wall = wall
+        self.monotonic = monotonic     # durations (dead-owner grace): immune to wall-clock steps
         self.liveness = Liveness(proc_root)
         self.notifier = Notifier(env)
         self.cfg: Config | None = None
         self.metrics = DaemonMetrics(self)
         self.tables: dict[str, TableState] = {}
+        self.broken: dict[str, str] = {}      # tables not served, with the reason (status, metrics)
+        self._gone_since: dict[tuple, float] = {}   # (table, owner entry) -> monotonic time first seen gone
         self.metrics_port: int | None = None
         self.started_at = wall()
         self._stop = False
@@ -104,17 +109,28 @@ class Daemon:
         for tc in self.cfg.tables.values():
             self._add_table(tc)
 
-    def _add_table(self, tc: TableConfig) -> None:
+    def _add_table(self, tc: TableConfig) -> bool:
+        """Bring one table up. A table that cannot be (foreign or damaged segment, bad snapshot,
+        layout change without --migrate) is logged and recorded in `broken`, and the others are
+        served: one broken table must not take the rest down. Reload retries it."""
         assert self.cfg is not None
-        seg, how, restored = provision.ensure(tc, self.cfg.daemon, migrate=self.migrate,
-                                              allow_lossy=self.allow_lossy, force=self.force)
-        alloc = Allocator(seg, table=tc.name, lock_timeout=self.cfg.daemon.lock_timeout, liveness=self.liveness)
+        try:
+            seg, how, restored = provision.ensure(tc, self.cfg.daemon, migrate=self.migrate,
+                                                  allow_lossy=self.allow_lossy, force=self.force)
+        except (StatedError, sysv_ipc.Error, OSError) as e:
+            log.error("table=%s key=%#010x: not served: %s", tc.name, tc.key, e)
+            self.broken[tc.name] = f"{type(e).__name__}: {e}"
+            return False
+        self.broken.pop(tc.name, None)
+        alloc = Allocator(seg, table=tc.name, lock_timeout=self.cfg.daemon.lock_timeout, liveness=self.liveness,
+                          trust=Trust.daemon(self.cfg.daemon.mode))
         ts = self.tables[tc.name] = TableState(tc.name, tc, seg, alloc, how)
         ts.saver = Saver(tc, seg, alloc, self.cfg.daemon)
         self.metrics.snapshot_failures.labels(tc.name)     # exported at 0 from the start
         self.metrics.restored.labels(tc.name).inc(restored if how == "restored" else 0)
         self.metrics.migrated.labels(tc.name).inc(restored if how == "migrated" else 0)
         self._count_dirty(self.tables[tc.name])
+        return True
 
     async def _listen(self) -> None:
         assert self.cfg is not None
@@ -208,12 +224,9 @@ class Daemon:
         for name, tc in new.tables.items():
             ts = self.tables.get(name)
             if ts is None:
-                try:
-                    self.cfg = new
-                    self._add_table(tc)
+                self.cfg = new
+                if self._add_table(tc):
                     log.info("reload: table=%s added", name)
-                except StatedError as e:
-                    log.error("reload: table=%s not added: %s", name, e)
             elif (tc.key, tc.capacity, tc.layout.hash) != (ts.tc.key, ts.tc.capacity, ts.tc.layout.hash):
                 log.error("reload: table=%s changed key, capacity or layout; keeping the running one "
                           "(restart with --migrate to change it)", name)
@@ -248,10 +261,17 @@ class Daemon:
             await asyncio.sleep(period)
 
     def repair_pass(self) -> None:
-        """Recreate removed semaphores, repair tables left mid-update, refresh the dirty counts."""
+        """Per table: restore a scribbled header from the validated copy, recreate a removed
+        semaphore, repair a table left mid-update, audit the allocator state against the slot
+        table (rebuilding what is derivable), refresh the dirty count. A table whose state cannot
+        be rebuilt is logged; the other tables are not affected."""
         assert self.cfg is not None
         for name, ts in self.tables.items():
             try:
+                fixed = ts.seg.repair_header()
+                if fixed:
+                    log.error("table=%s key=%#010x: header was overwritten (%s); restored from the validated "
+                              "copy", name, ts.tc.key, fixed)
                 if provision.ensure_semaphore(ts.tc, self.cfg.daemon):
                     ts.alloc._reopen_semaphore()
                     ts.alloc.acquire()
@@ -262,6 +282,10 @@ class Daemon:
                 elif ts.alloc.intent_pending():
                     ts.alloc.acquire()        # acquiring repairs when the intent's setter is dead
                     ts.alloc.release()
+                problems = ts.alloc.audit()
+                if problems:
+                    log.error("table=%s key=%#010x: allocator state disagreed with the slot table (%s); rebuilt",
+                              name, ts.tc.key, "; ".join(problems))
             except StatedError as e:
                 log.error("table=%s key=%#010x: repair pass failed: %s", name, ts.tc.key, e)
             self._count_dirty(ts)
@@ -291,7 +315,8 @@ class Daemon:
     def reap_pass(self) -> dict[str, int]:
         """Mark owners whose process died; with policy "release", free their slots after the grace."""
         reaped: dict[str, int] = {}
-        now = self.wall()
+        now = self.monotonic()
+        seen: set[tuple] = set()
         for name, ts in self.tables.items():
             for o in ts.alloc.owners():
                 if o.state == fmt.OWNER_ATTACHED and not self.liveness.alive(o.pid, o.start_time):
@@ -299,21 +324,32 @@ class Daemon:
                         log.warning("table=%s owner=%s pid=%d died holding %d slots (policy %s)",
                                     name, o.name, o.pid, o.slots, ts.tc.dead_owner)
                     continue   # the grace period starts now
-                if (o.state in (fmt.OWNER_DEAD, fmt.OWNER_DETACHED) and o.slots and ts.tc.dead_owner == "release"
-                        and now - o.since >= ts.tc.dead_owner_grace):
-                    if ts.saver is not None:
-                        try:        # release only after the slots are saved
-                            ts.saver.save()
-                        except SnapshotFailed as e:
-                            log.error("table=%s: not releasing %s's slots: snapshot failed: %s", name, o.name, e)
-                            self.metrics.snapshot_failures.labels(name).inc()
-                            continue
-                    n = ts.alloc.reap_owner(o.index)
+                if o.state not in (fmt.OWNER_DEAD, fmt.OWNER_DETACHED) or not o.slots:
+                    continue
+                # the grace is measured on our monotonic clock from when we first saw this owner
+                # gone (the entry's own time is wall-clock and written by another process)
+                gone = (name, o.index, o.pid, o.state, o.since_ms)
+                seen.add(gone)
+                since = self._gone_since.setdefault(gone, now)
+                if ts.tc.dead_owner == "release" and now - since >= ts.tc.dead_owner_grace:
+                    n = self._release_owner(ts, o)
                     if n:
                         log.warning("table=%s owner=%s: released %d slots after %.0fs grace",
                                     name, o.name, n, ts.tc.dead_owner_grace)
                         reaped[name] = reaped.get(name, 0) + n
+        self._gone_since = {k: v for k, v in self._gone_since.items() if k in seen}
         return reaped
+
+    def _release_owner(self, ts: TableState, o: Owner) -> int:
+        """Free a gone owner's slots, only after they are saved. Returns how many were freed."""
+        if ts.saver is not None:
+            try:
+                ts.saver.save()
+            except SnapshotFailed as e:
+                log.error("table=%s: not releasing %s's slots: snapshot failed: %s", ts.name, o.name, e)
+                self.metrics.snapshot_failures.labels(ts.name).inc()
+                return 0
+        return ts.alloc.reap_owner(o.index)
 
     def _count_dirty(self, ts: TableState) -> None:
         """Slots dirty or pinned (the next snapshot must copy them): a C-speed scan of two byte columns."""
@@ -354,6 +390,10 @@ class Daemon:
         rows = [table_status(name, ts.tc.key, ts.tc.capacity, self.liveness) for name, ts in self.tables.items()]
         for r in rows:
             r["dirty"] = self.tables[r["table"]].dirty
+        assert self.cfg is not None
+        for name, why in self.broken.items():
+            tc = self.cfg.tables.get(name)
+            rows.append({"table": name, "key": tc.key if tc else 0, "error": f"not served: {why}"})
         return {"daemon": {"pid": os.getpid(), "version": __version__, "uptime": self.wall() - self.started_at,
                            "metrics_port": self.metrics_port, "config": self.cfg.path if self.cfg else None},
                 "tables": rows}
@@ -365,7 +405,30 @@ class Daemon:
         return {"tables": list(self.tables)}
 
     def _op_reap(self, req: dict) -> dict:
-        return {"reaped": self.reap_pass()}
+        owner = req.get("owner")
+        if owner is None:
+            return {"reaped": self.reap_pass()}
+        if not isinstance(owner, str):
+            raise StatedError("owner must be a name")
+        table = req.get("table")
+        reaped: dict[str, int] = {}
+        found = False
+        for name, ts in self.tables.items():
+            if table is not None and name != table:
+                continue
+            for o in ts.alloc.owners():
+                if o.name != owner:
+                    continue
+                found = True
+                if o.state == fmt.OWNER_ATTACHED and self.liveness.alive(o.pid, o.start_time):
+                    raise StatedError(f"table {name!r}: owner {owner!r} is attached by live pid {o.pid}; "
+                                      f"stop that worker first")
+                n = self._release_owner(ts, o)
+                log.warning("table=%s owner=%s: released %d slots on request (stated reap --owner)", name, owner, n)
+                reaped[name] = n
+        if not found:
+            raise StatedError(f"no owner named {owner!r}" + (f" in table {table!r}" if table else ""))
+        return {"reaped": reaped}
 
     def _op_snapshot(self, req: dict) -> dict:
         kind = req.get("kind", "full")

@@ -202,6 +202,11 @@ def parse_header(buf, size: int, key: int) -> Header:
                   regions=r, layout=lay, created_at=vals["created_at"], format_version=FORMAT_VERSION)
 
 
+def schema_blob_of(h: Header) -> bytes:
+    """The schema blob a header was validated with (derived again from its layout)."""
+    return layout_mod.schema_blob(h.layout)
+
+
 def read_state(buf) -> int:
     return struct.unpack_from("<I", buf, OFF_STATE)[0]
 

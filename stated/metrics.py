@@ -52,6 +52,13 @@ class TableCollector:
         owners = GaugeMetricFamily("stated_owners", "Named owners by liveness", labels=["table", "state"])
         attached = GaugeMetricFamily("stated_attached_processes", "Processes attached (shm_nattch)", labels=L)
         size = GaugeMetricFamily("stated_segment_size_bytes", "Shared-memory segment size", labels=L)
+        rebuilds = CounterMetricFamily("stated_allocator_rebuilds",
+                                       "Allocator state found inconsistent with the slot table and rebuilt",
+                                       labels=L)
+        up = GaugeMetricFamily("stated_table_up", "1 while the daemon serves the table, 0 when it cannot "
+                               "(see the daemon log and `stated status`)", labels=L)
+        for name in self.daemon.broken:
+            up.add_metric([name], 0)
         dirty = GaugeMetricFamily("stated_dirty_slots",
                                   "Slots changed since the last save (as of the last housekeeping pass)",
                                   labels=L)
@@ -71,6 +78,8 @@ class TableCollector:
             reaped.add_metric([name], c["reaped_slots"])
             torn.add_metric([name], c["torn_reads"])
             settled.add_metric([name], c["settled_slots"])
+            rebuilds.add_metric([name], c["rebuilds"])
+            up.add_metric([name], 1)
             owners.add_metric([name, "alive"], snap["owners_alive"])
             owners.add_metric([name, "dead"], snap["owners_dead"])
             attached.add_metric([name], snap["attached"])
@@ -87,8 +96,8 @@ class TableCollector:
         info = GaugeMetricFamily("stated_build_info", "stated version and segment format",
                                  labels=["version", "format_version"])
         info.add_metric([__version__, str(fmt.FORMAT_VERSION)], 1)
-        yield from (slots, capacity, allocs, frees, fails, repairs, timeouts, reaped, torn, settled, owners,
-                    attached, size, dirty, info)
+        yield from (slots, capacity, allocs, frees, fails, repairs, timeouts, reaped, torn, settled, rebuilds,
+                    up, owners, attached, size, dirty, info)
 
 
 class DaemonMetrics:

@@ -15,6 +15,7 @@ import logging
 import mmap
 import struct
 import time
+import zlib
 from dataclasses import dataclass
 
 import sysv_ipc
@@ -92,6 +93,28 @@ class Segment:
     buf: memoryview
     header: fmt.Header
     readonly: bool
+    pristine: bytes = b""      # the immutable header bytes [0, OFF_CRC + 4) as validated at attach
+
+    def repair_header(self) -> str | None:
+        """Put back what another process overwrote in the immutable header (checked against the
+        copy validated at attach) and a state word that is not READY. Returns what was repaired,
+        None when nothing was. The daemon calls this for the tables it serves: it knows their
+        layout, so a scribble there is repairable rather than fatal to new attaches."""
+        buf, head = self.buf, self.pristine
+        r = self.header.regions
+        blob_ok = zlib.crc32(bytes(buf[0:fmt.HEADER.size]) + bytes(buf[r.schema_offset:r.schema_offset +
+                                                                         r.schema_size])) \
+            == int.from_bytes(head[fmt.OFF_CRC:fmt.OFF_CRC + 4], "little")
+        fixed = []
+        if bytes(buf[0:len(head)]) != head or not blob_ok:
+            buf[0:len(head)] = head
+            blob = fmt.schema_blob_of(self.header)
+            buf[r.schema_offset:r.schema_offset + len(blob)] = blob
+            fixed.append("immutable header")
+        if fmt.read_state(buf) != fmt.STATE_READY:
+            fixed.append(f"state word {fmt.read_state(buf):#x}")
+            fmt.write_state(buf, fmt.STATE_READY)
+        return ", ".join(fixed) or None
 
     @property
     def key(self) -> int:
@@ -215,8 +238,9 @@ def create(key: int, capacity: int, layout: Layout, *, mode: int = 0o660, group:
     if ready:
         fmt.write_state(buf, fmt.STATE_READY)
     header = fmt.parse_header(buf, shm.size, key)
+    pristine = bytes(buf[0:fmt.OFF_CRC + 4])
     log.info("created table segment key=%#010x shmid=%d size=%d capacity=%d", key, shm.id, shm.size, capacity)
-    return Segment(shm, buf, header, False)
+    return Segment(shm, buf, header, False, pristine)
 
 
 def init_regions(buf: memoryview, r: fmt.Regions, capacity: int) -> None:
@@ -281,7 +305,7 @@ def _validate(shm, buf, key, readonly, expect, expect_capacity, name, table) -> 
     if expect_capacity is not None and header.capacity != expect_capacity:
         raise LayoutMismatch(f"{name}segment at key {key:#010x} has capacity {header.capacity}, the config "
                              f"says {expect_capacity}: run `stated migrate` to resize")
-    return Segment(shm, buf, header, readonly)
+    return Segment(shm, buf, header, readonly, bytes(buf[0:fmt.OFF_CRC + 4]))
 
 
 _libc = None

@@ -8,6 +8,7 @@ the session fails if any of them, or any child process, is left behind.
 from __future__ import annotations
 
 import itertools
+import sys
 import os
 import signal
 import textwrap
@@ -178,3 +179,64 @@ def pytest_sessionfinish(session, exitstatus):
     elif session.config.pluginmanager.get_plugin("terminalreporter"):
         session.config.pluginmanager.get_plugin("terminalreporter").write_line(
             f"leak check: {len(_handed)} IPC keys used, none left behind; no child processes left")
+
+
+# ---- helpers shared by test modules (import them from conftest, never from another test module) ----
+STATED_CMD = [sys.executable, "-m", "stated"]
+
+
+def run_as_nobody(fn) -> int:
+    """Run fn() in a forked child as uid/gid nobody (no supplementary groups); its exit code.
+
+    fn returns the code; an exception gives 99 (with the traceback on stderr)."""
+    import pwd
+    nobody = pwd.getpwnam("nobody")
+    pid = os.fork()
+    if pid == 0:
+        code = 99
+        try:
+            os.setgroups([])
+            os.setgid(nobody.pw_gid)
+            os.setuid(nobody.pw_uid)
+            code = fn()
+        except BaseException:  # noqa: BLE001 - the child reports through its exit code only
+            import traceback
+            traceback.print_exc()
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+class DaemonProc:
+    """`stated run` as a real subprocess whose log (stderr) is collected by a reader thread."""
+
+    def __init__(self, procs: list, cfg: Path, *extra: str):
+        import subprocess
+        import threading
+        self.p = subprocess.Popen([*STATED_CMD, "run", "--config", str(cfg), *extra], stderr=subprocess.PIPE,
+                                  text=True)
+        procs.append(self.p)
+        self.log: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.p.stderr:
+            self.log.append(line)
+
+    def wait_for(self, text: str, timeout: float = 15.0, start: int = 0) -> str:
+        """Wait until a log line (from index `start` on) contains `text`; return it."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in self.log[start:]:
+                if text in line:
+                    return line
+            if self.p.poll() is not None and not any(text in ln for ln in self.log[start:]):
+                time.sleep(0.1)
+                if not any(text in ln for ln in self.log[start:]):
+                    break
+            time.sleep(0.02)
+        raise AssertionError(f"daemon never logged {text!r}:\n" + "".join(self.log))
+
+    def stop(self) -> int:
+        self.p.terminate()
+        return self.p.wait(timeout=15)

@@ -73,17 +73,21 @@ def test_run_creates_then_adopts_after_sigkill(write_config, procs):
         sysv_ipc.SharedMemory(key)
 
 
-def test_run_refuses_foreign_segment(write_config, new_key, procs):
+def test_run_refuses_foreign_segment_and_serves_the_rest(write_config, new_key, procs):
     key = new_key()
     shm = sysv_ipc.SharedMemory(key, sysv_ipc.IPC_CREX, 0o600, 8192)
     shm.write(b"somebody else's")
     shm.detach()
-    cfg = write_config({"players": {"capacity": 10, "key": key}})
+    cfg = write_config({"players": {"capacity": 10, "key": key}, "world": {"capacity": 4, "fields": ["tick: u64"]}})
     d = start_daemon(procs, cfg)
-    assert d.wait(timeout=10) == 1
-    err = d.stderr.read()
-    assert "another program" in err and f"{key:#010x}" in err
+    lines = "".join(wait_ready(d))
+    assert "another program" in lines and f"{key:#010x}" in lines
+    rc, st = status(cfg)
+    rows = {r["table"]: r for r in st["tables"]}
+    assert "not served" in rows["players"]["error"] and rows["world"]["capacity"] == 4
     assert sysv_ipc.SharedMemory(key).read(15) == b"somebody else's"
+    d.terminate()
+    assert d.wait(timeout=10) == 0
 
 
 def test_status_and_destroy_cli(write_config):
@@ -96,14 +100,17 @@ def test_status_and_destroy_cli(write_config):
     assert out.returncode == 1 and "/nonexistent.toml" in out.stderr
 
 
-def test_run_refuses_foreign_semaphore(write_config, new_key, procs):
+def test_run_reuses_its_own_leftover_semaphore(write_config, new_key, procs):
     key = new_key()
-    sem = sysv_ipc.Semaphore(key, sysv_ipc.IPC_CREX, 0o600, 7)
+    sem = sysv_ipc.Semaphore(key, sysv_ipc.IPC_CREX, 0o600, 7)   # ours (root's), segment gone
     cfg = write_config({"players": {"capacity": 10, "key": key}})
     d = start_daemon(procs, cfg)
-    assert d.wait(timeout=10) == 1
-    err = d.stderr.read()
-    assert "semaphore already exists" in err and f"ipcrm -S {key:#010x}" in err
-    assert sem.value == 7
-    with pytest.raises(sysv_ipc.ExistentialError):
-        sysv_ipc.SharedMemory(key)              # nothing half-created
+    lines = "".join(wait_ready(d))
+    assert "reusing the semaphore" in lines
+    assert sem.value == 1                      # a mutex: clamped back to 1
+    with stated.attach("players", owner="w", config=str(cfg)) as t:
+        t.alloc()
+    d.terminate()
+    assert d.wait(timeout=10) == 0
+
+

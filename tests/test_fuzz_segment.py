@@ -97,7 +97,8 @@ class Fixture:
             st_ = status.table_status("fuzz", self.key, self.tc.capacity)
         assert isinstance(st_, dict)
         if "error" in st_:
-            assert st_["error"].split(":")[0] in ("CorruptSegment", "UnsupportedVersion"), st_["error"]
+            assert st_["error"].split(":")[0] in ("CorruptSegment", "UnsupportedVersion", "SegmentInitialising"), \
+                st_["error"]
         outcomes.append("error" not in st_)
         before = self.read()
         with bounded(3, "provision.ensure"):
