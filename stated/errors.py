@@ -95,3 +95,27 @@ class TornRecord(StatedError):
 
 class DaemonError(StatedError):
     """The daemon refused or failed a request (control socket)."""
+
+
+# ---- persistence -------------------------------------------------------------------------------------
+class CorruptSnapshot(StatedError):
+    """A snapshot file failed its checks (not a regular file, size, checksum, truncation, framing, or
+    contents that cannot be true: counters out of range, duplicate slots or entities, ...); it is not used."""
+
+
+class SnapshotFailed(StatedError):
+    """Writing a snapshot failed (disk full, permissions, untrusted directory); the previous snapshots are
+    untouched."""
+
+
+class UnsafePath(StatedError):
+    """A directory in state_dir is not ours to trust: a symlink, not a directory, owned by another user,
+    or with a wider mode than configured."""
+
+
+class MigrationRefused(StatedError):
+    """A layout change would lose data (or workers are attached) and was not allowed."""
+
+
+class RestoreError(StatedError):
+    """No usable snapshot, or the table already exists."""

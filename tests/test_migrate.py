@@ -133,3 +133,43 @@ def test_migrating_from_a_snapshot_after_a_reboot(write_config):
         for e, (h, old) in before.items():
             r = ro.read(h)
             assert (r.name, r.hp, r.level, r.mana) == (old["name"], old["hp"], old["level"], 50)
+
+
+def test_dropping_a_field_named_like_capacity_is_allowed_with_allow_lossy(write_config):
+    """Lossiness is decided from structured changes, not from words in their messages."""
+    fields = PLAYER_FIELDS + ["bag_capacity: u16 = 8"]
+    path, cfg = _setup(write_config, fields=fields)
+    key = cfg.tables["players"].key
+    before = _populate(key, 10)
+    cfg2 = _rewrite(path, fields, PLAYER_FIELDS)
+    tc = cfg2.tables["players"]
+    with pytest.raises(MigrationRefused, match="'bag_capacity'.*removed.*--allow-lossy"):
+        provision.ensure(tc, cfg2.daemon, migrate=True)
+    seg, how, n = provision.ensure(tc, cfg2.daemon, migrate=True, allow_lossy=True)
+    seg.detach()
+    assert how == "migrated" and n == len(before)
+    with stated.attach(key=key, readonly=True) as ro:
+        assert ro.layout.hash == tc.layout.hash and not hasattr(ro.read(before[105][0]), "bag_capacity")
+
+
+def test_lossy_changes_are_structured():
+    from stated import migrate
+    from conftest import player_layout
+    old = player_layout(PLAYER_FIELDS + ["capacity_left: u8"])
+    new = player_layout([f.replace("hp: i32", "hp: i16") for f in PLAYER_FIELDS])
+    changes = migrate.lossy_changes(old, new, 200, 100, 150)
+    assert {(c.kind, c.field) for c in changes} == {("removed", "capacity_left"), ("narrowed", "hp"),
+                                                     ("capacity", None)}
+    assert [c.kind for c in changes if not c.allowed_with_flag] == ["capacity"]
+    assert "would drop allocated slot 150" in str(changes[-1])
+
+
+def test_shrinking_below_an_allocated_slot_is_refused_even_with_allow_lossy(write_config):
+    path, cfg = _setup(write_config)
+    key = cfg.tables["players"].key
+    _populate(key, 50)
+    cfg2 = _rewrite(path, PLAYER_FIELDS, PLAYER_FIELDS, capacity=20)
+    with pytest.raises(MigrationRefused, match="capacity 200 -> 20 would drop allocated slot"):
+        provision.ensure(cfg2.tables["players"], cfg2.daemon, migrate=True, allow_lossy=True)
+    with stated.attach(key=key, readonly=True) as ro:          # nothing touched
+        assert ro.capacity == 200 and len(ro) == 49

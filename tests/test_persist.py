@@ -145,3 +145,115 @@ def test_restore_cli_refuses_live_segment_unless_forced(write_config, notify, pr
         assert len(ro) == 10
     ok = subprocess.run([*STATED, "snapshot", "--verify", first], capture_output=True, text=True)
     assert ok.returncode == 0
+
+
+def _save_full(tc, dc):
+    from stated import persist, segment
+    from stated.allocator import Allocator
+    seg = segment.open(tc.key, table=tc.name)
+    a = Allocator(seg, table=tc.name)
+    s = persist.Saver(tc, seg, a, dc)
+    try:
+        return s.save("full").path
+    finally:
+        s.close()
+        a.release_views()
+        seg.detach()
+
+
+def _fill(key, n, base, owner="zone-1"):
+    with stated.attach(key=key, owner=owner) as t:
+        for i in range(n):
+            h = t.alloc(entity=base + i)
+            with t.write(h) as p:
+                p.name = f"p{base + i}"
+                p.hp = base + i
+
+
+def _image(key):
+    with stated.attach(key=key, readonly=True) as ro:
+        return {ro.entity(h): ro.read(h).to_dict() for h in ro.handles()}
+
+
+def test_restore_force_saves_the_live_table_in_its_own_layout(write_config, new_key, tmp_path):
+    """The safety snapshot of a live segment whose layout differs from the config's is taken with
+    the segment's layout (as live migration does), so it restores to exactly what was there."""
+    from stated import persist, segment
+    from conftest import PLAYER_FIELDS
+    key = new_key()
+    new_fields = PLAYER_FIELDS + ["mana: i32 = 50"]
+    cfg_new = write_config({"players": {"capacity": 50, "key": key, "fields": new_fields}}, name="new.toml")
+    cfg_old = write_config({"players": {"capacity": 80, "key": key}}, name="old.toml")
+    new, old = config_mod.load(cfg_new), config_mod.load(cfg_old)
+    seg = segment.create(key, 50, new.tables["players"].layout, mode=0o660)   # the file to restore: new layout
+    seg.detach()
+    _fill(key, 10, 100)
+    restored_image = _image(key)
+    source = _save_full(new.tables["players"], new.daemon)
+    segment.destroy(key)
+    seg = segment.create(key, 80, old.tables["players"].layout, mode=0o660)   # the live table: old layout
+    seg.detach()
+    _fill(key, 20, 500)
+    live_image = _image(key)
+
+    out = subprocess.run([*STATED, "restore", "--config", str(cfg_new), "--from", str(source), "--force", "--json"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    import json
+    safety = json.loads(out.stdout)["safety_snapshot"]
+    h, _owners, chunks = snap.read_file(safety)
+    assert h["layout_hash"] == old.tables["players"].layout.hash and h["capacity"] == 80
+    assert _image(key) == restored_image
+    # the safety snapshot gives back the table that was live, in its own layout
+    segment.destroy(key)
+    seg, n = persist.restore(old.tables["players"], old.daemon, persist.chain_for(safety))
+    seg.detach()
+    assert n == 20 and _image(key) == live_image
+    segment.destroy(key)
+    # and the restored state is the newest chain: a reboot right after `stated restore` keeps it
+    chain, warnings = snap.chain(new.daemon.state_dir / "players")
+    assert chain[0][1]["layout_hash"] == new.tables["players"].layout.hash, warnings
+    seg, n = persist.restore(new.tables["players"], new.daemon, chain)
+    seg.detach()
+    assert _image(key) == restored_image
+
+
+def test_restore_refuses_before_touching_the_live_table_when_the_file_does_not_fit(write_config, new_key):
+    from stated import segment
+    from conftest import PLAYER_FIELDS
+    key = new_key()
+    cfg_a = write_config({"players": {"capacity": 50, "key": key, "fields": PLAYER_FIELDS + ["mana: i32"]}},
+                         name="a.toml")
+    cfg_b = write_config({"players": {"capacity": 50, "key": key}}, name="b.toml")
+    a, b = config_mod.load(cfg_a), config_mod.load(cfg_b)
+    seg = segment.create(key, 50, a.tables["players"].layout, mode=0o660)
+    seg.detach()
+    _fill(key, 5, 100)
+    source = _save_full(a.tables["players"], a.daemon)
+    _fill(key, 3, 900, owner="zone-2")
+    before = _image(key)
+    out = subprocess.run([*STATED, "restore", "--config", str(cfg_b), "--from", str(source), "--force"],
+                         capture_output=True, text=True)
+    assert out.returncode == 1 and "layout" in out.stderr
+    assert _image(key) == before                 # the live table is untouched
+
+
+def test_fifo_named_like_the_newest_snapshot_does_not_hang_start_up(write_config, notify, procs):
+    from stated import segment
+    cfg = write_config({"players": {"capacity": 50}})
+    c = config_mod.load(cfg)
+    tc = c.tables["players"]
+    seg = segment.create(tc.key, tc.capacity, tc.layout, mode=0o660)
+    seg.detach()
+    _fill(tc.key, 7, 100)
+    _save_full(tc, c.daemon)
+    fifo = c.daemon.state_dir / "players" / snap.file_name("players", 2, "full")
+    os.mkfifo(fifo, 0o660)
+    ipcrm_everything(tc.key)                                  # the reboot
+    d = start(procs, cfg, notify)                             # READY, not a hang
+    assert ctl(cfg, "status")["tables"][0]["used"] == 7       # restored from the snapshot before it
+    assert ctl(cfg, "snapshot")["tables"]["players"]["records"] == 7     # and it keeps saving
+    d.send_signal(signal.SIGTERM)
+    assert d.wait(timeout=10) == 0
+    log = open(str(cfg) + ".log").read()
+    assert fifo.name in log and "not a regular file" in log

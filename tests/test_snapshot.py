@@ -10,6 +10,7 @@ from stated import config as config_mod
 from stated import persist, segment
 from stated import snapshot as snap
 from stated.allocator import Allocator
+from stated.errors import UnsafePath
 
 
 @pytest.fixture
@@ -221,3 +222,374 @@ def test_verify_cli(env):
     out = subprocess.run([sys.executable, "-m", "stated", "snapshot", "--verify", str(p)], capture_output=True,
                          text=True)
     assert out.returncode == 1 and "INVALID" in out.stderr
+
+
+# ---- helpers for hostile files: run where a hang or a runaway read cannot take the suite down ---------
+def run_isolated(procs, fn, timeout: float = 10.0, extra_memory: int = 768 << 20) -> str:
+    """Run fn() in a forked child whose address space may grow by at most `extra_memory` bytes;
+    return repr(result), "RAISED <type>: msg", or "HANG" when it did not finish within `timeout`
+    (the child is then SIGKILLed). On a broken build a FIFO hangs and /dev/zero eats memory: both
+    must fail the test, not the machine."""
+    import resource
+    import select
+    import signal
+    import zlib as _z  # noqa: F401  (imported before fork: the child imports nothing new)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:                                    # the child: never returns into pytest
+        try:
+            os.close(r)
+            with open("/proc/self/statm") as f:
+                vm = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+            resource.setrlimit(resource.RLIMIT_AS, (vm + extra_memory, vm + extra_memory))
+            try:
+                out = repr(fn())
+            except BaseException as e:          # noqa: BLE001 - reported to the parent, which asserts
+                out = f"RAISED {type(e).__name__}: {e}"
+            os.write(w, out.encode()[:60000])
+        finally:
+            os._exit(0)
+    procs.append(pid)
+    os.close(w)
+    try:
+        ready, _, _ = select.select([r], [], [], timeout)
+        if not ready:
+            os.kill(pid, signal.SIGKILL)
+            return "HANG"
+        chunks = []
+        while True:
+            b = os.read(r, 65536)
+            if not b:
+                break
+            chunks.append(b)
+        return b"".join(chunks).decode()
+    finally:
+        os.close(r)
+
+
+def two_fulls(env):
+    """Two full snapshots (50 then 100 records); returns (older image, newest path)."""
+    tc, dc, saver, t = env
+    fill(t, 50)
+    saver.save("full")
+    older = table_image(t)
+    fill(t, 50, start=100)
+    return older, saver.save("full").path
+
+
+def chain_summary(d) -> tuple[list[str], list[str]]:
+    chain, warnings = snap.chain(d)
+    return [p.name for p, *_ in chain], warnings
+
+
+# ---- state_dir trust -------------------------------------------------------------------------------
+def test_fifo_named_like_the_newest_snapshot_is_skipped(env, procs):
+    older, newest = two_fulls(env)
+    newest.unlink()
+    os.mkfifo(newest, 0o660)
+    out = run_isolated(procs, lambda: chain_summary(env[2].dir))
+    assert out != "HANG", "a FIFO named like a snapshot hangs start-up"
+    names, warnings = eval(out)
+    assert names == [snap.file_name("players", 1, "full")]
+    assert any(newest.name in w and "not a regular file" in w for w in warnings), warnings
+
+
+def test_symlink_to_dev_zero_is_skipped(env, procs):
+    older, newest = two_fulls(env)
+    newest.unlink()
+    os.symlink("/dev/zero", newest)
+    out = run_isolated(procs, lambda: chain_summary(env[2].dir))
+    assert out != "HANG" and not out.startswith("RAISED"), out
+    names, warnings = eval(out)
+    assert names == [snap.file_name("players", 1, "full")]
+    assert any(newest.name in w and "symlink" in w for w in warnings), warnings
+    # the CLI too: --verify names it and never reads through it
+    out = run_isolated(procs, lambda: persist.verify_file(newest))
+    assert out.startswith("RAISED CorruptSnapshot") and "symlink" in out, out
+
+
+def test_oversized_file_is_refused_before_it_is_read(env, procs):
+    older, newest = two_fulls(env)
+    with open(newest, "r+b") as f:              # a sparse 64 GiB tail: no snapshot of 300 slots is that big
+        f.truncate(64 << 30)
+    out = run_isolated(procs, lambda: chain_summary(env[2].dir), extra_memory=256 << 20)
+    assert out != "HANG" and not out.startswith("RAISED"), out
+    names, warnings = eval(out)
+    assert names == [snap.file_name("players", 1, "full")]
+    assert any(newest.name in w and "larger than" in w for w in warnings), warnings
+
+
+def test_table_dir_replaced_by_a_symlink_is_not_followed(env, tmp_path):
+    tc, dc, saver, t = env
+    fill(t, 5)
+    saver.save("full")
+    victim = tmp_path / "victim"                # somebody else's files, named like old snapshots
+    victim.mkdir()
+    for seq in range(1, 6):
+        (victim / snap.file_name("players", seq, "full")).write_bytes(b"precious")
+    moved = tmp_path / "moved-away"
+    saver.dir.rename(moved)
+    os.symlink(victim, saver.dir)
+    before = sorted(p.name for p in victim.iterdir())
+    with pytest.raises(snap.SnapshotFailed, match="symlink"):
+        for _ in range(4):                      # saving and pruning (snapshots_keep = 3)
+            saver.save("full")
+    assert sorted(p.name for p in victim.iterdir()) == before
+    assert all(p.read_bytes() == b"precious" for p in victim.iterdir())
+    with pytest.raises(UnsafePath, match="symlink"):     # nothing is read through it at start-up either
+        snap.chain(saver.dir)
+    saver.dir.unlink()
+    moved.rename(saver.dir)                     # put back: saving works again
+    assert saver.save().kind == "full"
+
+
+def test_planted_temporary_name_does_not_block_saves(env):
+    tc, dc, saver, t = env
+    fill(t, 5)
+    saver.save("full")
+    target = saver.dir / "elsewhere"
+    target.write_bytes(b"keep me")
+    for seq in range(2, 8):                     # every name the next saves would have used, for this pid
+        for kind in ("full", "delta"):
+            name = f".{snap.file_name('players', seq, kind)}.{os.getpid()}.tmp"
+            os.symlink(target, saver.dir / name)
+    for kind in ("full", "delta", "delta", "full"):
+        assert saver.save(kind).kind == kind
+    assert target.read_bytes() == b"keep me"
+    chain, warnings = snap.chain(saver.dir)
+    assert [h["seq"] for _, h, *_ in chain] == [5] and not warnings
+
+
+def test_state_dir_gets_the_configured_mode_whatever_the_umask(write_config, tmp_path):
+    import stat
+    cfg = config_mod.load(write_config({"players": {"capacity": 10}},
+                                       daemon={"state_dir": str(tmp_path / "fresh" / "state"), "mode": 0o640}))
+    tc, dc = cfg.tables["players"], cfg.daemon
+    seg = segment.create(tc.key, tc.capacity, tc.layout, mode=0o600)
+    alloc = Allocator(seg, table="players")
+    old = os.umask(0)
+    try:
+        saver = persist.Saver(tc, seg, alloc, dc)
+        p = saver.save("full").path
+    finally:
+        os.umask(old)
+        saver.close()
+        alloc.release_views()
+        seg.detach()
+    assert stat.S_IMODE(os.stat(dc.state_dir).st_mode) == 0o750
+    assert stat.S_IMODE(os.stat(dc.state_dir / "players").st_mode) == 0o750
+    assert stat.S_IMODE(os.stat(p).st_mode) == 0o640
+    assert stat.S_IMODE(os.stat(dc.state_dir.parent).st_mode) & 0o027 == 0
+
+
+def test_state_dir_of_another_user_is_not_trusted(env):
+    import pwd
+    tc, dc, saver, t = env
+    fill(t, 5)
+    saver.save("full")
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give the directory away")
+    nobody = pwd.getpwnam("nobody").pw_uid
+    os.chown(saver.dir, nobody, -1)             # as if another user had replaced it
+    try:
+        with pytest.raises(UnsafePath, match="owned by uid"):
+            snap.chain(saver.dir)
+        with pytest.raises(snap.SnapshotFailed, match="owned by uid"):
+            saver.save()
+    finally:
+        os.chown(saver.dir, 0, -1)
+    assert saver.save().kind == "full"
+
+
+def test_wider_state_dir_of_ours_is_tightened(env):
+    import stat
+    tc, dc, saver, t = env
+    fill(t, 5)
+    saver.save("full")
+    os.chmod(saver.dir, 0o775)
+    os.chmod(dc.state_dir, 0o755)
+    assert saver.save().kind == "delta"
+    assert stat.S_IMODE(os.stat(saver.dir).st_mode) == 0o770
+    assert stat.S_IMODE(os.stat(dc.state_dir).st_mode) == 0o770
+    os.chmod(saver.dir, 0o777)                  # writable by anyone: what is in it cannot be trusted
+    with pytest.raises(snap.SnapshotFailed, match="writable by others"):
+        saver.save()
+    with pytest.raises(UnsafePath, match="writable by others"):
+        snap.chain(saver.dir)
+    os.chmod(saver.dir, 0o770)
+
+
+# ---- semantic validation after the checksums -------------------------------------------------------------
+def read_frames(path: Path) -> list:
+    import msgpack
+    data = path.read_bytes()
+    pos, frames = snap.PREAMBLE.size, []
+    while pos < len(data):
+        n, _crc = snap.FRAME.unpack_from(data, pos)
+        frames.append(msgpack.unpackb(data[pos + 8:pos + 8 + n], raw=False, strict_map_key=False))
+        pos += 8 + n
+    return frames
+
+
+def write_frames(path: Path, frames: list) -> None:
+    """Write frames with valid checksums: only the contents lie."""
+    import msgpack
+    import zlib
+    out = [snap.PREAMBLE.pack(snap.MAGIC, snap.VERSION, 0)]
+    for f in frames:
+        body = msgpack.packb(f, use_bin_type=True)
+        out.append(snap.FRAME.pack(len(body), zlib.crc32(body)) + body)
+    path.write_bytes(b"".join(out))
+
+
+def _col(c, name, fmtc, fn):
+    from array import array
+    a = array(fmtc, c[name])
+    fn(a)
+    c[name] = a.tobytes()
+
+
+def _set(i, v):
+    def f(a):
+        a[i] = v
+    return f
+
+
+def _all(v):
+    def f(a):
+        for i in range(len(a)):
+            a[i] = v
+    return f
+
+
+SEMANTIC = {
+    "counter 2^64-1": lambda fr: fr[0]["counters"].update(allocations=2**64 - 1),
+    "negative counter": lambda fr: fr[0]["counters"].update(frees=-1),
+    "duplicate slots": lambda fr: _col(fr[2], "slots", "I", _all(7)),
+    "duplicate entities": lambda fr: _col(fr[2], "entities", "Q", lambda a: a.__setitem__(1, a[0])),
+    "state not free or allocated": lambda fr: fr[2].update(states=bytes([1, 1, 9]) + fr[2]["states"][3:]),
+    "unknown flag bits": lambda fr: fr[2].update(flags=bytes([0x41]) + fr[2]["flags"][1:]),
+    "owner index beyond the owner table": lambda fr: _col(fr[2], "owners", "H", _set(0, 300)),
+    "seq differs from its file name": lambda fr: fr[0].update(seq=77, base=77),
+    "full whose base is not itself": lambda fr: fr[0].update(base=1),
+    "owners frame with a duplicate index": lambda fr: fr[1].extend([list(fr[1][0])]),
+    "owner index 0": lambda fr: fr[1][0].__setitem__(0, 0),
+    "time is not finite": lambda fr: fr[0].update(time=float("nan")),
+}
+
+
+@pytest.mark.parametrize("what", sorted(SEMANTIC))
+def test_semantically_wrong_newest_full_is_skipped_like_a_bad_checksum(env, what):
+    """Checksums pass, contents cannot be true: the file is refused whole and the previous full used."""
+    tc, dc, saver, t = env
+    older, newest = two_fulls(env)
+    frames = read_frames(newest)
+    SEMANTIC[what](frames)
+    write_frames(newest, frames)
+    with pytest.raises(snap.CorruptSnapshot) as ei:
+        snap.read_file(newest)
+    assert newest.name in str(ei.value)
+    chain, warnings = snap.chain(saver.dir)
+    assert [p.name for p, *_ in chain] == [snap.file_name("players", 1, "full")], what
+    assert any(newest.name in w for w in warnings), warnings
+    t.close()
+    saver.seg.detach()
+    segment.destroy(tc.key)
+    restore_into_fresh(tc, dc, chain)                 # start-up's path: no traceback, the older state
+    with stated.attach(key=tc.key, readonly=True) as ro:
+        assert table_image(ro) == older
+        assert ro.verify() == []
+
+
+def test_delta_whose_layout_differs_from_its_full_ends_the_chain(env):
+    from stated.schema import parse_fields, to_wire
+    from stated import layout as layout_mod
+    tc, dc, saver, t = env
+    hs = fill(t, 10)
+    saver.save("full")
+    expect = table_image(t)
+    t.set(hs[1], "hp", 11)
+    d1 = saver.save("delta").path
+    frames = read_frames(d1)
+    other = layout_mod.compute(parse_fields(["id: u64", "name: str[32]", "hp: i32"]))
+    frames[0].update(schema=to_wire(other.schema), layout_hash=other.hash, record_size=other.record_size)
+    for c in frames[2:-1]:
+        c["records"] = bytes(c["n"] * other.record_size)
+    write_frames(d1, frames)
+    snap.read_file(d1)                                # valid on its own
+    chain, warnings = snap.chain(saver.dir)
+    assert len(chain) == 1 and any(d1.name in w and "layout" in w for w in warnings), warnings
+    t.close()
+    saver.seg.detach()
+    segment.destroy(tc.key)
+    restore_into_fresh(tc, dc, chain)
+    with stated.attach(key=tc.key, readonly=True) as ro:
+        assert table_image(ro) == expect
+
+
+def test_delta_whose_capacity_differs_from_its_full_ends_the_chain(env):
+    tc, dc, saver, t = env
+    hs = fill(t, 10)
+    saver.save("full")
+    t.set(hs[1], "hp", 11)
+    d1 = saver.save("delta").path
+    frames = read_frames(d1)
+    frames[0]["capacity"] = 5000
+    write_frames(d1, frames)
+    chain, warnings = snap.chain(saver.dir)
+    assert len(chain) == 1 and any(d1.name in w and "capacity" in w for w in warnings), warnings
+
+
+def test_verify_cli_reports_semantic_problems(env):
+    import subprocess
+    import sys
+    older, newest = two_fulls(env)
+    frames = read_frames(newest)
+    frames[0]["counters"]["allocations"] = 2**64 - 1
+    write_frames(newest, frames)
+    out = subprocess.run([sys.executable, "-m", "stated", "snapshot", "--verify", str(newest)],
+                         capture_output=True, text=True)
+    assert out.returncode == 1 and "INVALID" in out.stderr and "counter" in out.stderr, out.stderr
+
+
+# ---- writers that died mid-section: one bounded wait per save, not per slot -------------------------------
+def test_dead_writers_cost_one_bounded_wait_per_save(env):
+    import time
+    tc, dc, saver, t = env
+    hs = fill(t, 200)
+    saver.save("full")
+    s32 = saver.alloc._s32
+    for h in hs.values():                           # 200 writers died inside their write sections
+        s32[8 * h.slot] |= 1
+    try:
+        t0 = time.perf_counter()
+        r = saver.save("full")
+        took = time.perf_counter() - t0
+        assert r.records == 200
+        assert took < 0.5, f"a save with 200 stuck slots took {took:.2f}s"
+        assert persist.verify_file(r.path)["torn_flagged"] == 200
+    finally:
+        for h in hs.values():
+            s32[8 * h.slot] += 1
+
+
+def test_a_live_writer_mid_section_is_waited_for_not_flagged(env):
+    """After the pass's wait is spent on a dead writer, a slot whose writer is alive and only
+    briefly mid-section is still copied consistently (its retry comes after the rest of its chunk)."""
+    import threading
+    import time
+    tc, dc, saver, t = env
+    hs = fill(t, 20)
+    s32 = saver.alloc._s32
+    s32[8 * hs[0].slot] |= 1                          # dead: costs the pass its one wait
+    live = hs[19].slot
+    s32[8 * live] += 1                                # a live writer enters...
+    threading.Timer(0.01, lambda: s32.__setitem__(8 * live, s32[8 * live] + 1)).start()   # ...and leaves
+    try:
+        r = saver.save("full")
+        header, owners, chunks = snap.read_file(r.path)
+        flags = dict(zip(memoryview(chunks[0]["slots"]).cast("I"), chunks[0]["flags"]))
+        assert flags[hs[0].slot] & snap.FLAG_TORN and not flags[live] & snap.FLAG_TORN
+    finally:
+        time.sleep(0.05)
+        s32[8 * hs[0].slot] += 1
