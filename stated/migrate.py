@@ -14,6 +14,7 @@ strings/arrays, kind changes; with it, values are clamped or truncated.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from .layout import Layout
@@ -21,10 +22,6 @@ from .records import default_record, record_class
 from .schema import Field, int_range
 
 log = logging.getLogger("stated.migrate")
-
-
-class LossyMigration(Exception):
-    pass
 
 
 def _widening(a: Field, b: Field) -> bool:
@@ -49,21 +46,48 @@ def _widening(a: Field, b: Field) -> bool:
     return False
 
 
+@dataclass(frozen=True)
+class LossyChange:
+    """One change that would lose data. `kind` decides what may allow it (never the message's words):
+    "removed" and "narrowed" fields are allowed by --allow-lossy; "capacity" (allocated slots would be
+    dropped) never is."""
+
+    kind: str                   # "removed" | "narrowed" | "capacity"
+    field: str | None           # the field's name; None for capacity
+    old: str                    # old type, or old capacity
+    new: str                    # new type ("" when removed), or new capacity
+    slot: int | None = None     # capacity: the highest allocated slot
+
+    @property
+    def allowed_with_flag(self) -> bool:
+        return self.kind != "capacity"
+
+    def __str__(self) -> str:
+        if self.kind == "removed":
+            return f"field {self.field!r} ({self.old}) is removed"
+        if self.kind == "narrowed":
+            return f"field {self.field!r} changes {self.old} -> {self.new} (narrowing or kind change)"
+        return f"capacity {self.old} -> {self.new} would drop allocated slot {self.slot}"
+
+
+def _type_of(f: Field) -> str:
+    return f.decl.split(" = ")[0].split(": ")[1]
+
+
 def lossy_changes(old: Layout, new: Layout, old_capacity: int, new_capacity: int,
-                  highest_slot: int) -> list[str]:
-    """Human descriptions of every change that would lose data; [] when the migration is safe."""
+                  highest_slot: int) -> list[LossyChange]:
+    """Every change that would lose data; [] when the migration is safe. str() of each describes it."""
     problems = []
     new_fields = {f.name: f.field for f in new.fields}
     for fl in old.fields:
         f = fl.field
         nf = new_fields.get(f.name)
         if nf is None:
-            problems.append(f"field {f.name!r} ({f.decl}) is removed")
+            problems.append(LossyChange("removed", f.name, f.decl, ""))
         elif not _widening(f, nf):
-            problems.append(f"field {f.name!r} changes {f.decl.split(' = ')[0].split(': ')[1]} -> "
-                            f"{nf.decl.split(' = ')[0].split(': ')[1]} (narrowing or kind change)")
+            problems.append(LossyChange("narrowed", f.name, _type_of(f), _type_of(nf)))
     if new_capacity <= highest_slot:
-        problems.append(f"capacity {old_capacity} -> {new_capacity} would drop allocated slot {highest_slot}")
+        problems.append(LossyChange("capacity", None, str(old_capacity), str(new_capacity), highest_slot))
     return problems
 
 

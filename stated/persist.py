@@ -21,11 +21,14 @@ from . import segment
 from . import snapshot as snap
 from .allocator import Allocator, _C
 from .config import DaemonConfig, TableConfig
-from .errors import LayoutMismatch, SegmentNotFound, StatedError
+from .errors import LayoutMismatch, MigrationRefused, RestoreError, SegmentNotFound, StatedError
 from .schema import to_wire
 from .segment import Segment
 
 log = logging.getLogger("stated.persist")
+
+__all__ = ["Saver", "SaveResult", "restore", "migrate_live", "restore_by_hand", "chain_for", "verify_file",
+           "MigrationRefused", "RestoreError", "refuse_lossy"]
 
 
 @dataclass
@@ -38,107 +41,209 @@ class SaveResult:
 
 
 class Saver:
-    def __init__(self, tc: TableConfig, seg: Segment, alloc: Allocator, dc: DaemonConfig):
+    """Snapshots of one live table, in state_dir/<table>.
+
+    `tc` must describe the segment as it is (its own layout and capacity), not what a config wishes
+    it were: the records are copied with it. Directory problems (not ours, a symlink, unwritable)
+    never raise from the constructor; they make every save fail with SnapshotFailed until fixed.
+    """
+
+    def __init__(self, tc: TableConfig, seg: Segment, alloc: Allocator, dc: DaemonConfig, *,
+                 proc_root: str = "/proc"):
+        if tc.layout.hash != seg.header.layout_hash or tc.capacity != seg.header.capacity:
+            raise LayoutMismatch(f"table {tc.name!r}: a Saver needs the segment's own layout and capacity "
+                                 f"({seg.header.layout_hash:#018x}, {seg.header.capacity} slots); given "
+                                 f"{tc.layout.hash:#018x}, {tc.capacity} slots")
         self.tc, self.seg, self.alloc, self.dc = tc, seg, alloc, dc
+        self.proc_root = proc_root
         self.dir = snap.table_dir(dc.state_dir, tc.name)
         r = seg.header.regions
         self.records = seg.buf[r.records_offset:r.records_offset + tc.capacity * seg.header.record_size]
-        snap.remove_stale_temporaries(self.dir)
-        files = snap.list_files(self.dir)
-        self.seq = files[-1][0] if files else 0
+        self.gid = grp.getgrnam(dc.group).gr_gid if dc.group else None
+        self.seq = 0
         self.base = 0
         self.saves_since_full = 0
         self.force_full = True          # the first save of a daemon's life is full
-        self.gid = grp.getgrnam(dc.group).gr_gid if dc.group else None
         self.last_success: float | None = None
         self.last_size = 0
+        try:                            # made now, with the configured mode, before anything else can
+            with self._open() as sd:
+                sd.remove_stale_temporaries()
+                files = sd.list()
+                self.seq = files[-1][0] if files else 0
+        except (StatedError, OSError) as e:
+            log.error("table=%s: snapshot directory %s is unusable: %s. Saves fail until it is fixed",
+                      tc.name, self.dir, _why(e))
 
-    def _make_dir(self) -> None:
-        """state_dir/<table> with the config's mode (x bits added) and group, whatever the umask."""
-        if self.dir.is_dir():
-            return
-        self.dir.mkdir(parents=True, exist_ok=True)
-        dmode = (self.dc.mode & 0o770) | ((self.dc.mode & 0o440) >> 2)   # rw -> rwx for the same classes
-        os.chmod(self.dir, dmode)
-        if self.gid is not None:
-            os.chown(self.dir, -1, self.gid)
+    def _open(self) -> snap.SnapshotDir:
+        return snap.SnapshotDir.open(self.dir, mode=self.dc.mode, gid=self.gid, create=True,
+                                     proc_root=self.proc_root)
 
     def close(self) -> None:
         self.records.release()
 
-    def save(self, kind: str | None = None) -> SaveResult:
+    def save(self, kind: str | None = None, *, prune: bool = True) -> SaveResult:
         """Write one snapshot. Raises SnapshotFailed (the next save is then full)."""
         t0 = time.perf_counter()
-        if kind is None:
-            kind = "full" if (self.force_full or self.saves_since_full >= self.dc.full_every) else "delta"
-        a = self.alloc
-        s8 = a._s8
-        cap = a.capacity
-        if kind == "full":
-            s8[20::32] = bytes(cap)     # clear first: a slot allocated after this stays dirty for the next delta
-            states = s8[18::32].tobytes()
-            slots = [i for i in range(cap) if states[i] == fmt.SLOT_ALLOCATED] if states.count(0) != cap else []
-        else:
-            marks = int.from_bytes(s8[20::32].tobytes(), "little") | int.from_bytes(s8[21::32].tobytes(), "little")
-            slots = []
-            if marks:
-                col = marks.to_bytes(cap, "little")
-                i = col.find(1)
-                while i >= 0:           # bytes.find skips clean runs at C speed: cost follows the dirty count
-                    slots.append(i)
-                    i = col.find(1, i + 1)
-                for i in slots:
-                    s8[32 * i + 20] = 0
-        seq = self.seq + 1
-        base = seq if kind == "full" else self.base
-        header = {"format": snap.VERSION, "kind": kind, "table": self.tc.name, "key": self.tc.key,
-                  "schema": to_wire(self.tc.layout.schema), "layout_hash": self.tc.layout.hash,
-                  "record_size": self.tc.layout.record_size, "capacity": cap, "seq": seq, "base": base,
-                  "prev": self.seq, "time": time.time(), "counters": a.counters()}
-        owners = [[o.index, o.name, o.state, o.since_ms] for o in a.owners()]
-        path = self.dir / snap.file_name(self.tc.name, seq, kind)
         try:
+            sd = self._open()
             try:
-                self._make_dir()
-            except OSError as e:
-                raise snap.SnapshotFailed(f"cannot write snapshot {path}: {e.strerror or e}") from None
-            n = snap.write_file(path, header, owners, snap.capture(a, self.records, self.tc.layout.record_size,
-                                                                     slots), self.dc.mode)
-            if self.gid is not None:
-                try:
-                    os.chown(path, -1, self.gid)
-                except OSError as e:
-                    log.warning("table=%s: cannot give %s to group %s: %s", self.tc.name, path, self.dc.group, e)
-        except snap.SnapshotFailed:
+                files = sd.list()
+            except OSError:
+                sd.close()
+                raise
+        except (StatedError, OSError) as e:
             self.force_full = True
-            raise
-        self.seq = seq
-        if kind == "full":
-            self.base, self.saves_since_full, self.force_full = seq, 0, False
-        else:
-            self.saves_since_full += 1
-        size = path.stat().st_size
-        self.last_success, self.last_size = time.time(), size
-        self.prune()
-        return SaveResult(path, kind, n, size, time.perf_counter() - t0)
+            raise snap.SnapshotFailed(f"cannot write snapshot in {self.dir}: {_why(e)}") from None
+        with sd:
+            newest = files[-1][0] if files else 0
+            if newest > self.seq:       # written by someone else: a delta of ours would not follow it
+                self.force_full = True
+            if kind is None:
+                kind = "full" if (self.force_full or self.saves_since_full >= self.dc.full_every) else "delta"
+            a = self.alloc
+            s8 = a._s8
+            cap = a.capacity
+            if kind == "full":
+                s8[20::32] = bytes(cap)     # clear first: a slot allocated after this stays dirty for the next delta
+                states = s8[18::32].tobytes()
+                slots = [i for i in range(cap) if states[i] == fmt.SLOT_ALLOCATED] if states.count(0) != cap else []
+            else:
+                marks = int.from_bytes(s8[20::32].tobytes(), "little") | int.from_bytes(s8[21::32].tobytes(),
+                                                                                         "little")
+                slots = []
+                if marks:
+                    col = marks.to_bytes(cap, "little")
+                    i = col.find(1)
+                    while i >= 0:           # bytes.find skips clean runs at C speed: cost follows the dirty count
+                        slots.append(i)
+                        i = col.find(1, i + 1)
+                    for i in slots:
+                        s8[32 * i + 20] = 0
+            prev = max(self.seq, newest)
+            seq = prev + 1
+            base = seq if kind == "full" else self.base
+            header = {"format": snap.VERSION, "kind": kind, "table": self.tc.name, "key": self.tc.key,
+                      "schema": to_wire(self.tc.layout.schema), "layout_hash": self.tc.layout.hash,
+                      "record_size": self.tc.layout.record_size, "capacity": cap, "seq": seq, "base": base,
+                      "prev": prev, "time": time.time(), "counters": self._counters()}
+            name = snap.file_name(self.tc.name, seq, kind)
+            capture = snap.Capture(a, self.records, self.tc.layout.record_size, slots)
+            try:
+                n = sd.write(name, header, self._owners(), capture, self.dc.mode, gid=self.gid,
+                             fixups=capture.fixups)
+            except snap.SnapshotFailed:
+                self.force_full = True
+                raise
+            self._report(capture)
+            self.seq = seq
+            if kind == "full":
+                self.base, self.saves_since_full, self.force_full = seq, 0, False
+            else:
+                self.saves_since_full += 1
+            try:
+                size = sd.size(name)
+            except OSError:
+                size = 0
+            self.last_success, self.last_size = time.time(), size
+            if prune:
+                self._prune(sd, files + [(seq, kind, name)])
+        return SaveResult(self.dir / name, kind, n, size, time.perf_counter() - t0)
+
+    def _counters(self) -> dict[str, int]:
+        """The shared counters, held to what a snapshot may carry (a worker can write anything there)."""
+        out = {}
+        for k, v in self.alloc.counters().items():
+            if v > snap.MAX_COUNTER:
+                log.warning("table=%s: counter %s = %d is beyond any real count; saved as %d",
+                            self.tc.name, k, v, snap.MAX_COUNTER)
+                v = snap.MAX_COUNTER
+            out[k] = v
+        return out
+
+    def _owners(self) -> list[list]:
+        out = []
+        for o in self.alloc.owners():
+            if not o.name:
+                log.warning("table=%s: owner entry %d has no name; not saved", self.tc.name, o.index)
+                continue
+            out.append([o.index, o.name[:snap.MAX_OWNER_NAME], o.state, o.since_ms])
+        return out
+
+    def _report(self, c: snap.Capture) -> None:
+        name = self.tc.name
+        if c.torn:
+            log.warning("table=%s: %d slot(s) whose writer stayed mid-write were saved as is and flagged torn "
+                        "(slots %s%s)", name, len(c.torn), ", ".join(map(str, c.torn[:20])),
+                        ", ..." if len(c.torn) > 20 else "")
+        if c.recopied:
+            log.info("table=%s: %d slot(s) copied again: their entity moved to another slot during the save",
+                     name, c.recopied)
+        for slot, ent in c.dropped_entities:
+            log.warning("table=%s slot=%d: entity %d is claimed by two slots of the live table; saved without "
+                        "it on this one (as repair resolves it)", name, slot, ent)
+        if c.normalised:
+            log.warning("table=%s: %d slot(s) had a state, owner or flags no slot can have; saved as repair "
+                        "would leave them", name, c.normalised)
 
     def prune(self) -> None:
         """Keep the newest `snapshots_keep` fulls and the deltas that follow them."""
-        files = snap.list_files(self.dir)
-        fulls = [seq for seq, kind, _ in files if kind == "full"]
+        try:
+            with self._open() as sd:
+                self._prune(sd, sd.list())
+        except (StatedError, OSError) as e:
+            log.warning("table=%s: cannot prune %s: %s", self.tc.name, self.dir, _why(e))
+
+    def _prune(self, sd: snap.SnapshotDir, files: list[tuple[int, str, str]]) -> None:
+        fulls = sorted(seq for seq, kind, _ in files if kind == "full")
         if len(fulls) <= self.dc.snapshots_keep:
             return
         oldest_kept = fulls[-self.dc.snapshots_keep]
-        for seq, kind, p in files:
+        for seq, kind, name in files:
             if seq < oldest_kept:
                 try:
-                    p.unlink()
+                    sd.unlink(name)
                 except OSError as e:
-                    log.warning("table=%s: cannot prune %s: %s", self.tc.name, p, e)
+                    log.warning("table=%s: cannot prune %s: %s", self.tc.name, sd.path / name, e.strerror or e)
 
 
-class MigrationRefused(StatedError):
-    """A layout change would lose data (or workers are attached) and was not allowed."""
+def _why(e: BaseException) -> str:
+    return (e.strerror or str(e)) if isinstance(e, OSError) else str(e)
+
+
+def refuse_lossy(table: str, changes: list, allow_lossy: bool) -> None:
+    """Raise MigrationRefused for changes that lose data: always for those no flag allows (dropping
+    allocated slots), otherwise unless `allow_lossy`. Decided on the changes' kinds, never their text."""
+    never = [c for c in changes if not c.allowed_with_flag]
+    if never:
+        raise MigrationRefused(f"table {table!r}: {'; '.join(map(str, never))} (refused even with --allow-lossy)")
+    if changes and not allow_lossy:
+        raise MigrationRefused(f"table {table!r}: migration would lose data: {'; '.join(map(str, changes))}. "
+                               f"Re-run with --allow-lossy to accept that")
+
+
+def _plan(tc: TableConfig, chain: list, *, migrate: bool, allow_lossy: bool):
+    """Check that `chain` can become tc's table; returns the record converter (None when layouts agree).
+
+    Raises LayoutMismatch (the layout or capacity differ and not `migrate`), MigrationRefused, RestoreError.
+    """
+    from . import migrate as migrate_mod
+    head = chain[0][1]
+    for p, h, *_ in chain[1:]:
+        why = snap.continues(head, h)
+        if why:
+            raise RestoreError(f"{p}: {why}")
+    if head["layout_hash"] == tc.layout.hash and head["capacity"] == tc.capacity:
+        return None
+    old = snap.snapshot_layout(head)
+    if not migrate:
+        raise LayoutMismatch(
+            segment.describe_mismatch(tc.key, tc.name, old, tc.layout).replace(
+                "segment at key", f"snapshot {chain[0][0].name} for key")
+            + f" (capacity {head['capacity']} -> {tc.capacity})")
+    refuse_lossy(tc.name, migrate_mod.lossy_changes(old, tc.layout, head["capacity"], tc.capacity,
+                                                    _highest_live_slot(chain)), allow_lossy)
+    return migrate_mod.converter(old, tc.layout) if old.hash != tc.layout.hash else None
 
 
 def restore(tc: TableConfig, dc: DaemonConfig, chain: list, *, migrate: bool = False,
@@ -148,25 +253,7 @@ def restore(tc: TableConfig, dc: DaemonConfig, chain: list, *, migrate: bool = F
     The caller has checked the segment is absent. A chain whose layout or capacity
     differs from the config raises LayoutMismatch unless `migrate` (see migrate.py).
     """
-    from . import migrate as migrate_mod
-    head = chain[0][1]
-    convert = None
-    if head["layout_hash"] != tc.layout.hash or head["capacity"] != tc.capacity:
-        old = snap.snapshot_layout(head)
-        if not migrate:
-            raise LayoutMismatch(
-                segment.describe_mismatch(tc.key, tc.name, old, tc.layout).replace(
-                    "segment at key", f"snapshot {chain[0][0].name} for key")
-                + f" (capacity {head['capacity']} -> {tc.capacity})")
-        highest = _highest_live_slot(chain)
-        problems = migrate_mod.lossy_changes(old, tc.layout, head["capacity"], tc.capacity, highest)
-        if problems and (not allow_lossy or any("capacity" in p for p in problems)):
-            raise MigrationRefused(f"table {tc.name!r}: migration would lose data: {'; '.join(problems)}. "
-                                   f"Re-run with --allow-lossy to accept that"
-                                   if not any("capacity" in p for p in problems) else
-                                   f"table {tc.name!r}: {'; '.join(problems)}")
-        if old.hash != tc.layout.hash:
-            convert = migrate_mod.converter(old, tc.layout)
+    convert = _plan(tc, chain, migrate=migrate, allow_lossy=allow_lossy)
     seg = segment.create(tc.key, tc.capacity, tc.layout, mode=dc.mode, group=dc.group, ready=False)
     try:
         n = _apply(seg, tc, chain, convert)
@@ -199,16 +286,13 @@ def migrate_live(tc: TableConfig, dc: DaemonConfig, *, allow_lossy: bool = False
                                    f"workers first, or use --force (their writes after this point are lost)")
         old_tc = TableConfig(tc.name, tc.key, seg.header.capacity, seg.header.layout)
         alloc = Allocator(seg, table=tc.name, lock_timeout=dc.lock_timeout)
-        highest = max(alloc.slots_of_any(), default=-1)
-        problems = migrate_mod.lossy_changes(old_tc.layout, tc.layout, old_tc.capacity, tc.capacity, highest)
-        if problems and (not allow_lossy or any("capacity" in p for p in problems)):
+        try:
+            highest = max(alloc.slots_of_any(), default=-1)
+            refuse_lossy(tc.name, migrate_mod.lossy_changes(old_tc.layout, tc.layout, old_tc.capacity, tc.capacity,
+                                                            highest), allow_lossy)
+            safety = _save_full(old_tc, seg, alloc, dc)
+        finally:
             alloc.release_views()
-            raise MigrationRefused(f"table {tc.name!r}: migration would lose data: {'; '.join(problems)}. "
-                                   f"Re-run with --allow-lossy to accept that")
-        saver = Saver(old_tc, seg, alloc, dc)
-        safety = saver.save("full")
-        saver.close()
-        alloc.release_views()
         log.info("table=%s: safety snapshot %s (%d records) before migration", tc.name, safety.path.name,
                  safety.records)
     finally:
@@ -216,6 +300,16 @@ def migrate_live(tc: TableConfig, dc: DaemonConfig, *, allow_lossy: bool = False
     chain = [(safety.path, *snap.read_file(safety.path))]
     segment.destroy(tc.key)
     return restore(tc, dc, chain, migrate=True, allow_lossy=allow_lossy)
+
+
+def _save_full(own: TableConfig, seg: Segment, alloc: Allocator, dc: DaemonConfig) -> SaveResult:
+    """A full snapshot of a live table outside the daemon (safety copies); `own` is the segment's own
+    layout and capacity. Prunes nothing: an operator mid-recovery keeps every file."""
+    saver = Saver(own, seg, alloc, dc)
+    try:
+        return saver.save("full", prune=False)
+    finally:
+        saver.close()
 
 
 def _apply(seg: Segment, tc: TableConfig, chain: list, convert=None) -> int:
@@ -226,6 +320,7 @@ def _apply(seg: Segment, tc: TableConfig, chain: list, convert=None) -> int:
         recs = seg.buf[r.records_offset:r.records_offset + tc.capacity * rs]
         s32, s16, s8, s64 = a._s32, a._s16, a._s8, a._s64
         live = set()
+        holder: dict[int, int] = {}     # entity -> slot holding it so far
         for _path, h, _owners, chunks in chain:
             ors = h["record_size"]
             for c in chunks:
@@ -238,9 +333,13 @@ def _apply(seg: Segment, tc: TableConfig, chain: list, convert=None) -> int:
                     slot = slots[i]
                     if slot >= tc.capacity:
                         continue
+                    if s8[32 * slot + 19] & fmt.FLAG_HAS_ENTITY and holder.get(s64[4 * slot + 1]) == slot:
+                        del holder[s64[4 * slot + 1]]
                     s32[8 * slot + 1] = gens[i]
                     s32[8 * slot] = 0
                     if states[i] == fmt.SLOT_ALLOCATED:
+                        if flags[i] & fmt.FLAG_HAS_ENTITY:
+                            _claim_entity(s8, holder, ents[i], slot, tc.name)
                         s16[16 * slot + 8] = owners[i]
                         s64[4 * slot + 1] = ents[i]
                         s8[32 * slot + 19] = flags[i] & fmt.FLAG_HAS_ENTITY
@@ -281,6 +380,18 @@ def _apply(seg: Segment, tc: TableConfig, chain: list, convert=None) -> int:
         a.release_views()
 
 
+def _claim_entity(s8, holder: dict[int, int], entity: int, slot: int, table: str) -> None:
+    """A later file's slot takes an entity an earlier file gave another slot: the later copy is the
+    newer truth (the entity was freed there and allocated here in between). The earlier slot keeps its
+    record without the entity, as repair resolves two slots claiming one entity."""
+    prev = holder.get(entity)
+    if prev is not None and prev != slot:
+        s8[32 * prev + 19] &= ~fmt.FLAG_HAS_ENTITY
+        log.warning("table=%s slot=%d: entity %d moved to slot %d in a later snapshot of the chain; "
+                    "slot %d keeps its record without it", table, prev, entity, slot, prev)
+    holder[entity] = slot
+
+
 def verify_file(path: Path) -> dict:
     """`stated snapshot --verify`: the header and totals of a valid file, CorruptSnapshot otherwise."""
     header, owners, chunks = snap.read_file(path)
@@ -291,28 +402,34 @@ def verify_file(path: Path) -> dict:
             "time": header["time"], "torn_flagged": torn}
 
 
-class RestoreError(StatedError):
-    """No usable snapshot, or the table already exists."""
-
-
 def chain_for(path: Path) -> list:
-    """The parsed chain ending at `path`: itself if full, else its base full and the deltas up to it."""
-    header, owners, chunks = snap.read_file(path)
-    if header["kind"] == "full":
-        return [(Path(path), header, owners, chunks)]
-    files = snap.list_files(Path(path).parent)
-    out = []
-    for seq, kind, p in files:
-        if seq == header["base"] and kind == "full":
-            out.append((p, *snap.read_file(p)))
-        elif kind == "delta" and header["base"] < seq <= header["seq"]:
-            parsed = snap.read_file(p)
-            if parsed[0]["base"] == header["base"]:
-                out.append((p, *parsed))
+    """The parsed chain ending at `path`: itself if full, else its base full and the deltas up to it.
+
+    Files beside `path` are opened relative to its directory, never through a symlink."""
+    path = Path(path)
+    try:
+        sd = snap.SnapshotDir.open_given(path.parent)
+    except OSError as e:
+        raise RestoreError(f"{path.parent}: cannot open ({e.strerror or e})") from None
+    with sd:
+        header, owners, chunks = sd.read(path.name)
+        if header["kind"] == "full":
+            return [(path, header, owners, chunks)]
+        out = []
+        for seq, kind, name in sd.list():
+            if seq == header["base"] and kind == "full":
+                out.append((sd.path / name, *sd.read(name)))
+            elif kind == "delta" and header["base"] < seq <= header["seq"]:
+                parsed = sd.read(name)
+                if parsed[0]["base"] == header["base"]:
+                    out.append((sd.path / name, *parsed))
     if not out or out[0][1]["kind"] != "full":
         raise RestoreError(f"{path} is a delta and its base full snapshot (seq {header['base']}) is not beside it")
     prev = out[0][1]["seq"]
     for p, h, *_ in out[1:]:
+        why = snap.continues(out[0][1], h)
+        if why:
+            raise RestoreError(f"the delta chain to {path} cannot be used: {p.name}: {why}")
         if h["prev"] != prev:
             raise RestoreError(f"the delta chain to {path} has a gap before {p.name}")
         prev = h["seq"]
@@ -321,8 +438,14 @@ def chain_for(path: Path) -> list:
 
 def restore_by_hand(tc: TableConfig, dc: DaemonConfig, path: Path, force: bool) -> dict:
     """`stated restore --from FILE`: refuses over an existing segment unless `force`, which first
-    takes a safety snapshot of the existing table."""
+    takes a safety snapshot of the existing table, in that table's own layout.
+
+    Everything that can refuse (the file, its chain, its layout against the config, the safety
+    snapshot) does so before the live table is touched. Afterwards the restored table is saved as a
+    new full, so that it, not the safety copy, is what the next start-up restores.
+    """
     chain = chain_for(path)
+    _plan(tc, chain, migrate=False, allow_lossy=False)
     try:
         seg = segment.open(tc.key, table=tc.name)
     except SegmentNotFound:
@@ -335,17 +458,32 @@ def restore_by_hand(tc: TableConfig, dc: DaemonConfig, path: Path, force: bool) 
         seg = None
     safety = None
     if seg is not None:
-        if not force:
+        try:
+            if not force:
+                raise RestoreError(f"table {tc.name!r} has a live segment at {tc.key:#010x}; restoring would "
+                                   f"overwrite it. Use --force (a safety snapshot is taken first)")
+            own = TableConfig(tc.name, tc.key, seg.header.capacity, seg.header.layout)
+            alloc = Allocator(seg, table=tc.name, lock_timeout=dc.lock_timeout)
+            try:
+                safety = str(_save_full(own, seg, alloc, dc).path)
+            finally:
+                alloc.release_views()
+        finally:
             seg.detach()
-            raise RestoreError(f"table {tc.name!r} has a live segment at {tc.key:#010x}; restoring would "
-                               f"overwrite it. Use --force (a safety snapshot is taken first)")
-        alloc = Allocator(seg, table=tc.name, lock_timeout=dc.lock_timeout)
-        saver = Saver(tc, seg, alloc, dc)
-        safety = str(saver.save("full").path)
-        saver.close()
-        alloc.release_views()
-        seg.detach()
+        log.info("table=%s: safety snapshot %s of the live table before restoring", tc.name, safety)
         segment.destroy(tc.key)
     seg, n = restore(tc, dc, chain)
-    seg.detach()
-    return {"table": tc.name, "records": n, "from": [str(p) for p, *_ in chain], "safety_snapshot": safety}
+    saved = None
+    try:
+        alloc = Allocator(seg, table=tc.name, lock_timeout=dc.lock_timeout)
+        try:
+            saved = str(_save_full(tc, seg, alloc, dc).path)
+        finally:
+            alloc.release_views()
+    except StatedError as e:
+        log.warning("table=%s: restored, but could not save it as the newest snapshot (%s): until the daemon "
+                    "saves, a restart without the segment would restore an older state", tc.name, e)
+    finally:
+        seg.detach()
+    return {"table": tc.name, "records": n, "from": [str(p) for p, *_ in chain], "safety_snapshot": safety,
+            "saved_as": saved}

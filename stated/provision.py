@@ -45,7 +45,7 @@ def ensure(tc: TableConfig, dc: DaemonConfig, *, migrate: bool = False, allow_lo
                  seg.shm.id, n, tc.layout.hash)
         return seg, "migrated", n
     except SegmentNotFound:
-        chain, warnings = snapshot.chain(snapshot.table_dir(dc.state_dir, tc.name))
+        chain, warnings = snapshot.chain(snapshot.table_dir(dc.state_dir, tc.name), mode=dc.mode)
         for w in warnings:
             log.warning("table=%s: snapshot %s", tc.name, w)
         if chain:

@@ -1,4 +1,4 @@
-"""Snapshots: checksummed msgpack streams of a table's allocated slots, and restore.
+"""Snapshots: checksummed msgpack streams of a table's allocated slots, and the files that hold them.
 
 File = 16-byte preamble (b"STATEDSN", u32 version, u32 0) then frames:
     u32 length, u32 crc32(body), body (msgpack)
@@ -10,29 +10,44 @@ frames:  chunks  {"n", "slots", "gens", "owners", "entities", "states", "flags",
                  (packed little-endian columns: u32, u32, u16, u64, u8, u8, n*record_size bytes)
 last:    end     {"end": true, "records": total, "chunks": k}
 
-A file is valid only if every frame's crc matches and the end frame is there
-with the right totals: a truncated or damaged file is refused whole, never
-half-loaded. Files are written to a dot-named temporary, fsynced, renamed and
-the directory fsynced, so a crash mid-write leaves only a temporary that no
-reader ever lists.
+A file is valid only if every frame's crc matches, the end frame is there with the right totals, and
+its contents can be true (counters in range, each slot and each entity at most once, states, flags and
+owner indexes that exist, a seq that agrees with the file name, ...): a truncated, damaged or lying
+file is refused whole, never half-loaded. The writer only ever writes what the reader accepts.
+
+Files in state_dir are not trusted. Directories are opened with O_DIRECTORY|O_NOFOLLOW and must be
+owned by our euid and no wider than the configured mode (they are created with that mode whatever
+the umask); every file operation is relative to the directory's descriptor; snapshot files are
+opened with O_NOFOLLOW|O_NONBLOCK and read only when they are regular files no larger than a
+snapshot of their table can be. Files are written to a uniquely named dot-temporary (O_EXCL),
+fsynced, renamed into place and the directory fsynced, so a crash mid-write leaves only a temporary
+that no reader ever lists, and a name planted by someone else never blocks a save.
 """
 from __future__ import annotations
 
+import errno
 import logging
+import math
 import os
+import secrets
+import stat
 import struct
 import time
 import zlib
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import msgpack
 
+from . import format as fmt
 from . import layout as layout_mod
-from .errors import StatedError
+from .errors import CorruptSnapshot, SnapshotFailed, StatedError, UnsafePath
 from .schema import from_wire
+
+__all__ = ["CorruptSnapshot", "SnapshotFailed", "UnsafePath", "Capture", "SnapshotDir", "read_file",
+           "write_file", "chain", "list_files", "file_name", "table_dir", "remove_stale_temporaries"]
 
 log = logging.getLogger("stated.snapshot")
 
@@ -40,18 +55,21 @@ MAGIC = b"STATEDSN"
 VERSION = 1
 PREAMBLE = struct.Struct("<8sII")
 FRAME = struct.Struct("<II")
-CHUNK = 4096
+CHUNK = 4096                # slots per chunk frame (at most)
 MAX_FRAME = 256 << 20
-SEQ_WAIT = 0.05       # seconds to wait for a writer mid-section before flagging the slot
-FLAG_TORN = 0x80      # in a snapshot's flags column: the writer stayed mid-write; bytes may be torn
+MAX_HEADER_FRAME = 4 << 20  # the schema blob is at most 1 MiB
+MAX_OWNERS = fmt.OWNERS_CAPACITY
+MAX_OWNER_NAME = 128        # characters; stored names are 32 bytes, decoded with replacement characters
+MAX_COUNTER = (1 << 63) - 1  # a real counter never gets near; restore's arithmetic stays inside u64
+MAX_SEQ = (1 << 62) - 1
+SEQ_WAIT = 0.05             # seconds a save pass waits, in total, for writers found mid-section
+RETRY_GRACE = 0.002         # per chunk with such slots: a live writer finishes in microseconds
+FLAG_TORN = 0x80            # in a snapshot's flags column: the writer stayed mid-write; bytes may be torn
+KNOWN_FLAGS = fmt.FLAG_HAS_ENTITY | FLAG_TORN
+TMP_ATTEMPTS = 8            # unique temporary names tried before a save gives up
 
-
-class CorruptSnapshot(StatedError):
-    """A snapshot file failed its checks (checksum, truncation, framing); it is not used."""
-
-
-class SnapshotFailed(StatedError):
-    """Writing a snapshot failed (disk full, permissions); the previous snapshots are untouched."""
+_DIR_OPEN = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE_OPEN = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
 @dataclass
@@ -65,105 +83,557 @@ class SnapshotInfo:
     records: int
 
 
+# ---- names ----------------------------------------------------------------------------------------
+def table_dir(state_dir: Path, table: str) -> Path:
+    return Path(state_dir) / table
+
+
+def file_name(table: str, seq: int, kind: str) -> str:
+    return f"{table}.{seq:010d}.{kind}.snap"
+
+
+def parse_name(name: str) -> tuple[str, int, str] | None:
+    """(table, seq, kind) of a snapshot file name; None for anything else (temporaries start with a dot)."""
+    parts = name.split(".")
+    if name.startswith(".") or len(parts) != 4 or parts[3] != "snap" or parts[2] not in ("full", "delta") \
+            or not parts[1].isdigit() or not parts[1].isascii():
+        return None
+    return parts[0], int(parts[1]), parts[2]
+
+
+def dir_mode(mode: int) -> int:
+    """The directory mode for a file mode: the same classes, with x added where r is (0o660 -> 0o770)."""
+    return (mode & 0o770) | ((mode & 0o440) >> 2)
+
+
+# ---- directories ----------------------------------------------------------------------------------
+def _open_dir(name: str | Path, dir_fd: int | None, where: Path, *, mode: int, create: bool, gid: int | None,
+              euid: int) -> int:
+    """Open (and with `create`, make) one directory level without following a symlink, then check it."""
+    created = False
+    try:
+        fd = os.open(name, _DIR_OPEN, dir_fd=dir_fd)
+    except FileNotFoundError:
+        if not create:
+            raise
+        try:
+            os.mkdir(name, dir_mode(mode), dir_fd=dir_fd)
+            created = True
+        except FileExistsError:
+            pass
+        fd = _reopen_dir(name, dir_fd, where)
+    except OSError as e:
+        _dir_refusal(e, name, dir_fd, where)
+        raise
+    try:
+        if created:
+            os.fchmod(fd, dir_mode(mode))            # whatever the umask
+            if gid is not None:
+                os.fchown(fd, -1, gid)
+        check_dir(fd, where, mode=mode, euid=euid)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _reopen_dir(name, dir_fd, where) -> int:
+    try:
+        return os.open(name, _DIR_OPEN, dir_fd=dir_fd)
+    except OSError as e:
+        _dir_refusal(e, name, dir_fd, where)
+        raise
+
+
+def _dir_refusal(e: OSError, name, dir_fd, where: Path) -> None:
+    """Turn the errors of an O_NOFOLLOW|O_DIRECTORY open into UnsafePath when something else sits there."""
+    if e.errno in (errno.ELOOP, errno.ENOTDIR):
+        try:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except OSError:
+            return
+        if stat.S_ISLNK(st.st_mode):
+            raise UnsafePath(f"{where} is a symlink; stated does not follow symlinks in state_dir "
+                             f"(replace it with a directory owned by uid {os.geteuid()})") from None
+        if not stat.S_ISDIR(st.st_mode):
+            raise UnsafePath(f"{where} is not a directory") from None
+
+
+def check_dir(fd: int, where: Path, *, mode: int, euid: int) -> None:
+    """A directory we keep snapshots in: owned by our euid and no wider than dir_mode(mode).
+
+    Read or execute bits beyond the configured mode are taken away (the directory is ours) with a
+    warning; a directory writable by others is refused: anyone may have put files in it.
+    """
+    st = os.fstat(fd)
+    if not stat.S_ISDIR(st.st_mode):
+        raise UnsafePath(f"{where} is not a directory")
+    if st.st_uid != euid:
+        raise UnsafePath(f"{where} is owned by uid {st.st_uid}, not by this process's user (uid {euid}): its "
+                         f"files are not trusted. Run stated as uid {st.st_uid}, or chown the directory")
+    perm = stat.S_IMODE(st.st_mode) & 0o777
+    allowed = dir_mode(mode)
+    if perm & 0o002:
+        raise UnsafePath(f"{where} is writable by others (mode {perm:#o}): files planted in it cannot be told "
+                         f"from ours. Check its contents, then chmod {allowed:#o} it")
+    if perm & ~allowed:
+        os.fchmod(fd, perm & allowed)
+        log.warning("%s had mode %#o, wider than the configured %#o: tightened", where, perm, allowed)
+
+
+class SnapshotDir:
+    """One table's snapshot directory, open and checked; every file operation is relative to its fd."""
+
+    def __init__(self, path: Path, fd: int, proc_root: str = "/proc"):
+        self.path, self.fd, self.proc_root = Path(path), fd, proc_root
+
+    @classmethod
+    def open(cls, path: Path, *, mode: int = 0o660, gid: int | None = None, create: bool = False,
+             euid: int | None = None, proc_root: str = "/proc") -> "SnapshotDir":
+        """state_dir/<table>: both levels checked (see check_dir); with `create`, made with the mode
+        whatever the umask (missing parents of state_dir with that mode, less the umask).
+        Raises FileNotFoundError when absent (and not `create`), UnsafePath, OSError."""
+        path = Path(path)
+        euid = os.geteuid() if euid is None else euid
+        state_dir = path.parent
+        if create and not state_dir.parent.is_dir():
+            os.makedirs(state_dir.parent, mode=dir_mode(mode), exist_ok=True)
+        sfd = _open_dir(state_dir, None, state_dir, mode=mode, create=create, gid=gid, euid=euid)
+        try:
+            tfd = _open_dir(path.name, sfd, path, mode=mode, create=create, gid=gid, euid=euid)
+        finally:
+            os.close(sfd)
+        return cls(path, tfd, proc_root)
+
+    @classmethod
+    def open_given(cls, path: Path) -> "SnapshotDir":
+        """A directory an operator named (`stated restore --from DIR/FILE`): no ownership checks, but its
+        files are still opened without following symlinks and only as regular files."""
+        return cls(Path(path), os.open(Path(path), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> "SnapshotDir":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def list(self) -> list[tuple[int, str, str]]:
+        """(seq, kind, name) of every snapshot-named entry, oldest first. Temporaries never match."""
+        out = []
+        for name in os.listdir(self.fd):
+            parsed = parse_name(name)
+            if parsed:
+                out.append((parsed[1], parsed[2], name))
+        return sorted(out)
+
+    def read(self, name: str) -> tuple[dict, list, list[dict]]:
+        return read_file(self.path / name, dir_fd=self.fd)
+
+    def write(self, name: str, header: dict, owners: list, chunks: Iterable[dict], mode: int = 0o660, *,
+              gid: int | None = None, fixups: Callable[[], dict[int, list]] | None = None) -> int:
+        return _write_at(self.fd, self.path, name, header, owners, chunks, mode, gid=gid, fixups=fixups)
+
+    def size(self, name: str) -> int:
+        return os.stat(name, dir_fd=self.fd, follow_symlinks=False).st_size
+
+    def unlink(self, name: str) -> None:
+        os.unlink(name, dir_fd=self.fd)
+
+    def remove_stale_temporaries(self) -> None:
+        """Delete temporaries left by writers that died mid-snapshot (their pid is gone)."""
+        for name in os.listdir(self.fd):
+            if not (name.startswith(".") and name.endswith(".tmp")):
+                continue
+            parts = name.split(".")     # .<snapshot name>.<pid>.t<token>.tmp (or, before, .<name>.<pid>.tmp)
+            pid = parts[-3] if len(parts) > 3 and parts[-2].startswith("t") else parts[-2]
+            if pid.isdigit() and pid.isascii() and not os.path.exists(f"{self.proc_root}/{pid}"):
+                try:
+                    os.unlink(name, dir_fd=self.fd)
+                    log.info("removed temporary %s left by dead pid %s", self.path / name, pid)
+                except OSError as e:
+                    log.warning("cannot remove temporary %s: %s", self.path / name, e.strerror or e)
+
+
+# ---- capturing a live table --------------------------------------------------------------------------
+class Capture:
+    """Consistent copies of `slots` (in file order) as chunk frames, for one save pass.
+
+    Each slot is copied under its seqlock. A slot found mid-write is retried after the rest of its
+    chunk; the waiting is bounded per pass, not per slot: one deadline (`wait` seconds after the first
+    such slot) shared by every slot of the pass, plus `grace` per chunk so that a live writer a few
+    microseconds into its section is waited for. What is still mid-write then (its writer died) is
+    saved as is and flagged torn.
+
+    What is written always passes read_file: states other than free/allocated are written free,
+    owner indexes beyond the owner table as 0, unknown flag bits dropped (what repair does to the
+    live table). A file never names an entity twice: an entity that moves from slot A to slot B
+    during the pass (A copied, then freed, then B allocated and copied) makes A's copy stale, so
+    `fixups` copies A again after the pass; should A still claim the entity (a damaged slot table),
+    A keeps its record without the entity, as repair resolves it.
+    """
+
+    def __init__(self, alloc, records: memoryview, record_size: int, slots: list[int], *,
+                 wait: float = SEQ_WAIT, grace: float = RETRY_GRACE,
+                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep):
+        self.alloc, self.records, self.rs, self.slots = alloc, records, record_size, slots
+        self.wait, self.grace, self.clock, self.sleep = wait, grace, clock, sleep
+        self.deadline: float | None = None
+        self.torn: list[int] = []           # slots saved as is, flagged torn
+        self.normalised = 0                 # entries whose state/owner/flags were not what a file may hold
+        self.recopied = 0                   # stale entries copied again after the pass
+        self.dropped_entities: list[tuple[int, int]] = []   # (slot, entity) claimed twice in the live table
+        self._order = 0
+        self._seen: dict[int, tuple[int, int]] = {}          # entity -> (copy order, file position)
+        self._stale: list[int] = []
+
+    # one copy attempt: (gen, owner, entity, state, flags, record, order) or None when mid-write
+    def _copy(self, slot: int):
+        a = self.alloc
+        s32 = a._s32
+        off = slot * self.rs
+        seq = s32[8 * slot]
+        gen = s32[8 * slot + 1]
+        data = self.records[off:off + self.rs].tobytes()
+        st, fl, ow, ent = a._s8[32 * slot + 18], a._s8[32 * slot + 19], a._s16[16 * slot + 8], a._s64[4 * slot + 1]
+        if seq & 1 or s32[8 * slot] != seq or s32[8 * slot + 1] != gen:
+            return None
+        self._order += 1
+        return [gen, ow, ent, st, fl, data, self._order]
+
+    def _copy_as_is(self, slot: int):
+        a = self.alloc
+        off = slot * self.rs
+        self._order += 1
+        return [a._s32[8 * slot + 1], a._s16[16 * slot + 8], a._s64[4 * slot + 1], a._s8[32 * slot + 18],
+                a._s8[32 * slot + 19] | FLAG_TORN, self.records[off:off + self.rs].tobytes(), self._order]
+
+    def _settle(self, part: list[int], entries: list, pending: list[int]) -> None:
+        now = self.clock()
+        if self.deadline is None:
+            self.deadline = now + self.wait
+        limit = max(self.deadline, now + self.grace)
+        while True:
+            still = []
+            for i in pending:
+                e = self._copy(part[i])
+                if e is None:
+                    still.append(i)
+                else:
+                    entries[i] = e
+            pending = still
+            if not pending or self.clock() >= limit:
+                break
+            self.sleep(0.0002)
+        for i in pending:
+            entries[i] = self._copy_as_is(part[i])
+            self.torn.append(part[i])
+
+    def _normalise(self, e: list) -> None:
+        st, fl, ow = e[3], e[4], e[1]
+        if st not in (fmt.SLOT_FREE, fmt.SLOT_ALLOCATED):
+            e[3] = fmt.SLOT_FREE
+        e[4] = fl & KNOWN_FLAGS
+        if ow > fmt.OWNERS_CAPACITY:
+            e[1] = 0
+        if (e[3], e[4], e[1]) != (st, fl, ow):
+            self.normalised += 1
+
+    def _claim(self, e: list, pos: int) -> None:
+        """Record e's entity for the no-duplicates rule; the earlier copy of a duplicated entity is stale."""
+        if e[3] != fmt.SLOT_ALLOCATED or not e[4] & fmt.FLAG_HAS_ENTITY:
+            return
+        prev = self._seen.get(e[2])
+        if prev is None:
+            self._seen[e[2]] = (e[6], pos)
+        elif prev[0] < e[6]:
+            self._stale.append(prev[1])
+            self._seen[e[2]] = (e[6], pos)
+        else:
+            self._stale.append(pos)
+
+    def __iter__(self) -> Iterator[dict]:
+        slots = self.slots
+        for start in range(0, len(slots), CHUNK):
+            part = slots[start:start + CHUNK]
+            entries: list = [None] * len(part)
+            pending = []
+            for i, slot in enumerate(part):
+                e = self._copy(slot)
+                if e is None:
+                    pending.append(i)
+                else:
+                    entries[i] = e
+            if pending:
+                self._settle(part, entries, pending)
+            for e in entries:
+                if e[3] > 1 or e[4] & ~KNOWN_FLAGS or e[1] > fmt.OWNERS_CAPACITY:
+                    self._normalise(e)
+            order = sorted(range(len(part)), key=lambda i: entries[i][6]) if pending else range(len(part))
+            for i in order:                     # in the order copied: the later copy of an entity wins
+                self._claim(entries[i], start + i)
+            yield _chunk(part, entries)
+
+    def fixups(self) -> dict[int, list[tuple[int, list]]]:
+        """After the pass: {chunk index: [(index in chunk, entry)]} for entries made stale by a later copy."""
+        out: dict[int, list[tuple[int, list]]] = {}
+        for pos in sorted(set(self._stale)):
+            slot = self.slots[pos]
+            e = self._copy(slot)
+            if e is None:
+                e = self._copy_as_is(slot)
+                self.torn.append(slot)
+            self._normalise(e)
+            if e[3] == fmt.SLOT_ALLOCATED and e[4] & fmt.FLAG_HAS_ENTITY:
+                holder = self._seen.get(e[2])
+                if holder is not None and holder[1] != pos:
+                    e[4] &= ~fmt.FLAG_HAS_ENTITY          # two live slots claim it: keep one, as repair does
+                    self.dropped_entities.append((slot, e[2]))
+                else:
+                    self._seen[e[2]] = (e[6], pos)
+            self.recopied += 1
+            out.setdefault(pos // CHUNK, []).append((pos % CHUNK, e))
+        return out
+
+
+def _chunk(part: list[int], entries: list) -> dict:
+    return {"n": len(part), "slots": array("I", part).tobytes(),
+            "gens": array("I", [e[0] for e in entries]).tobytes(),
+            "owners": array("H", [e[1] for e in entries]).tobytes(),
+            "entities": array("Q", [e[2] for e in entries]).tobytes(),
+            "states": bytes(e[3] for e in entries), "flags": bytes(e[4] for e in entries),
+            "records": b"".join(e[5] for e in entries)}
+
+
+def capture(alloc, records: memoryview, record_size: int, slots: list[int]) -> Iterator[dict]:
+    """Chunks of consistent copies of `slots` (see Capture; without the after-pass fixups)."""
+    return iter(Capture(alloc, records, record_size, slots))
+
+
+def _patch_chunk(c: dict, patches: list[tuple[int, list]]) -> dict:
+    rs = len(c["records"]) // c["n"] if c["n"] else 0
+    cols = {k: bytearray(c[k]) for k in ("gens", "owners", "entities", "states", "flags", "records")}
+    for i, (gen, ow, ent, st, fl, data, _order) in patches:
+        struct.pack_into("<I", cols["gens"], 4 * i, gen)
+        struct.pack_into("<H", cols["owners"], 2 * i, ow)
+        struct.pack_into("<Q", cols["entities"], 8 * i, ent)
+        cols["states"][i], cols["flags"][i] = st, fl
+        cols["records"][i * rs:(i + 1) * rs] = data
+    return dict(c, **{k: bytes(v) for k, v in cols.items()})
+
+
 # ---- writing ------------------------------------------------------------------------------------
 def _frame(obj: Any) -> bytes:
     body = msgpack.packb(obj, use_bin_type=True)
     return FRAME.pack(len(body), zlib.crc32(body)) + body
 
 
-def capture(alloc, records: memoryview, record_size: int, slots: list[int]) -> Iterator[dict]:
-    """Consistent copies of `slots` in chunks (seqlock per slot; a dead writer's slot is flagged)."""
-    s32, s16, s8, s64 = alloc._s32, alloc._s16, alloc._s8, alloc._s64
-    for start in range(0, len(slots), CHUNK):
-        part = slots[start:start + CHUNK]
-        sl, gens, owners, ents = array("I"), array("I"), array("H"), array("Q")
-        states, flags = bytearray(), bytearray()
-        recs = []
-        for slot in part:
-            deadline = None
-            off = slot * record_size
-            while True:
-                seq = s32[8 * slot]
-                gen = s32[8 * slot + 1]
-                data = records[off:off + record_size].tobytes()
-                st, fl, ow, ent = s8[32 * slot + 18], s8[32 * slot + 19], s16[16 * slot + 8], s64[4 * slot + 1]
-                if s32[8 * slot] == seq and s32[8 * slot + 1] == gen and (not seq & 1):
-                    break
-                now = time.monotonic()
-                deadline = deadline or now + SEQ_WAIT
-                if now > deadline and s32[8 * slot] == seq:   # stuck odd: its writer died mid-section
-                    fl |= FLAG_TORN
-                    log.warning("table=%s slot=%d: writer died mid-write; saved as is and flagged torn",
-                                alloc.table, slot)
-                    break
-            sl.append(slot)
-            gens.append(gen)
-            owners.append(ow)
-            ents.append(ent)
-            states.append(st)
-            flags.append(fl)
-            recs.append(data)
-        yield {"n": len(part), "slots": sl.tobytes(), "gens": gens.tobytes(), "owners": owners.tobytes(),
-               "entities": ents.tobytes(), "states": bytes(states), "flags": bytes(flags),
-               "records": b"".join(recs)}
-
-
-def write_file(path: Path, header: dict, owners: list, chunks: Iterator[dict], mode: int = 0o660) -> int:
-    """Write atomically (temp, fsync, rename, fsync dir). Returns records written. Raises SnapshotFailed."""
-    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
-    total = nchunks = 0
+def write_file(path: Path, header: dict, owners: list, chunks: Iterable[dict], mode: int = 0o660) -> int:
+    """Write `path` atomically (see _write_at); its directory as given, unchecked. Raises SnapshotFailed."""
+    path = Path(path)
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode & 0o660)
+        dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        raise SnapshotFailed(f"cannot write snapshot {path}: {e.strerror or e}") from None
+    try:
+        return _write_at(dfd, path.parent, path.name, header, owners, chunks, mode)
+    finally:
+        os.close(dfd)
+
+
+def _create_temporary(dfd: int, name: str, mode: int) -> tuple[int, str]:
+    """A new temporary beside `name`: O_EXCL and a random token, so a planted name never blocks a save."""
+    last: OSError | None = None
+    for _ in range(TMP_ATTEMPTS):
+        tmp = f".{name}.{os.getpid()}.t{secrets.token_hex(4)}.tmp"
         try:
-            os.fchmod(fd, mode & 0o660)     # whatever the umask
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode & 0o660,
+                           dir_fd=dfd), tmp
+        except FileExistsError as e:
+            last = e
+    raise SnapshotFailed(f"cannot create a temporary for {name}: {TMP_ATTEMPTS} fresh names all exist ({last})")
+
+
+def _write_at(dfd: int, where: Path, name: str, header: dict, owners: list, chunks: Iterable[dict],
+              mode: int = 0o660, *, gid: int | None = None,
+              fixups: Callable[[], dict[int, list]] | None = None) -> int:
+    """Write `name` in directory `dfd` atomically (temporary, fsync, rename, fsync dir).
+
+    Returns records written. Raises SnapshotFailed; the temporary is gone then and nothing else changed.
+    """
+    path = where / name
+    total = nchunks = 0
+    tmp = None
+    try:
+        fd, tmp = _create_temporary(dfd, name, mode)
+        try:
             with os.fdopen(fd, "wb", buffering=1 << 20) as f:
+                os.fchmod(fd, mode & 0o660)     # whatever the umask
+                if gid is not None:
+                    try:
+                        os.fchown(fd, -1, gid)
+                    except OSError as e:
+                        log.warning("cannot give %s to gid %d: %s", path, gid, e.strerror or e)
                 f.write(PREAMBLE.pack(MAGIC, VERSION, 0))
                 f.write(_frame(header))
                 f.write(_frame(owners))
+                offsets = []
                 for c in chunks:
+                    offsets.append(f.tell())
                     f.write(_frame(c))
                     total += c["n"]
                     nchunks += 1
+                if fixups is not None:
+                    patches = fixups()
+                    if patches:
+                        f.flush()
+                        for k, p in patches.items():
+                            _rewrite_frame(f.fileno(), offsets[k], lambda c, p=p: _patch_chunk(c, p))
                 f.write(_frame({"end": True, "records": total, "chunks": nchunks}))
                 f.flush()
                 os.fsync(f.fileno())
         except BaseException:
-            _unlink(tmp)
+            _unlink_at(dfd, tmp)
             raise
-        os.rename(tmp, path)
-        dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        tmp = None
+        os.fsync(dfd)
     except OSError as e:
-        _unlink(tmp)
+        if tmp is not None:
+            _unlink_at(dfd, tmp)
         raise SnapshotFailed(f"cannot write snapshot {path}: {e.strerror or e}") from None
     return total
 
 
-def _unlink(p: Path) -> None:
+def _rewrite_frame(fd: int, offset: int, change: Callable[[dict], dict]) -> None:
+    n, _crc = FRAME.unpack(os.pread(fd, FRAME.size, offset))
+    body = msgpack.packb(change(msgpack.unpackb(os.pread(fd, n, offset + FRAME.size), raw=False)),
+                         use_bin_type=True)
+    if len(body) != n:      # cannot happen: same keys, same column sizes
+        raise OSError(errno.EIO, "patched chunk changed size")
+    os.pwrite(fd, FRAME.pack(n, zlib.crc32(body)) + body, offset)
+
+
+def _unlink_at(dfd: int, name: str) -> None:
     try:
-        os.unlink(p)
+        os.unlink(name, dir_fd=dfd)
     except OSError:
         pass
 
 
 # ---- reading ---------------------------------------------------------------------------------------
-def read_file(path: Path) -> tuple[dict, list, list[dict]]:
-    """Read and verify a whole file. Raises CorruptSnapshot on any doubt; never returns part of a file."""
+def _open_for_reading(path: Path, dir_fd: int | None) -> tuple[int, int]:
+    """(fd, size) of a regular snapshot file, never following a symlink, never blocking on a FIFO and
+    never opening a device. Raises CorruptSnapshot naming the file."""
+    target = path.name if dir_fd is not None else path
     try:
-        data = Path(path).read_bytes()
+        st = os.stat(target, dir_fd=dir_fd, follow_symlinks=False)
     except OSError as e:
         raise CorruptSnapshot(f"{path}: cannot read ({e.strerror})") from None
-    if len(data) < PREAMBLE.size:
-        raise CorruptSnapshot(f"{path}: truncated (no preamble)")
-    magic, version, _ = PREAMBLE.unpack_from(data, 0)
-    if magic != MAGIC:
-        raise CorruptSnapshot(f"{path}: not a stated snapshot")
-    if version != VERSION:
-        raise CorruptSnapshot(f"{path}: snapshot format {version}, this stated reads {VERSION}")
-    pos = PREAMBLE.size
+    if stat.S_ISLNK(st.st_mode):
+        raise CorruptSnapshot(f"{path}: is a symlink; snapshots are only read as regular files")
+    if not stat.S_ISREG(st.st_mode):
+        raise CorruptSnapshot(f"{path}: not a regular file (a {_kind(st.st_mode)})")
+    try:
+        fd = os.open(target, _FILE_OPEN, dir_fd=dir_fd)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise CorruptSnapshot(f"{path}: is a symlink; snapshots are only read as regular files") from None
+        raise CorruptSnapshot(f"{path}: cannot read ({e.strerror})") from None
+    st2 = os.fstat(fd)
+    if not stat.S_ISREG(st2.st_mode) or (st2.st_dev, st2.st_ino) != (st.st_dev, st.st_ino):
+        os.close(fd)
+        raise CorruptSnapshot(f"{path}: replaced while being opened")
+    if st2.st_mode & 0o002:
+        os.close(fd)
+        raise CorruptSnapshot(f"{path}: writable by others (mode {stat.S_IMODE(st2.st_mode):#o}); not trusted")
+    return fd, st2.st_size
+
+
+def _kind(m: int) -> str:
+    for test, name in ((stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket")):
+        if test(m):
+            return name
+    return "special file"
+
+
+def _read_exact(fd: int, n: int) -> bytes:
+    parts, got = [], 0
+    while got < n:
+        b = os.read(fd, min(n - got, 1 << 24))
+        if not b:
+            break
+        parts.append(b)
+        got += len(b)
+    return b"".join(parts)
+
+
+def max_file_size(h: dict) -> int:
+    """The most bytes a valid snapshot with header `h` can have (each slot at most once)."""
+    cap, rs = h["capacity"], h["record_size"]
+    per_chunk = FRAME.size + 160                # msgpack map and bin headers of a chunk frame
+    return (PREAMBLE.size + 2 * FRAME.size + MAX_HEADER_FRAME + MAX_OWNERS * (MAX_OWNER_NAME * 4 + 64)
+            + (cap + 1) * per_chunk + cap * (4 + 4 + 2 + 8 + 1 + 1 + rs) + 256)
+
+
+def read_file(path: Path, *, dir_fd: int | None = None) -> tuple[dict, list, list[dict]]:
+    """Read and verify a whole file. Raises CorruptSnapshot on any doubt; never returns part of a file.
+
+    With `dir_fd`, path.name is opened relative to it (path is for messages).
+    """
+    path = Path(path)
+    fd, size = _open_for_reading(path, dir_fd)
+    try:
+        head = _read_exact(fd, PREAMBLE.size + FRAME.size)
+        if len(head) < PREAMBLE.size:
+            raise CorruptSnapshot(f"{path}: truncated (no preamble)")
+        magic, version, _ = PREAMBLE.unpack_from(head, 0)
+        if magic != MAGIC:
+            raise CorruptSnapshot(f"{path}: not a stated snapshot")
+        if version != VERSION:
+            raise CorruptSnapshot(f"{path}: snapshot format {version}, this stated reads {VERSION}")
+        if len(head) < PREAMBLE.size + FRAME.size:
+            raise CorruptSnapshot(f"{path}: truncated (0 frames)")
+        n, _crc = FRAME.unpack_from(head, PREAMBLE.size)
+        if n > MAX_HEADER_FRAME or PREAMBLE.size + FRAME.size + n > size:
+            raise CorruptSnapshot(f"{path}: truncated at byte {PREAMBLE.size + FRAME.size} (frame of {n} bytes)")
+        data = head + _read_exact(fd, n)
+        header = _decode_frames(path, data, PREAMBLE.size)[0]
+        _check_header(path, header)
+        limit = max_file_size(header)
+        if size > limit:
+            raise CorruptSnapshot(f"{path}: {size} bytes, larger than any snapshot of a table of "
+                                  f"{header['capacity']} slots of {header['record_size']} bytes can be ({limit})")
+        data += _read_exact(fd, size - len(data))
+    finally:
+        os.close(fd)
+    frames = _decode_frames(path, data, PREAMBLE.size)
+    if len(frames) < 3:
+        raise CorruptSnapshot(f"{path}: truncated ({len(frames)} frames)")
+    header, owners, *chunks, end = frames
+    if not (isinstance(end, dict) and end.get("end") is True):
+        raise CorruptSnapshot(f"{path}: truncated (no end frame)")
+    _check_name(path, header)
+    rs, cap = header["record_size"], header["capacity"]
+    seen_slots = bytearray(cap)
+    seen_entities: set[int] = set()
+    total = 0
+    for c in chunks:
+        _check_chunk(path, c, rs, cap)
+        _check_chunk_meaning(path, c, seen_slots, seen_entities)
+        total += c["n"]
+    if end.get("records") != total or end.get("chunks") != len(chunks) or _is_bool(end.get("records")):
+        raise CorruptSnapshot(f"{path}: end frame says {end.get('records')} records, file has {total}")
+    _check_owners(path, owners)
+    return header, owners, chunks
+
+
+def _decode_frames(path: Path, data: bytes, pos: int) -> list:
     frames = []
     while pos < len(data):
         if pos + FRAME.size > len(data):
@@ -178,24 +648,17 @@ def read_file(path: Path) -> tuple[dict, list, list[dict]]:
         pos += n
         try:
             frames.append(msgpack.unpackb(body, raw=False, strict_map_key=False))
-        except (msgpack.UnpackException, ValueError, TypeError) as e:
+        except (msgpack.UnpackException, ValueError, TypeError, RecursionError) as e:
             raise CorruptSnapshot(f"{path}: frame {len(frames)} does not decode ({e})") from None
-    if len(frames) < 3:
-        raise CorruptSnapshot(f"{path}: truncated ({len(frames)} frames)")
-    header, owners, *chunks, end = frames
-    if not (isinstance(end, dict) and end.get("end") is True):
-        raise CorruptSnapshot(f"{path}: truncated (no end frame)")
-    _check_header(path, header)
-    rs = header["record_size"]
-    total = 0
-    for c in chunks:
-        _check_chunk(path, c, rs, header["capacity"])
-        total += c["n"]
-    if end.get("records") != total or end.get("chunks") != len(chunks):
-        raise CorruptSnapshot(f"{path}: end frame says {end.get('records')} records, file has {total}")
-    if not isinstance(owners, list) or not all(isinstance(o, list) and len(o) == 4 for o in owners):
-        raise CorruptSnapshot(f"{path}: owners frame malformed")     # entries are [index, name, state, since_ms]
-    return header, owners, chunks
+    return frames
+
+
+def _is_bool(v) -> bool:
+    return isinstance(v, bool)
+
+
+def _int_in(v, lo: int, hi: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
 
 
 def _check_header(path, h) -> None:
@@ -205,20 +668,48 @@ def _check_header(path, h) -> None:
     if not isinstance(h, dict):
         raise CorruptSnapshot(f"{path}: header frame malformed")
     for k, t in need.items():
-        if not isinstance(h.get(k), t):
+        if not isinstance(h.get(k), t) or isinstance(h.get(k), bool):
             raise CorruptSnapshot(f"{path}: header field {k!r} missing or malformed")
+    if h["format"] != VERSION:
+        raise CorruptSnapshot(f"{path}: header says format {h['format']}, this stated reads {VERSION}")
     if h["kind"] not in ("full", "delta") or not 1 <= h["capacity"] <= 1 << 26:
         raise CorruptSnapshot(f"{path}: header kind/capacity invalid")
+    table = h["table"]
+    if not table or len(table) > 255 or "/" in table or "\0" in table or table.startswith("."):
+        raise CorruptSnapshot(f"{path}: table name {table[:40]!r} cannot be a table's")
+    if not -(1 << 31) <= h["key"] < 1 << 32:
+        raise CorruptSnapshot(f"{path}: key {h['key']} is not a SysV key")
+    seq, base, prev = h["seq"], h["base"], h["prev"]
+    if not (1 <= seq <= MAX_SEQ and 0 <= prev < seq and 1 <= base <= seq):
+        raise CorruptSnapshot(f"{path}: seq {seq}, base {base}, prev {prev} cannot be")
+    if h["kind"] == "full" and base != seq:
+        raise CorruptSnapshot(f"{path}: a full snapshot whose base ({base}) is not itself ({seq})")
+    if h["kind"] == "delta" and not base <= prev:
+        raise CorruptSnapshot(f"{path}: a delta following {prev}, before its base full {base}")
+    if not math.isfinite(h["time"]) or h["time"] < 0:
+        raise CorruptSnapshot(f"{path}: time {h['time']} cannot be")
+    for name, value in h["counters"].items():
+        if not isinstance(name, str) or not _int_in(value, 0, MAX_COUNTER):
+            raise CorruptSnapshot(f"{path}: counter {str(name)[:40]!r} = {str(value)[:40]} is out of range "
+                                  f"(0..{MAX_COUNTER})")
     try:
         lay = layout_mod.compute(from_wire(h["schema"]))
-    except StatedError as e:
-        raise CorruptSnapshot(f"{path}: schema unreadable ({e})") from None
+    except (StatedError, RecursionError) as e:
+        raise CorruptSnapshot(f"{path}: schema unreadable ({str(e)[:200]})") from None
     if lay.hash != h["layout_hash"] or lay.record_size != h["record_size"]:
         raise CorruptSnapshot(f"{path}: layout hash does not match its own schema")
 
 
+def _check_name(path: Path, h: dict) -> None:
+    """A file named like a snapshot must be the snapshot its name says (chains are ordered by name)."""
+    parsed = parse_name(path.name)
+    if parsed and parsed != (h["table"], h["seq"], h["kind"]):
+        raise CorruptSnapshot(f"{path}: its header says {h['kind']} seq {h['seq']} of table {h['table']!r}, "
+                              f"its name something else")
+
+
 def _check_chunk(path, c, rs: int, cap: int) -> None:
-    if not isinstance(c, dict) or not isinstance(c.get("n"), int):
+    if not isinstance(c, dict) or not _int_in(c.get("n"), 0, CHUNK):
         raise CorruptSnapshot(f"{path}: chunk malformed")
     n = c["n"]
     sizes = {"slots": 4 * n, "gens": 4 * n, "owners": 2 * n, "entities": 8 * n, "states": n, "flags": n,
@@ -231,75 +722,137 @@ def _check_chunk(path, c, rs: int, cap: int) -> None:
         raise CorruptSnapshot(f"{path}: chunk names a slot beyond capacity {cap}")
 
 
+_STATES = bytes((fmt.SLOT_FREE, fmt.SLOT_ALLOCATED))
+_FLAGS = bytes(f for f in range(256) if not f & ~KNOWN_FLAGS)
+
+
+def _check_chunk_meaning(path, c: dict, seen_slots: bytearray, seen_entities: set[int]) -> None:
+    """What the columns say must be possible: each slot once per file, known states and flags, owner
+    indexes inside the owner table, each entity held by one allocated slot."""
+    if c["states"].translate(None, _STATES):
+        raise CorruptSnapshot(f"{path}: a slot state other than free (0) or allocated (1)")
+    if c["flags"].translate(None, _FLAGS):
+        raise CorruptSnapshot(f"{path}: unknown flag bits (known: {KNOWN_FLAGS:#x})")
+    slots = memoryview(c["slots"]).cast("I")
+    owners = memoryview(c["owners"]).cast("H")
+    ents = memoryview(c["entities"]).cast("Q")
+    states, flags = c["states"], c["flags"]
+    for i, slot in enumerate(slots):
+        if seen_slots[slot]:
+            raise CorruptSnapshot(f"{path}: slot {slot} appears twice")
+        seen_slots[slot] = 1
+        if states[i] == fmt.SLOT_ALLOCATED:
+            if owners[i] > fmt.OWNERS_CAPACITY:
+                raise CorruptSnapshot(f"{path}: slot {slot} names owner {owners[i]}, beyond the owner table "
+                                      f"(1..{fmt.OWNERS_CAPACITY})")
+            if flags[i] & fmt.FLAG_HAS_ENTITY:
+                if ents[i] in seen_entities:
+                    raise CorruptSnapshot(f"{path}: entity {ents[i]} is held by two slots (one is {slot})")
+                seen_entities.add(ents[i])
+
+
+def _check_owners(path, owners) -> None:
+    if not isinstance(owners, list) or len(owners) > MAX_OWNERS:
+        raise CorruptSnapshot(f"{path}: owners frame malformed")
+    seen = set()
+    for o in owners:        # entries are [index, name, state, since_ms]
+        if not (isinstance(o, list) and len(o) == 4 and _int_in(o[0], 1, fmt.OWNERS_CAPACITY)
+                and isinstance(o[1], str) and 0 < len(o[1]) <= MAX_OWNER_NAME and _int_in(o[2], 0, (1 << 32) - 1)
+                and _int_in(o[3], 0, (1 << 64) - 1)):
+            raise CorruptSnapshot(f"{path}: owners frame entry {str(o)[:80]} malformed")
+        if o[0] in seen:
+            raise CorruptSnapshot(f"{path}: owner index {o[0]} appears twice")
+        seen.add(o[0])
+
+
 def snapshot_layout(header: dict) -> layout_mod.Layout:
     return layout_mod.compute(from_wire(header["schema"]))
 
 
+def continues(full: dict, delta: dict) -> str | None:
+    """Why `delta` cannot apply on top of `full` (another table, key, layout or capacity), or None."""
+    for k, what in (("table", "table"), ("key", "key"), ("layout_hash", "layout"), ("record_size", "layout"),
+                    ("capacity", "capacity")):
+        if delta[k] != full[k]:
+            v, w = (f"{full[k]:#x}", f"{delta[k]:#x}") if k in ("key", "layout_hash") else (full[k], delta[k])
+            return f"its {what} ({k} {w}) differs from its full's ({v})"
+    return None
+
+
 # ---- the set of files of one table -------------------------------------------------------------------
-def table_dir(state_dir: Path, table: str) -> Path:
-    return Path(state_dir) / table
-
-
-def file_name(table: str, seq: int, kind: str) -> str:
-    return f"{table}.{seq:010d}.{kind}.snap"
-
-
 def list_files(d: Path) -> list[tuple[int, str, Path]]:
-    """(seq, kind, path) of every snapshot-named file, oldest first. Temporaries never match."""
-    out = []
-    if not d.is_dir():
-        return out
-    for p in d.iterdir():
-        parts = p.name.split(".")
-        if p.name.startswith(".") or len(parts) != 4 or parts[3] != "snap" or parts[2] not in ("full", "delta") \
-                or not parts[1].isdigit():
-            continue
-        out.append((int(parts[1]), parts[2], p))
-    return sorted(out)
+    """(seq, kind, path) of every snapshot-named entry of directory `d`, oldest first ([] if absent)."""
+    try:
+        with SnapshotDir(Path(d), os.open(Path(d), _DIR_OPEN)) as sd:
+            return [(seq, kind, Path(d) / name) for seq, kind, name in sd.list()]
+    except OSError:
+        return []
 
 
 def remove_stale_temporaries(d: Path) -> None:
     """Delete temporaries left by a writer that died mid-snapshot (their pid is gone)."""
-    if not d.is_dir():
+    try:
+        sd = SnapshotDir(Path(d), os.open(Path(d), _DIR_OPEN))
+    except OSError:
         return
-    for p in d.glob(".*.tmp"):
-        pid = p.name.rsplit(".", 2)[-2]
-        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
-            _unlink(p)
-            log.info("removed temporary %s left by dead pid %s", p.name, pid)
+    with sd:
+        sd.remove_stale_temporaries()
 
 
-def chain(d: Path) -> tuple[list[tuple[Path, dict, list, list[dict]]], list[str]]:
-    """The newest restorable chain, parsed: newest valid full + its valid deltas in order; and warnings.
+def chain(d: Path, *, mode: int = 0o660, euid: int | None = None
+          ) -> tuple[list[tuple[Path, dict, list, list[dict]]], list[str]]:
+    """The newest restorable chain of table directory `d`, parsed: newest valid full + its valid deltas
+    in order; and warnings naming every file skipped.
 
-    A damaged full is skipped (falling back to the previous full); the first damaged or
-    out-of-order delta ends the chain (later deltas would miss its changes).
+    A bad full (damaged, not a regular file, semantically wrong) is skipped, falling back to the
+    previous full; the first bad, out-of-order or mismatching delta ends the chain (later deltas
+    would miss its changes). An absent directory has no chain; one that is not ours to trust
+    (see check_dir) raises UnsafePath: nothing in it is read.
     """
-    files = list_files(d)
-    warnings: list[str] = []
-    fulls = [(seq, p) for seq, kind, p in files if kind == "full"]
-    for seq, p in reversed(fulls):
+    try:
+        sd = SnapshotDir.open(d, mode=mode, euid=euid)
+    except (FileNotFoundError, NotADirectoryError):     # absent, or a path through a file: no snapshots
+        return [], []
+    except OSError as e:
+        raise UnsafePath(f"{d}: cannot open ({e.strerror or e})") from None
+    with sd:
         try:
-            out = [(p, *read_file(p))]
+            files = sd.list()
+        except OSError as e:
+            raise UnsafePath(f"{d}: cannot list ({e.strerror or e})") from None
+        return _chain_in(sd, files)
+
+
+def _chain_in(sd: SnapshotDir, files: list[tuple[int, str, str]]):
+    warnings: list[str] = []
+    fulls = [(seq, name) for seq, kind, name in files if kind == "full"]
+    for seq, name in reversed(fulls):
+        try:
+            out = [(sd.path / name, *sd.read(name))]
         except CorruptSnapshot as e:
             warnings.append(f"skipped {e}")
             continue
+        full = out[0][1]
         prev = seq
-        for dseq, kind, dp in files:
+        for dseq, kind, dname in files:
             if kind != "delta" or dseq <= seq:
                 continue
             try:
-                parsed = read_file(dp)
+                parsed = sd.read(dname)
             except CorruptSnapshot as e:
                 warnings.append(f"stopped at {e}")
                 break
             h = parsed[0]
             if h["base"] != seq:
                 break
-            if h["prev"] != prev:
-                warnings.append(f"stopped at {dp}: it follows {h['prev']}, expected {prev}")
+            why = continues(full, h)
+            if why:
+                warnings.append(f"stopped at {sd.path / dname}: {why}")
                 break
-            out.append((dp, *parsed))
+            if h["prev"] != prev:
+                warnings.append(f"stopped at {sd.path / dname}: it follows {h['prev']}, expected {prev}")
+                break
+            out.append((sd.path / dname, *parsed))
             prev = dseq
         return out, warnings
     return [], warnings

@@ -190,7 +190,7 @@ def test_disk_full(env, tmp_path):
         pytest.skip("needs root and tmpfs mounts to make a full disk")
     try:
         fill(t, 280)
-        saver.dir = mnt / "players"
+        saver.dir = mnt / "state" / "players"      # the mount's root is 1777: not a state_dir to trust
         with pytest.raises(snap.SnapshotFailed, match="No space"):
             saver.save("full")
         assert not [p for p in saver.dir.iterdir()]          # no temporary left behind
@@ -410,7 +410,7 @@ def test_wider_state_dir_of_ours_is_tightened(env):
     os.chmod(dc.state_dir, 0o755)
     assert saver.save().kind == "delta"
     assert stat.S_IMODE(os.stat(saver.dir).st_mode) == 0o770
-    assert stat.S_IMODE(os.stat(dc.state_dir).st_mode) == 0o770
+    assert stat.S_IMODE(os.stat(dc.state_dir).st_mode) == 0o750
     os.chmod(saver.dir, 0o777)                  # writable by anyone: what is in it cannot be trusted
     with pytest.raises(snap.SnapshotFailed, match="writable by others"):
         saver.save()
