@@ -320,9 +320,12 @@ def _apply(seg: Segment, tc: TableConfig, chain: list, convert=None) -> int:
         recs = seg.buf[r.records_offset:r.records_offset + tc.capacity * rs]
         s32, s16, s8, s64 = a._s32, a._s16, a._s8, a._s64
         live = set()
-        holder: dict[int, int] = {}     # entity -> slot holding it so far
-        for _path, h, _owners, chunks in chain:
+        holder: dict[int, int] = {}     # entity -> slot holding it so far (kept from the first delta on)
+        for k, (_path, h, _owners, chunks) in enumerate(chain):
             ors = h["record_size"]
+            track = k > 0
+            if k == 1:                  # a file never names an entity twice: the full's are unique
+                holder = _entities_of(chain[0][3])
             for c in chunks:
                 slots = memoryview(c["slots"]).cast("I")
                 gens = memoryview(c["gens"]).cast("I")
@@ -333,12 +336,13 @@ def _apply(seg: Segment, tc: TableConfig, chain: list, convert=None) -> int:
                     slot = slots[i]
                     if slot >= tc.capacity:
                         continue
-                    if s8[32 * slot + 19] & fmt.FLAG_HAS_ENTITY and holder.get(s64[4 * slot + 1]) == slot:
+                    if track and s8[32 * slot + 19] & fmt.FLAG_HAS_ENTITY and \
+                            holder.get(s64[4 * slot + 1]) == slot:
                         del holder[s64[4 * slot + 1]]
                     s32[8 * slot + 1] = gens[i]
                     s32[8 * slot] = 0
                     if states[i] == fmt.SLOT_ALLOCATED:
-                        if flags[i] & fmt.FLAG_HAS_ENTITY:
+                        if track and flags[i] & fmt.FLAG_HAS_ENTITY:
                             _claim_entity(s8, holder, ents[i], slot, tc.name)
                         s16[16 * slot + 8] = owners[i]
                         s64[4 * slot + 1] = ents[i]
@@ -378,6 +382,16 @@ def _apply(seg: Segment, tc: TableConfig, chain: list, convert=None) -> int:
         return len(live)
     finally:
         a.release_views()
+
+
+def _entities_of(chunks: list[dict]) -> dict[int, int]:
+    """entity -> slot of every allocated entry with an entity."""
+    out: dict[int, int] = {}
+    for c in chunks:
+        out.update((e, s) for s, st, fl, e in zip(memoryview(c["slots"]).cast("I"), c["states"], c["flags"],
+                                                    memoryview(c["entities"]).cast("Q"))
+                   if st == fmt.SLOT_ALLOCATED and fl & fmt.FLAG_HAS_ENTITY)
+    return out
 
 
 def _claim_entity(s8, holder: dict[int, int], entity: int, slot: int, table: str) -> None:

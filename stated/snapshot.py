@@ -287,36 +287,35 @@ class Capture:
         self.normalised = 0                 # entries whose state/owner/flags were not what a file may hold
         self.recopied = 0                   # stale entries copied again after the pass
         self.dropped_entities: list[tuple[int, int]] = []   # (slot, entity) claimed twice in the live table
-        self._order = 0
-        self._seen: dict[int, tuple[int, int]] = {}          # entity -> (copy order, file position)
-        self._stale: list[int] = []
+        self._seen: dict[int, int] = {}     # entity -> file position of its latest copy
+        self._stale: list[int] = []         # file positions whose entity a later copy claims
 
-    # one copy attempt: (gen, owner, entity, state, flags, record, order) or None when mid-write
-    def _copy(self, slot: int):
+    def _copy(self, slot: int) -> list | None:
+        """One seqlock copy: [gen, owner, entity, state, flags, record], or None while mid-write."""
         a = self.alloc
         s32 = a._s32
         off = slot * self.rs
         seq = s32[8 * slot]
         gen = s32[8 * slot + 1]
         data = self.records[off:off + self.rs].tobytes()
-        st, fl, ow, ent = a._s8[32 * slot + 18], a._s8[32 * slot + 19], a._s16[16 * slot + 8], a._s64[4 * slot + 1]
+        e = [gen, a._s16[16 * slot + 8], a._s64[4 * slot + 1], a._s8[32 * slot + 18], a._s8[32 * slot + 19], data]
         if seq & 1 or s32[8 * slot] != seq or s32[8 * slot + 1] != gen:
             return None
-        self._order += 1
-        return [gen, ow, ent, st, fl, data, self._order]
+        return e
 
-    def _copy_as_is(self, slot: int):
+    def _copy_as_is(self, slot: int) -> list:
         a = self.alloc
         off = slot * self.rs
-        self._order += 1
         return [a._s32[8 * slot + 1], a._s16[16 * slot + 8], a._s64[4 * slot + 1], a._s8[32 * slot + 18],
-                a._s8[32 * slot + 19] | FLAG_TORN, self.records[off:off + self.rs].tobytes(), self._order]
+                a._s8[32 * slot + 19] | FLAG_TORN, self.records[off:off + self.rs].tobytes()]
 
-    def _settle(self, part: list[int], entries: list, pending: list[int]) -> None:
+    def _settle(self, part: list[int], pending: list[int]) -> list[tuple[int, list]]:
+        """Retry the chunk's slots found mid-write, within the pass's wait; [(index, entry)] in copy order."""
         now = self.clock()
         if self.deadline is None:
             self.deadline = now + self.wait
         limit = max(self.deadline, now + self.grace)
+        done = []
         while True:
             still = []
             for i in pending:
@@ -324,14 +323,15 @@ class Capture:
                 if e is None:
                     still.append(i)
                 else:
-                    entries[i] = e
+                    done.append((i, e))
             pending = still
             if not pending or self.clock() >= limit:
                 break
             self.sleep(0.0002)
         for i in pending:
-            entries[i] = self._copy_as_is(part[i])
+            done.append((i, self._copy_as_is(part[i])))
             self.torn.append(part[i])
+        return done
 
     def _normalise(self, e: list) -> None:
         st, fl, ow = e[3], e[4], e[1]
@@ -344,39 +344,57 @@ class Capture:
             self.normalised += 1
 
     def _claim(self, e: list, pos: int) -> None:
-        """Record e's entity for the no-duplicates rule; the earlier copy of a duplicated entity is stale."""
-        if e[3] != fmt.SLOT_ALLOCATED or not e[4] & fmt.FLAG_HAS_ENTITY:
-            return
-        prev = self._seen.get(e[2])
-        if prev is None:
-            self._seen[e[2]] = (e[6], pos)
-        elif prev[0] < e[6]:
-            self._stale.append(prev[1])
-            self._seen[e[2]] = (e[6], pos)
-        else:
-            self._stale.append(pos)
+        """e (copied after every copy claimed so far) holds its entity; an earlier copy of it is stale."""
+        if e[3] == fmt.SLOT_ALLOCATED and e[4] & fmt.FLAG_HAS_ENTITY:
+            prev = self._seen.get(e[2])
+            if prev is not None:
+                self._stale.append(prev)
+            self._seen[e[2]] = pos
 
     def __iter__(self) -> Iterator[dict]:
-        slots = self.slots
+        a = self.alloc
+        s32, s16, s8, s64 = a._s32, a._s16, a._s8, a._s64
+        records, rs, slots = self.records, self.rs, self.slots
+        seen, stale = self._seen, self._stale
+        alloc_, has, cap_owners = fmt.SLOT_ALLOCATED, fmt.FLAG_HAS_ENTITY, fmt.OWNERS_CAPACITY
         for start in range(0, len(slots), CHUNK):
             part = slots[start:start + CHUNK]
-            entries: list = [None] * len(part)
+            gens, owners, ents = array("I"), array("H"), array("Q")
+            states, flags = bytearray(), bytearray()
+            recs = []
             pending = []
+            odd = []                    # copies to normalise
             for i, slot in enumerate(part):
-                e = self._copy(slot)
-                if e is None:
-                    pending.append(i)
-                else:
-                    entries[i] = e
+                seq = s32[8 * slot]
+                gen = s32[8 * slot + 1]
+                off = slot * rs
+                data = records[off:off + rs].tobytes()
+                st, fl, ow, ent = s8[32 * slot + 18], s8[32 * slot + 19], s16[16 * slot + 8], s64[4 * slot + 1]
+                if seq & 1 or s32[8 * slot] != seq or s32[8 * slot + 1] != gen:
+                    pending.append(i)   # placeholder values, replaced below
+                elif st > 1 or fl & ~KNOWN_FLAGS or ow > cap_owners:
+                    odd.append(i)
+                elif st == alloc_ and fl & has:
+                    prev = seen.get(ent)
+                    if prev is not None:
+                        stale.append(prev)
+                    seen[ent] = start + i
+                gens.append(gen)
+                owners.append(ow)
+                ents.append(ent)
+                states.append(st)
+                flags.append(fl)
+                recs.append(data)
+            fixed = [(i, [gens[i], owners[i], ents[i], states[i], flags[i], recs[i]]) for i in odd]
             if pending:
-                self._settle(part, entries, pending)
-            for e in entries:
-                if e[3] > 1 or e[4] & ~KNOWN_FLAGS or e[1] > fmt.OWNERS_CAPACITY:
-                    self._normalise(e)
-            order = sorted(range(len(part)), key=lambda i: entries[i][6]) if pending else range(len(part))
-            for i in order:                     # in the order copied: the later copy of an entity wins
-                self._claim(entries[i], start + i)
-            yield _chunk(part, entries)
+                fixed += self._settle(part, pending)     # copied after everything else in the chunk
+            for i, e in fixed:
+                self._normalise(e)
+                self._claim(e, start + i)
+                gens[i], owners[i], ents[i], states[i], flags[i], recs[i] = e
+            yield {"n": len(part), "slots": array("I", part).tobytes(), "gens": gens.tobytes(),
+                   "owners": owners.tobytes(), "entities": ents.tobytes(), "states": bytes(states),
+                   "flags": bytes(flags), "records": b"".join(recs)}
 
     def fixups(self) -> dict[int, list[tuple[int, list]]]:
         """After the pass: {chunk index: [(index in chunk, entry)]} for entries made stale by a later copy."""
@@ -390,23 +408,14 @@ class Capture:
             self._normalise(e)
             if e[3] == fmt.SLOT_ALLOCATED and e[4] & fmt.FLAG_HAS_ENTITY:
                 holder = self._seen.get(e[2])
-                if holder is not None and holder[1] != pos:
-                    e[4] &= ~fmt.FLAG_HAS_ENTITY          # two live slots claim it: keep one, as repair does
+                if holder is not None and holder != pos:
+                    e[4] &= ~fmt.FLAG_HAS_ENTITY          # another copy holds it: keep one, as repair does
                     self.dropped_entities.append((slot, e[2]))
                 else:
-                    self._seen[e[2]] = (e[6], pos)
+                    self._seen[e[2]] = pos
             self.recopied += 1
             out.setdefault(pos // CHUNK, []).append((pos % CHUNK, e))
         return out
-
-
-def _chunk(part: list[int], entries: list) -> dict:
-    return {"n": len(part), "slots": array("I", part).tobytes(),
-            "gens": array("I", [e[0] for e in entries]).tobytes(),
-            "owners": array("H", [e[1] for e in entries]).tobytes(),
-            "entities": array("Q", [e[2] for e in entries]).tobytes(),
-            "states": bytes(e[3] for e in entries), "flags": bytes(e[4] for e in entries),
-            "records": b"".join(e[5] for e in entries)}
 
 
 def capture(alloc, records: memoryview, record_size: int, slots: list[int]) -> Iterator[dict]:
@@ -417,7 +426,7 @@ def capture(alloc, records: memoryview, record_size: int, slots: list[int]) -> I
 def _patch_chunk(c: dict, patches: list[tuple[int, list]]) -> dict:
     rs = len(c["records"]) // c["n"] if c["n"] else 0
     cols = {k: bytearray(c[k]) for k in ("gens", "owners", "entities", "states", "flags", "records")}
-    for i, (gen, ow, ent, st, fl, data, _order) in patches:
+    for i, (gen, ow, ent, st, fl, data) in patches:
         struct.pack_into("<I", cols["gens"], 4 * i, gen)
         struct.pack_into("<H", cols["owners"], 2 * i, ow)
         struct.pack_into("<Q", cols["entities"], 8 * i, ent)
@@ -620,7 +629,7 @@ def read_file(path: Path, *, dir_fd: int | None = None) -> tuple[dict, list, lis
         raise CorruptSnapshot(f"{path}: truncated (no end frame)")
     _check_name(path, header)
     rs, cap = header["record_size"], header["capacity"]
-    seen_slots = bytearray(cap)
+    seen_slots: set[int] = set()
     seen_entities: set[int] = set()
     total = 0
     for c in chunks:
@@ -726,29 +735,39 @@ _STATES = bytes((fmt.SLOT_FREE, fmt.SLOT_ALLOCATED))
 _FLAGS = bytes(f for f in range(256) if not f & ~KNOWN_FLAGS)
 
 
-def _check_chunk_meaning(path, c: dict, seen_slots: bytearray, seen_entities: set[int]) -> None:
+def _check_chunk_meaning(path, c: dict, seen_slots: set[int], seen_entities: set[int]) -> None:
     """What the columns say must be possible: each slot once per file, known states and flags, owner
-    indexes inside the owner table, each entity held by one allocated slot."""
-    if c["states"].translate(None, _STATES):
+    indexes inside the owner table, each entity held by one allocated slot. (Set operations: C speed.)"""
+    states, flags = c["states"], c["flags"]
+    if states.translate(None, _STATES):
         raise CorruptSnapshot(f"{path}: a slot state other than free (0) or allocated (1)")
-    if c["flags"].translate(None, _FLAGS):
+    if flags.translate(None, _FLAGS):
         raise CorruptSnapshot(f"{path}: unknown flag bits (known: {KNOWN_FLAGS:#x})")
-    slots = memoryview(c["slots"]).cast("I")
+    n = c["n"]
+    slots = memoryview(c["slots"]).cast("I").tolist()
+    here = set(slots)
+    if len(here) != n or not seen_slots.isdisjoint(here):
+        dup = next(s for s in (slots if len(here) != n else here) if s in seen_slots or slots.count(s) > 1)
+        raise CorruptSnapshot(f"{path}: slot {dup} appears twice")
+    seen_slots |= here
     owners = memoryview(c["owners"]).cast("H")
     ents = memoryview(c["entities"]).cast("Q")
-    states, flags = c["states"], c["flags"]
-    for i, slot in enumerate(slots):
-        if seen_slots[slot]:
-            raise CorruptSnapshot(f"{path}: slot {slot} appears twice")
-        seen_slots[slot] = 1
-        if states[i] == fmt.SLOT_ALLOCATED:
-            if owners[i] > fmt.OWNERS_CAPACITY:
-                raise CorruptSnapshot(f"{path}: slot {slot} names owner {owners[i]}, beyond the owner table "
+    if n and max(owners) > fmt.OWNERS_CAPACITY:
+        for i in range(n):
+            if states[i] == fmt.SLOT_ALLOCATED and owners[i] > fmt.OWNERS_CAPACITY:
+                raise CorruptSnapshot(f"{path}: slot {slots[i]} names owner {owners[i]}, beyond the owner table "
                                       f"(1..{fmt.OWNERS_CAPACITY})")
-            if flags[i] & fmt.FLAG_HAS_ENTITY:
-                if ents[i] in seen_entities:
-                    raise CorruptSnapshot(f"{path}: entity {ents[i]} is held by two slots (one is {slot})")
-                seen_entities.add(ents[i])
+    allocated_with_entity = bytes([fmt.SLOT_ALLOCATED]) * n, bytes([fmt.FLAG_HAS_ENTITY]) * n
+    if states == allocated_with_entity[0] and flags.translate(None, bytes([fmt.FLAG_HAS_ENTITY,
+                                                                          fmt.FLAG_HAS_ENTITY | FLAG_TORN])) == b"":
+        held = ents.tolist()
+    else:
+        held = [e for e, st, fl in zip(ents, states, flags) if st == fmt.SLOT_ALLOCATED and fl & fmt.FLAG_HAS_ENTITY]
+    mine = set(held)
+    if len(mine) != len(held) or not seen_entities.isdisjoint(mine):
+        dup = next(e for e in held if e in seen_entities or held.count(e) > 1)
+        raise CorruptSnapshot(f"{path}: entity {dup} is held by two slots")
+    seen_entities |= mine
 
 
 def _check_owners(path, owners) -> None:
