@@ -460,7 +460,7 @@ def _create_temporary(dfd: int, name: str, mode: int) -> tuple[int, str]:
     for _ in range(TMP_ATTEMPTS):
         tmp = f".{name}.{os.getpid()}.t{secrets.token_hex(4)}.tmp"
         try:
-            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode & 0o660,
+            return os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode & 0o660,
                            dir_fd=dfd), tmp
         except FileExistsError as e:
             last = e

@@ -320,3 +320,195 @@ def test_accepted_files_restore(tmp_path, restore_key, muts):
             assert len(t.handles()) == n
     finally:
         segment.destroy(restore_key)
+
+
+# ---- semantic lies: every frame well-formed and checksummed, the contents impossible -------------------
+# Each lie alone must get the file refused (CorruptSnapshot naming it), whatever else is true of it.
+# CHUNKS[0] holds allocated slots 0, 3, 5, 9 with entities; CHUNKS[1] a free slot 15.
+def _col_set(c, name, code, i, v):
+    a = array(code, c[name])
+    a[i] = v
+    c[name] = a.tobytes()
+
+
+lies = st.one_of(
+    st.tuples(st.just("counter"), st.sampled_from(["allocations", "frees", "lock_repairs", "x"]),
+              st.one_of(st.integers(snap.MAX_COUNTER + 1, 2**64 - 1), st.integers(-(2**63), -1),
+                        st.sampled_from([2**64 - 1, 2**63, -1, True, 1.0, None, "1"]))),
+    st.tuples(st.just("dup_slot_in_chunk"), st.integers(0, 3), st.integers(1, 3)),
+    st.tuples(st.just("dup_slot_across_chunks"), st.integers(0, 3)),
+    st.tuples(st.just("dup_entity"), st.integers(0, 3), st.integers(1, 3)),
+    st.tuples(st.just("state"), st.integers(0, 3), st.integers(2, 255)),
+    st.tuples(st.just("flags"), st.integers(0, 3), st.integers(0, 255).filter(lambda v: v & ~snap.KNOWN_FLAGS)),
+    st.tuples(st.just("owner_index"), st.integers(0, 3), st.integers(fmt.OWNERS_CAPACITY + 1, 0xFFFF)),
+    st.tuples(st.just("seq"), st.sampled_from([(0, 0, 0), (3, 1, 2), (3, 3, 3), (3, 3, 4), (3, 4, 2),
+                                               (-1, -1, -2), (2**62, 2**62, 1), (3, 3, True)])),
+    st.tuples(st.just("delta_seq"), st.sampled_from([(3, 3, 2), (3, 2, 1), (3, 1, 3), (3, 0, 2)])),
+    st.tuples(st.just("owners"), st.sampled_from(["dup", "zero", "big", "empty_name", "long_name", "neg_since",
+                                                  "bool_index", "many"])),
+    st.tuples(st.just("time"), st.sampled_from([float("nan"), float("inf"), float("-inf"), -1.0])),
+    st.tuples(st.just("format"), st.sampled_from([0, 2, snap.VERSION + 1])),
+    st.tuples(st.just("table"), st.sampled_from(["", "a/b", ".hidden", "x\0y", "t" * 300])),
+    st.tuples(st.just("key"), st.sampled_from([2**32, -(2**31) - 1, 2**63])),
+    st.tuples(st.just("chunk_n"), st.just(snap.CHUNK + 1)),
+)
+# harmless truths mixed in, so the lie is not always alone in an otherwise pristine file
+truths = st.lists(st.one_of(
+    st.tuples(st.just("record_bytes"), st.binary(min_size=1, max_size=8)),
+    st.tuples(st.just("gens"), st.integers(0, 2**32 - 1)),
+    st.tuples(st.just("counters_ok"), st.integers(0, snap.MAX_COUNTER)),
+), max_size=2)
+
+
+def tell_lie(frames, lie) -> None:
+    h, owners, c0, c1 = frames[0], frames[1], frames[2], frames[3]
+    kind, *a = lie
+    if kind == "counter":
+        h["counters"][a[0]] = a[1]
+    elif kind == "dup_slot_in_chunk":
+        i, j = a[0], (a[0] + a[1]) % 4
+        _col_set(c0, "slots", "I", j, array("I", c0["slots"])[i])
+    elif kind == "dup_slot_across_chunks":
+        _col_set(c1, "slots", "I", 0, array("I", c0["slots"])[a[0]])
+    elif kind == "dup_entity":
+        i, j = a[0], (a[0] + a[1]) % 4
+        _col_set(c0, "entities", "Q", j, array("Q", c0["entities"])[i])
+    elif kind == "state":
+        c0["states"] = c0["states"][:a[0]] + bytes([a[1]]) + c0["states"][a[0] + 1:]
+    elif kind == "flags":
+        c0["flags"] = c0["flags"][:a[0]] + bytes([a[1]]) + c0["flags"][a[0] + 1:]
+    elif kind == "owner_index":
+        _col_set(c0, "owners", "H", a[0], a[1])
+    elif kind == "seq":
+        h["seq"], h["base"], h["prev"] = a[0]
+    elif kind == "delta_seq":
+        h["kind"] = "delta"
+        h["seq"], h["base"], h["prev"] = a[0]
+    elif kind == "owners":
+        what = a[0]
+        if what == "dup":
+            owners.append(list(owners[0]))
+        elif what == "zero":
+            owners[0][0] = 0
+        elif what == "big":
+            owners[0][0] = fmt.OWNERS_CAPACITY + 1
+        elif what == "empty_name":
+            owners[0][1] = ""
+        elif what == "long_name":
+            owners[0][1] = "n" * (snap.MAX_OWNER_NAME + 1)
+        elif what == "neg_since":
+            owners[0][3] = -1
+        elif what == "bool_index":
+            owners[0][0] = True
+        elif what == "many":
+            owners[:] = [[i % 255 + 1, f"o{i}", 1, 0] for i in range(fmt.OWNERS_CAPACITY + 1)]
+    elif kind == "time":
+        h["time"] = a[0]
+    elif kind == "format":
+        h["format"] = a[0]
+    elif kind == "table":
+        h["table"] = a[0]
+    elif kind == "key":
+        h["key"] = a[0]
+    elif kind == "chunk_n":
+        frames[2] = make_chunk(list(range(a[0])))
+        frames[-1]["records"] = sum(c["n"] for c in frames[2:-1])
+        h["capacity"] = a[0] + 1
+
+
+def tell_truths(frames, ts) -> None:
+    for kind, v in ts:
+        c0 = frames[2]
+        if kind == "record_bytes":
+            c0["records"] = v + c0["records"][len(v):]
+        elif kind == "gens":
+            _col_set(c0, "gens", "I", 0, v)
+        elif kind == "counters_ok":
+            frames[0]["counters"]["frees"] = v
+
+
+@FUZZ(400)
+@given(lie=lies, ts=truths)
+@example(lie=("counter", "allocations", 2**64 - 1), ts=[])        # the tracker's example
+@example(lie=("dup_slot_in_chunk", 0, 1), ts=[])                 # "5 records became 1"
+@example(lie=("dup_entity", 0, 1), ts=[])
+@example(lie=("counter", "frees", True), ts=[])
+def test_semantic_lies_are_refused(tmp_path, lie, ts):
+    frames = copy.deepcopy(FRAMES)
+    tell_truths(frames, ts)
+    tell_lie(frames, lie)
+    p = tmp_path / "fuzz.snap"
+    p.write_bytes(encode(frames))
+    with bounded(10, "read_file"):
+        with pytest.raises(snap.CorruptSnapshot) as ei:
+            snap.read_file(p)
+    assert str(p) in str(ei.value)
+    with bounded(10, "verify_file"):
+        with pytest.raises(snap.CorruptSnapshot):
+            persist.verify_file(p)
+
+
+@FUZZ(60)
+@given(seq=st.integers(1, 10**6), kind=st.sampled_from(["full", "delta"]), table=st.sampled_from(["players", "zone"]),
+       other_seq=st.integers(1, 10**6), other_kind=st.sampled_from(["full", "delta"]))
+def test_a_file_must_be_what_its_name_says(tmp_path, seq, kind, table, other_seq, other_kind):
+    frames = copy.deepcopy(FRAMES)
+    frames[0].update(seq=other_seq, base=other_seq if other_kind == "full" else 1,
+                     prev=other_seq - 1 if other_seq > 1 else 0, kind=other_kind, table=table)
+    if other_kind == "delta" and other_seq == 1:
+        return                                  # no such delta (base <= prev < seq)
+    p = tmp_path / snap.file_name("players", seq, kind)
+    p.write_bytes(encode(frames))
+    if (table, other_seq, other_kind) == ("players", seq, kind):
+        snap.read_file(p)
+    else:
+        with pytest.raises(snap.CorruptSnapshot, match="its name"):
+            snap.read_file(p)
+
+
+# ---- chains: a delta must continue its own full -------------------------------------------------------
+@FUZZ(60)
+@given(field=st.sampled_from(["key", "capacity", "layout"]), value=st.integers(1, 2**26), schema=wire_schema)
+def test_a_delta_that_does_not_continue_its_full_ends_the_chain(tmp_path, restore_key, field, value, schema):
+    import tempfile
+    root = Path(tempfile.mkdtemp(dir=tmp_path))     # tmp_path is shared by the examples
+    d = root / "var" / "players"
+    d.mkdir(parents=True)
+    full = copy.deepcopy(FRAMES)
+    (d / snap.file_name("players", 3, "full")).write_bytes(encode(full))
+    delta = copy.deepcopy(FRAMES)
+    delta[0].update(kind="delta", seq=4, base=3, prev=3)
+    if field == "key":
+        delta[0]["key"] = (HEADER["key"] + value) % 2**32
+    elif field == "capacity":
+        if value == CAP:
+            return
+        delta[0]["capacity"] = value
+        for c in delta[2:-1]:
+            if c["n"] and max(array("I", c["slots"])) >= value:
+                return                          # would be refused on its own, not for the chain
+    else:
+        try:
+            lay = layout_mod.compute(from_wire(schema))
+        except StatedError:
+            return
+        if lay.hash == LAY.hash:
+            return
+        delta[0].update(schema=schema, layout_hash=lay.hash, record_size=lay.record_size)
+        for c in delta[2:-1]:
+            c["records"] = bytes(c["n"] * lay.record_size)
+    dp = d / snap.file_name("players", 4, "delta")
+    dp.write_bytes(encode(delta))
+    snap.read_file(dp)                          # fine on its own
+    with bounded(10, "chain"):
+        chain, warnings = snap.chain(d)
+    assert [p.name for p, *_ in chain] == [snap.file_name("players", 3, "full")]
+    assert any(dp.name in w and "differs from its full" in w for w in warnings), warnings
+    tc = TableConfig("players", restore_key, CAP, LAY)
+    dc = DaemonConfig(state_dir=root / "var", control_socket=root / "s.sock")
+    try:
+        seg, n = persist.restore(tc, dc, chain)
+        seg.detach()
+        assert n == 4
+    finally:
+        segment.destroy(restore_key)
