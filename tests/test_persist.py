@@ -257,3 +257,24 @@ def test_fifo_named_like_the_newest_snapshot_does_not_hang_start_up(write_config
     assert d.wait(timeout=10) == 0
     log = open(str(cfg) + ".log").read()
     assert fifo.name in log and "not a regular file" in log
+
+
+def test_table_dir_replaced_by_a_symlink_is_refused_at_start_up(write_config, notify, procs, tmp_path):
+    """Nothing is read or pruned through it: that table is not served (its snapshots may be elsewhere)
+    and the daemon serves the others."""
+    cfg = write_config({"players": {"capacity": 50}, "world": {"capacity": 10}})
+    c = config_mod.load(cfg)
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    for seq in range(1, 8):
+        (victim / snap.file_name("world", seq, "full")).write_bytes(b"not yours")
+    c.daemon.state_dir.mkdir(mode=0o770)
+    os.symlink(victim, c.daemon.state_dir / "world")
+    d = start(procs, cfg, notify)
+    rows = {r["table"]: r for r in ctl(cfg, "status")["tables"]}
+    assert "error" not in rows["players"] and "symlink" in rows["world"]["error"], rows
+    assert ctl(cfg, "snapshot")["tables"]["players"]["records"] == 0
+    d.send_signal(signal.SIGTERM)
+    assert d.wait(timeout=10) == 0
+    assert sorted(p.name for p in victim.iterdir()) == [snap.file_name("world", s, "full") for s in range(1, 8)]
+    assert all(p.read_bytes() == b"not yours" for p in victim.iterdir())
