@@ -35,7 +35,6 @@ import struct
 import time
 import zlib
 from array import array
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -72,17 +71,6 @@ _DIR_OPEN = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_OPEN = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
-@dataclass
-class SnapshotInfo:
-    path: Path
-    kind: str
-    seq: int
-    base: int
-    prev: int
-    header: dict
-    records: int
-
-
 # ---- names ----------------------------------------------------------------------------------------
 def table_dir(state_dir: Path, table: str) -> Path:
     return Path(state_dir) / table
@@ -108,7 +96,7 @@ def dir_mode(mode: int) -> int:
 
 # ---- directories ----------------------------------------------------------------------------------
 def _open_dir(name: str | Path, dir_fd: int | None, where: Path, *, mode: int, create: bool, gid: int | None,
-              euid: int) -> int:
+              euid: int, tighten: bool) -> int:
     """Open (and with `create`, make) one directory level without following a symlink, then check it."""
     created = False
     try:
@@ -130,7 +118,7 @@ def _open_dir(name: str | Path, dir_fd: int | None, where: Path, *, mode: int, c
             os.fchmod(fd, dir_mode(mode))            # whatever the umask
             if gid is not None:
                 os.fchown(fd, -1, gid)
-        check_dir(fd, where, mode=mode, euid=euid)
+        check_dir(fd, where, mode=mode, euid=euid, tighten=tighten)
     except BaseException:
         os.close(fd)
         raise
@@ -159,26 +147,34 @@ def _dir_refusal(e: OSError, name, dir_fd, where: Path) -> None:
             raise UnsafePath(f"{where} is not a directory") from None
 
 
-def check_dir(fd: int, where: Path, *, mode: int, euid: int) -> None:
-    """A directory we keep snapshots in: owned by our euid and no wider than dir_mode(mode).
+_warned_wide: set[str] = set()
 
-    Read or execute bits beyond the configured mode are taken away (the directory is ours) with a
-    warning; a directory writable by others is refused: anyone may have put files in it.
-    """
+
+def check_dir(fd: int, where: Path, *, mode: int, euid: int, tighten: bool) -> None:
+    """A directory we keep snapshots in (or their table directories in): trusted only if owned by our
+    euid or by root (who is trusted anyway: a volume's mount root is root's), and not writable by others
+    (anyone could have put things in it). Bits beyond dir_mode(mode) are taken away with a warning
+    when `tighten` and the directory is ours (a table directory, made by stated); otherwise (state_dir,
+    which may be an operator's or a volume's directory) they are only reported, once."""
     st = os.fstat(fd)
     if not stat.S_ISDIR(st.st_mode):
         raise UnsafePath(f"{where} is not a directory")
-    if st.st_uid != euid:
-        raise UnsafePath(f"{where} is owned by uid {st.st_uid}, not by this process's user (uid {euid}): its "
-                         f"files are not trusted. Run stated as uid {st.st_uid}, or chown the directory")
+    if st.st_uid not in (euid, 0):
+        raise UnsafePath(f"{where} is owned by uid {st.st_uid}, neither this process's user (uid {euid}) nor "
+                         f"root: its files are not trusted. Run stated as uid {st.st_uid}, or chown the directory")
     perm = stat.S_IMODE(st.st_mode) & 0o777
     allowed = dir_mode(mode)
     if perm & 0o002:
         raise UnsafePath(f"{where} is writable by others (mode {perm:#o}): files planted in it cannot be told "
                          f"from ours. Check its contents, then chmod {allowed:#o} it")
     if perm & ~allowed:
-        os.fchmod(fd, perm & allowed)
-        log.warning("%s had mode %#o, wider than the configured %#o: tightened", where, perm, allowed)
+        if tighten and st.st_uid == euid:
+            os.fchmod(fd, stat.S_IMODE(st.st_mode) & ~(perm & ~allowed))
+            log.warning("%s had mode %#o, wider than the configured %#o: tightened", where, perm, allowed)
+        elif str(where) not in _warned_wide:
+            _warned_wide.add(str(where))
+            log.warning("%s has mode %#o, wider than the configured %#o (left as it is: stated did not make "
+                        "it); chmod %#o it", where, perm, allowed, allowed)
 
 
 class SnapshotDir:
@@ -190,17 +186,18 @@ class SnapshotDir:
     @classmethod
     def open(cls, path: Path, *, mode: int = 0o660, gid: int | None = None, create: bool = False,
              euid: int | None = None, proc_root: str = "/proc") -> "SnapshotDir":
-        """state_dir/<table>: both levels checked (see check_dir); with `create`, made with the mode
-        whatever the umask (missing parents of state_dir with that mode, less the umask).
+        """state_dir/<table>: both levels checked (see check_dir); with `create`, made with the
+        configured mode and group whatever the umask (missing parents of state_dir with that mode, less
+        the umask).
         Raises FileNotFoundError when absent (and not `create`), UnsafePath, OSError."""
         path = Path(path)
         euid = os.geteuid() if euid is None else euid
         state_dir = path.parent
         if create and not state_dir.parent.is_dir():
             os.makedirs(state_dir.parent, mode=dir_mode(mode), exist_ok=True)
-        sfd = _open_dir(state_dir, None, state_dir, mode=mode, create=create, gid=gid, euid=euid)
+        sfd = _open_dir(state_dir, None, state_dir, mode=mode, create=create, gid=gid, euid=euid, tighten=False)
         try:
-            tfd = _open_dir(path.name, sfd, path, mode=mode, create=create, gid=gid, euid=euid)
+            tfd = _open_dir(path.name, sfd, path, mode=mode, create=create, gid=gid, euid=euid, tighten=True)
         finally:
             os.close(sfd)
         return cls(path, tfd, proc_root)
@@ -416,11 +413,6 @@ class Capture:
             self.recopied += 1
             out.setdefault(pos // CHUNK, []).append((pos % CHUNK, e))
         return out
-
-
-def capture(alloc, records: memoryview, record_size: int, slots: list[int]) -> Iterator[dict]:
-    """Chunks of consistent copies of `slots` (see Capture; without the after-pass fixups)."""
-    return iter(Capture(alloc, records, record_size, slots))
 
 
 def _patch_chunk(c: dict, patches: list[tuple[int, list]]) -> dict:

@@ -233,7 +233,6 @@ def run_isolated(procs, fn, timeout: float = 10.0, extra_memory: int = 768 << 20
     import resource
     import select
     import signal
-    import zlib as _z  # noqa: F401  (imported before fork: the child imports nothing new)
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:                                    # the child: never returns into pytest
@@ -394,6 +393,8 @@ def test_state_dir_of_another_user_is_not_trusted(env):
     try:
         with pytest.raises(UnsafePath, match="owned by uid"):
             snap.chain(saver.dir)
+        with pytest.raises(UnsafePath, match="owned by uid"):
+            snap.chain(saver.dir, euid=pwd.getpwnam("nobody").pw_uid + 1)
         with pytest.raises(snap.SnapshotFailed, match="owned by uid"):
             saver.save()
     finally:
@@ -401,22 +402,35 @@ def test_state_dir_of_another_user_is_not_trusted(env):
     assert saver.save().kind == "full"
 
 
-def test_wider_state_dir_of_ours_is_tightened(env):
+def test_wider_table_dir_is_tightened_and_one_writable_by_others_refused(env):
     import stat
     tc, dc, saver, t = env
     fill(t, 5)
     saver.save("full")
-    os.chmod(saver.dir, 0o775)
-    os.chmod(dc.state_dir, 0o755)
+    os.chmod(saver.dir, 0o775)                  # ours (stated made it): tightened
+    os.chmod(dc.state_dir, 0o755)               # maybe an operator's or a volume's: reported, left alone
     assert saver.save().kind == "delta"
     assert stat.S_IMODE(os.stat(saver.dir).st_mode) == 0o770
-    assert stat.S_IMODE(os.stat(dc.state_dir).st_mode) == 0o750
-    os.chmod(saver.dir, 0o777)                  # writable by anyone: what is in it cannot be trusted
-    with pytest.raises(snap.SnapshotFailed, match="writable by others"):
-        saver.save()
-    with pytest.raises(UnsafePath, match="writable by others"):
-        snap.chain(saver.dir)
-    os.chmod(saver.dir, 0o770)
+    assert stat.S_IMODE(os.stat(dc.state_dir).st_mode) == 0o755
+    for d in (saver.dir, dc.state_dir):         # writable by anyone: what is in it cannot be trusted
+        os.chmod(d, 0o777)
+        with pytest.raises(snap.SnapshotFailed, match="writable by others"):
+            saver.save()
+        with pytest.raises(UnsafePath, match="writable by others"):
+            snap.chain(saver.dir)
+        os.chmod(d, 0o770)
+    assert saver.save().kind == "full"
+
+
+def test_root_owned_dirs_are_trusted_by_other_users(env):
+    """A volume's mount root (Kubernetes PVC with fsGroup: root-owned, 02775) is root's, who is trusted."""
+    tc, dc, saver, t = env
+    fill(t, 5)
+    saver.save("full")
+    if os.geteuid() != 0:
+        pytest.skip("needs root-owned directories")
+    chain, warnings = snap.chain(saver.dir, euid=12345)     # as seen by a daemon running as uid 12345
+    assert len(chain) == 1 and not warnings
 
 
 # ---- semantic validation after the checksums -------------------------------------------------------------
