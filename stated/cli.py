@@ -136,7 +136,8 @@ def cmd_restore(args) -> int:
     out = persist.restore_by_hand(cfg.table(table), cfg.daemon, Path(args.from_), args.force)
     print(json.dumps(out, indent=2) if args.json else
           f"{table}: restored {out['records']} records from {', '.join(out['from'])}"
-          + (f" (safety snapshot: {out['safety_snapshot']})" if out["safety_snapshot"] else ""))
+          + (f" (safety snapshot: {out['safety_snapshot']})" if out["safety_snapshot"] else "")
+          + (f"; saved as {out['saved_as']}" if out.get("saved_as") else ""))
     return EXIT_OK
 
 

@@ -82,7 +82,8 @@ class Saver:
         self.records.release()
 
     def save(self, kind: str | None = None, *, prune: bool = True) -> SaveResult:
-        """Write one snapshot. Raises SnapshotFailed (the next save is then full)."""
+        """Write one snapshot: `kind` "full", "delta" (a full when there is no full of ours for it to
+        follow) or None (the schedule decides). Raises SnapshotFailed (the next save is then full)."""
         t0 = time.perf_counter()
         try:
             sd = self._open()
@@ -100,6 +101,8 @@ class Saver:
                 self.force_full = True
             if kind is None:
                 kind = "full" if (self.force_full or self.saves_since_full >= self.dc.full_every) else "delta"
+            elif kind == "delta" and self.force_full:
+                kind = "full"           # no full of ours to follow (first save, after a failure, or a newer file)
             a = self.alloc
             s8 = a._s8
             cap = a.capacity

@@ -678,3 +678,19 @@ def test_a_later_file_of_the_chain_wins_an_entity(env):
         assert ro.lookup(15) == moved
         assert ro.entity(hs[15]) is None            # kept its record, without the entity
         assert ro.verify() == []
+
+
+def test_a_delta_with_no_full_to_follow_is_written_as_a_full(env, tmp_path):
+    tc, dc, saver, t = env
+    fill(t, 5)
+    assert saver.save("delta").kind == "full"           # the first save of a Saver's life
+    assert saver.save("delta").kind == "delta"
+    blocker = tmp_path / "blocker"
+    blocker.write_text("x")
+    good, saver.dir = saver.dir, blocker / "players"
+    with pytest.raises(snap.SnapshotFailed):
+        saver.save("delta")
+    saver.dir = good
+    assert saver.save("delta").kind == "full"           # the failed save cleared dirty marks
+    chain, warnings = snap.chain(saver.dir)
+    assert [h["kind"] for _, h, *_ in chain] == ["full"] and not warnings
