@@ -95,3 +95,7 @@ class TornRecord(StatedError):
 
 class DaemonError(StatedError):
     """The daemon refused or failed a request (control socket)."""
+
+
+class InstallError(StatedError):
+    """The installation lacks something stated needs (e.g. sysv_ipc built without semtimedop)."""

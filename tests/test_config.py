@@ -10,7 +10,8 @@ def test_shipped_config_loads():
     players = cfg.tables["players"]
     assert players.key == 0x53540001 and players.capacity == 10000
     assert players.layout["level"].field.default == 1
-    assert cfg.daemon.state_dir.name == "var"
+    assert str(cfg.daemon.state_dir) == "/var/lib/stated"   # the service's paths (README install)
+    assert str(cfg.daemon.control_socket) == "/run/stated/stated.sock"
 
 
 def test_builtin_default_loads():
