@@ -21,7 +21,8 @@ from .config import Config
 from .errors import StatedError
 from .status import table_status
 
-COLUMNS = ("TABLE", "USED", "CAPACITY", "FILL", "ALLOC/s", "FREE/s", "DIRTY", "OWNERS", "ORPHANED", "REPAIRS",
+# The columns first (they fit in 80 columns); the rest follow on wider terminals.
+COLUMNS = ("TABLE", "USED", "CAPACITY", "FILL", "ALLOC/s", "FREE/s", "DIRTY", "OWNERS", "REPAIRS", "ORPHANED",
            "TIMEOUTS", "ATTACHED")
 
 
@@ -79,7 +80,7 @@ def render(rows: list[Row], prev: dict[str, Row], dt: float) -> list[str]:
     lines = [" ".join(f"{c:>{w}}" for c, w in zip(COLUMNS, _WIDTHS))]
     for r in rows:
         if r.error:
-            lines.append(f"{r.table[:12]:>12} {r.error}")
+            lines.append(f"{r.table[:10]:>10} {r.error}")
             continue
         p = prev.get(r.table)
 
@@ -89,14 +90,14 @@ def render(rows: list[Row], prev: dict[str, Row], dt: float) -> list[str]:
             return f"{max(0, r.counters.get(name, 0) - p.counters.get(name, 0)) / dt:.0f}"
 
         fill = f"{100 * r.used / r.capacity:.1f}%" if r.capacity else "-"
-        cells = (r.table[:12], r.used, r.capacity, fill, rate("allocations"), rate("frees"),
-                 "-" if r.dirty is None else r.dirty, f"{r.owners_alive}/{r.owners_dead}", r.orphaned,
-                 r.counters.get("lock_repairs", 0), r.counters.get("lock_timeouts", 0), r.attached)
+        cells = (r.table[:10], r.used, r.capacity, fill, rate("allocations"), rate("frees"),
+                 "-" if r.dirty is None else r.dirty, f"{r.owners_alive}/{r.owners_dead}",
+                 r.counters.get("lock_repairs", 0), r.orphaned, r.counters.get("lock_timeouts", 0), r.attached)
         lines.append(" ".join(f"{str(c):>{w}}" for c, w in zip(cells, _WIDTHS)))
     return lines
 
 
-_WIDTHS = (12, 9, 9, 6, 8, 8, 8, 7, 8, 8, 8, 8)
+_WIDTHS = (10, 8, 8, 6, 7, 7, 7, 6, 7, 8, 8, 8)
 
 
 def _title(cfg: Config, interval: float, clock: Callable[[], float]) -> str:
