@@ -282,11 +282,13 @@ def build_parser() -> argparse.ArgumentParser:
     # so a value given before the command is not reset by the subparser.
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("--config", metavar="PATH",
-                   help="config file (default: $STATED_CONFIG, else the built-in default)")
+                   help="config file (default: $STATED_CONFIG, else /etc/stated/stated.toml if it exists, "
+                        "else the built-in default)")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
     common.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS,
-                        help="config file (default: $STATED_CONFIG, else the built-in default)")
+                        help="config file (default: $STATED_CONFIG, else /etc/stated/stated.toml if it exists, "
+                        "else the built-in default)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, func, help: str) -> argparse.ArgumentParser:

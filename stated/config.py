@@ -13,7 +13,7 @@ import zlib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from . import layout as layout_mod
 from .errors import ConfigError, SchemaError
@@ -203,6 +203,14 @@ def loads(text: str, path: str, base_dir: Path) -> Config:
     return parse(data, path, base_dir)
 
 
-def default_path() -> str | None:
-    """The config used when --config is not given: $STATED_CONFIG, else the built-in default."""
-    return os.environ.get("STATED_CONFIG") or None
+SYSTEM_CONFIG = "/etc/stated/stated.toml"
+
+
+def default_path(env: Mapping[str, str] | None = None, system: str = SYSTEM_CONFIG) -> str | None:
+    """The config used when --config is not given: $STATED_CONFIG, else the installed service's
+    /etc/stated/stated.toml when it exists (so `stated status` on a server means that daemon),
+    else None: the built-in default."""
+    env = os.environ if env is None else env
+    if env.get("STATED_CONFIG"):
+        return env["STATED_CONFIG"]
+    return system if os.path.isfile(system) else None
