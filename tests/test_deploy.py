@@ -423,6 +423,10 @@ def test_dockerfile():
     froms = re.findall(r"^FROM\s+(\S+)", text, re.M)
     assert froms and all(f == "python:3.11-slim" for f in froms), froms
     assert re.search(r"pip install [^\n]*--no-binary sysv_ipc", text)
+    # everything the build reads: pyproject's readme and license-files
+    copied = " ".join(re.findall(r"^COPY (?!--from)(.*) \S+$", text, re.M))
+    for f in ("pyproject.toml", "README.md", "LICENSE", "stated/"):
+        assert f in copied.split(), f"the build stage does not COPY {f}"
     assert "SEMAPHORE_TIMEOUT_SUPPORTED" in text
     users = re.findall(r"^USER\s+(\S+)", text, re.M)
     assert users and users[-1].split(":")[0] not in {"root", "0"}
