@@ -118,7 +118,9 @@ def test_get_attaches_read_only(players):
         conf.write_text(cfg.read_text().replace('"var"', f'"{shared}/var"'))
         os.chmod(conf, 0o644)
         shm = t._seg.shm
-        old, shm.mode = shm.mode, 0o604                   # others may read, not write
+        old = shm.mode, shm.gid
+        shm.gid = pwd.getpwnam("nobody").pw_gid           # nobody reads through the group, cannot write
+        shm.mode = 0o640
         out_r, out_w = os.pipe()
         pid = os.fork()
         if pid == 0:                                      # child: nobody, then the CLI in-process
@@ -128,6 +130,7 @@ def test_get_attaches_read_only(players):
                 sys.stdout = os.fdopen(out_w, "w")           # pytest's capture replaced the real one
                 os.setgroups([])
                 os.setgid(pwd.getpwnam("nobody").pw_gid)
+                sys.stderr = sys.stdout
                 os.setuid(pwd.getpwnam("nobody").pw_uid)
                 from stated import cli
                 code = cli.main(["get", "players", "41", "--config", str(conf), "--compact"])
@@ -138,7 +141,7 @@ def test_get_attaches_read_only(players):
         with os.fdopen(out_r) as f:
             out = f.read()
         _, status = os.waitpid(pid, 0)
-        shm.mode = old
+        shm.mode, shm.gid = old
     finally:
         shutil.rmtree(shared)
     assert os.waitstatus_to_exitcode(status) == 0, out

@@ -37,6 +37,7 @@ METRICS = {
     "stated_segment_size_bytes", "stated_dirty_slots", "stated_build_info",
     "stated_snapshot_last_success_timestamp_seconds", "stated_snapshot_size_bytes",
     "stated_snapshot_failures_total", "stated_torn_reads_total", "stated_settled_slots_total", "up",
+    "stated_table_up", "stated_allocator_rebuilds_total",
     # prometheus_client's ProcessCollector (stated/service.py)
     "process_start_time_seconds", "process_resident_memory_bytes", "process_virtual_memory_bytes",
     "process_cpu_seconds_total", "process_open_fds", "process_max_fds",
