@@ -231,3 +231,72 @@ def test_promtool_alert_cases(case, tmp_path):
     res = subprocess.run([promtool, "test", "rules", "test.yml"], cwd=tmp_path, capture_output=True, text=True,
                          timeout=60, check=False)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+# --------------------------------------------------- the Kubernetes relabel rules, in a real Prometheus
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_kubernetes_relabeling_sets_service_and_a_stable_instance(tmp_path, procs):
+    """deploy/prometheus/prometheus-kubernetes.yml's relabel rules, run by Prometheus itself: the pod's
+    discovery labels come from a file_sd file instead of the Kubernetes API (Debian's Prometheus has
+    no Kubernetes SD). Targets are loopback addresses where nothing listens."""
+    import json
+    import time
+    import urllib.request
+    prometheus = shutil.which("prometheus")
+    if prometheus is None:
+        pytest.skip("prometheus not installed (Debian package 'prometheus')")
+    yaml = _yaml()
+    cfg = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus-kubernetes.yml").read_text())
+    job = cfg["scrape_configs"][0]
+    assert "kubernetes_sd_configs" in job
+    del job["kubernetes_sd_configs"]
+    job["file_sd_configs"] = [{"files": [str(tmp_path / "pods.json")], "refresh_interval": "1s"}]
+    job["scrape_interval"] = "1h"
+    cfg["rule_files"] = []
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(cfg))
+
+    def pod(addr, name, **labels):
+        meta = {"__meta_kubernetes_namespace": "games", "__meta_kubernetes_pod_name": name}
+        meta.update({f"__meta_kubernetes_pod_{k}": v for k, v in labels.items()})
+        return {"targets": [addr], "labels": meta}
+
+    scrape = {"annotation_prometheus_io_scrape": "true", "annotation_prometheus_io_port": "9474"}
+    (tmp_path / "pods.json").write_text(json.dumps([
+        pod("127.0.0.2:8080", "stated-7d9f-abcde", label_app_kubernetes_io_name="stated", **scrape),
+        pod("127.0.0.3:8080", "stated-eu-1-x", label_app_kubernetes_io_name="stated",
+            label_app_kubernetes_io_instance="eu-1", **scrape),
+        pod("127.0.0.4:8080", "redis-0", label_app_kubernetes_io_name="redis", **scrape),
+        pod("127.0.0.5:8080", "unscraped", label_app_kubernetes_io_name="stated"),
+    ]))
+    port = _free_port()
+    p = subprocess.Popen([prometheus, f"--config.file={tmp_path / 'prometheus.yml'}",
+                          f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
+                         stdout=subprocess.DEVNULL, stderr=open(tmp_path / "prometheus.log", "w"))
+    procs.append(p)
+    deadline = time.monotonic() + 30
+    targets: list = []
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/targets", timeout=2) as r:
+                targets = json.load(r)["data"]["activeTargets"]
+        except OSError:
+            targets = []
+        if len(targets) == 3:
+            break
+        time.sleep(0.3)
+    p.terminate()
+    p.wait(timeout=20)
+    got = {t["labels"]["pod"]: (t["labels"].get("service"), t["labels"]["instance"], t["scrapeUrl"])
+           for t in targets}
+    assert got == {
+        "stated-7d9f-abcde": ("stated", "games/stated", "http://127.0.0.2:9474/metrics"),
+        "stated-eu-1-x": ("stated", "games/eu-1", "http://127.0.0.3:9474/metrics"),
+        "redis-0": (None, "127.0.0.4:9474", "http://127.0.0.4:9474/metrics"),
+    }, (tmp_path / "prometheus.log").read_text()[-2000:]
