@@ -23,12 +23,14 @@ from pathlib import Path
 
 import pytest
 
+from conftest import copy_checkout
+
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 DEPLOY_DOC = ROOT / "docs" / "deploy.md"
 UNIT = ROOT / "systemd" / "stated.service"
 DEBIAN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-NEEDED = ("unshare", "setpriv", "useradd", "systemd-sysusers", "systemd-tmpfiles", "sysctl", "apt-get")
+NEEDED = ("unshare", "setpriv", "useradd", "systemd-sysusers", "systemd-tmpfiles", "sysctl", "apt-get", "ip")
 
 
 def install_lines(text: str) -> list[str]:
@@ -89,8 +91,10 @@ useradd --system --no-create-home --shell /usr/sbin/nologin --groups stated game
 mount --bind /var/lib/stated /var/lib/stated
 mount --bind /run/stated /run/stated
 for d in /etc /usr /opt /var /run; do mount -o remount,bind,ro "$d"; done
-( umask {umask}; exec setpriv --reuid={user} --regid={group} --init-groups -- {exec_start} ) \\
-  2> "$S/daemon.log" &
+# its own network namespace: 127.0.0.1:9474 may be taken on this machine (the control socket is a
+# path, reachable from here); unshare and sh exec, so $! is the daemon's pid
+unshare --net -- sh -c 'ip link set lo up && umask {umask} && exec setpriv --reuid={user} --regid={group} \\
+  --init-groups -- {exec_start}' 2> "$S/daemon.log" &
 DAEMON=$!
 for i in $(seq 1 100); do [ -S /run/stated/stated.sock ] && break; sleep 0.1; done
 test -S /run/stated/stated.sock || {{ cat "$S/daemon.log"; exit 1; }}
@@ -106,7 +110,7 @@ print("worker wrote", h)
 stated get players 42 | grep -q '"hp": 77'
 stated snapshot
 test -n "$(find /var/lib/stated -user stated -name '*players*' -print -quit)"
-kill -TERM $DAEMON
+kill -TERM $DAEMON          # unshare and sh exec'd: this is the daemon
 wait $DAEMON
 echo "daemon exit 0"
 ! grep -q Traceback "$S/daemon.log"
@@ -125,13 +129,7 @@ def test_readme_install_steps_in_a_scratch_root(tmp_path):
                            timeout=30)
     if probe.returncode:
         pytest.skip(f"cannot create a mount namespace here: {probe.stderr.decode().strip()}")
-    src = tmp_path / "src"
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
-                           text=True, check=True).stdout.split("\n")
-    for f in filter(None, files):
-        if (ROOT / f).is_file():
-            (src / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / f, src / f)
+    src = copy_checkout(tmp_path / "src")
     script = tmp_path / "install.sh"
     script.write_text(_script(tmp_path, install_lines(README.read_text())))
     res = subprocess.run(["unshare", "--mount", "--ipc", "--pid", "--fork", "--kill-child", "--mount-proc",

@@ -71,7 +71,8 @@ def notify(tmp_path):
 
 def run_daemon(procs, cfg: Path, notify: Notify, *, stderr=None, env_extra=None) -> subprocess.Popen:
     env = dict(os.environ, NOTIFY_SOCKET=notify.path, **(env_extra or {}))
-    env.pop("JOURNAL_STREAM", None) if "JOURNAL_STREAM" not in (env_extra or {}) else None
+    if "JOURNAL_STREAM" not in (env_extra or {}):
+        env.pop("JOURNAL_STREAM", None)      # the test runner's own journal stream must not count
     p = subprocess.Popen([*STATED, "run", "--config", str(cfg)], env=env,
                          stderr=stderr if stderr is not None else subprocess.DEVNULL)
     procs.append(p)

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import copy_checkout
+
 import stated
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,13 +58,7 @@ h.slot
 def wheel(tmp_path_factory) -> Path:
     """The wheel pip builds from a copy of this checkout (the build leaves nothing in the tree)."""
     tmp = tmp_path_factory.mktemp("wheel")
-    src = tmp / "src"
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
-                           text=True, check=True).stdout.split("\n")
-    for f in filter(None, files):
-        if (ROOT / f).is_file():
-            (src / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / f, src / f)
+    src = copy_checkout(tmp / "src")
     res = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp / "dist"), str(src)],
                          capture_output=True, text=True, timeout=300)
     if res.returncode:
