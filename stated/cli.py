@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -204,7 +205,7 @@ def cmd_check_config(args) -> int:
     """Like `promtool check config`: each file parsed and laid out as the daemon would; exit 1 if any fails.
 
     Also warns about paths the systemd unit cannot write (ProtectSystem=strict makes /etc and
-    /usr read-only): the shipped config's relative `control_socket` resolves under /etc/stated.
+    /usr read-only): a relative `control_socket` in /etc/stated/stated.toml resolves under /etc/stated.
     """
     paths = args.files or [args.config or config_mod.default_path()]
     rc = EXIT_OK
@@ -230,9 +231,10 @@ def cmd_check_config(args) -> int:
 
 
 def _jsonable(v):
+    """bytes fields as hex; NaN and infinities as null (JSON has neither)."""
     if isinstance(v, (bytes, bytearray)):
         return v.hex()
-    if isinstance(v, float) and v != v:
+    if isinstance(v, float) and not math.isfinite(v):
         return None
     return v
 
@@ -246,6 +248,7 @@ def cmd_get(args) -> int:
             print(f"stated get: table {args.table!r} has no record for entity {args.entity}", file=sys.stderr)
             return EXIT_ERROR
         rec = t.read(h)
+        # the slot's owner index and dirty mark: Table has no public accessor for them (yet)
         owner_idx = t._s16[16 * h.slot + 8]
         owner = next((o.name for o in t.owners() if o.index == owner_idx), None)
         out = {"table": args.table, "entity": args.entity, "slot": h.slot, "generation": h.generation,
