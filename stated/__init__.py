@@ -10,6 +10,7 @@ from .allocator import Handle
 from .errors import (ConfigError, CorruptSegment, DaemonError, DuplicateEntity, ForeignSegment, LayoutMismatch,
                      LockTimeout, NotOwner, OwnerBusy, OwnersExhausted, ReadOnlyTable, SchemaError, SegmentExists, SegmentNotFound,
                      SlotOutOfRange, StaleHandle, StatedError, TableFull, TornRecord, UnsupportedVersion)
+from .errors import InstallError
 from .segment import PermissionDenied
 from .table import Table, attach
 
@@ -18,4 +19,5 @@ __version__ = "0.1.0"
 __all__ = ["attach", "Table", "Handle", "StatedError", "ConfigError", "SchemaError", "SegmentNotFound",
            "SegmentExists", "ForeignSegment", "CorruptSegment", "UnsupportedVersion", "LayoutMismatch",
            "TableFull", "DuplicateEntity", "StaleHandle", "SlotOutOfRange", "NotOwner", "OwnerBusy", "OwnersExhausted",
-           "ReadOnlyTable", "LockTimeout", "TornRecord", "DaemonError", "PermissionDenied", "__version__"]
+           "ReadOnlyTable", "LockTimeout", "TornRecord", "DaemonError", "PermissionDenied", "InstallError",
+           "__version__"]

@@ -30,15 +30,11 @@ from typing import NamedTuple
 import sysv_ipc
 
 from . import format as fmt
+from ._compat import require_semtimedop
 from .errors import (CorruptSegment, DuplicateEntity, LockTimeout, NotOwner, OwnerBusy, OwnersExhausted,
                      SegmentNotFound, SlotOutOfRange, StaleHandle, StatedError, TableFull)
 from .owners import Liveness, Owner, read_owners
 from .segment import Segment, Trust, open_semaphore
-
-if not sysv_ipc.SEMAPHORE_TIMEOUT_SUPPORTED:
-    raise ImportError(
-        "sysv_ipc was installed from a prebuilt wheel without semtimedop, so lock waits cannot time out. "
-        "Fix: pip install --force-reinstall --no-binary sysv_ipc sysv_ipc")
 
 log = logging.getLogger("stated.allocator")
 
@@ -103,6 +99,8 @@ class Allocator:
         self._i32 = index.cast("I")     # slot + 1 = [4e+2]; 0 = empty
         self._owners_off = r.owners_offset
         self._o32 = buf[r.owners_offset:r.owners_offset + fmt.OWNERS_CAPACITY * fmt.OWNER_SIZE].cast("I")
+        if not seg.readonly:
+            require_semtimedop()        # lock waits must time out; read-only observers never wait
         self._sem = None if seg.readonly else open_semaphore(self.key, trust=trust)
 
     def release_views(self) -> None:

@@ -1,23 +1,32 @@
-"""The `stated` command line: run, status, destroy, header (and daemon requests).
+"""The `stated` command line: run, status, destroy, header, check-config, get, top (and daemon requests).
 
 Exit codes: 0 success; 1 a stated error (message on stderr); 2 usage error;
-3 the daemon is not running (for commands that need it).
+3 the daemon is not running (for commands that need it); 78 (EX_CONFIG) `stated run`
+refused its config or the installation (systemd's RestartPreventExitStatus=78: retrying
+cannot help).
+
+Global options (--config, -v) are accepted before or after the command.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 
 from . import __version__
 from . import config as config_mod
 from . import format as fmt
-from . import segment
-from .errors import StatedError
+from . import logs, segment
+from .errors import ConfigError, InstallError, StatedError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_RUNNING = 0, 1, 2, 3
+EXIT_CONFIG = 78        # EX_CONFIG (sysexits.h): the unit's RestartPreventExitStatus=
+DIST = "stated-shm"     # the distribution's name on PyPI; the package and the command are `stated`
+
+log = logging.getLogger("stated.cli")
 
 
 def human_bytes(n: int) -> str:
@@ -42,9 +51,19 @@ def _config(args) -> config_mod.Config:
 
 
 def cmd_run(args) -> int:
+    from ._compat import require_semtimedop
     from .daemon import Daemon
-    return Daemon(args.config or config_mod.default_path(), migrate=args.migrate, allow_lossy=args.allow_lossy,
-                  force=args.force).run()
+    from .service import protect_core_dumps
+    path = args.config or config_mod.default_path()
+    try:
+        cfg = config_mod.load(path)          # for log_format; the daemon loads it again (and on reload)
+        require_semtimedop()
+    except (ConfigError, InstallError) as e:
+        log.error("start-up refused: %s", e)
+        return EXIT_CONFIG
+    logs.configure(logging.DEBUG if args.verbose else logging.INFO, cfg.daemon.log_format)
+    protect_core_dumps()                     # no player data in a core file, however we were started
+    return Daemon(path, migrate=args.migrate, allow_lossy=args.allow_lossy, force=args.force).run()
 
 
 def cmd_migrate(args) -> int:
@@ -183,16 +202,101 @@ def cmd_header(args) -> int:
     return EXIT_OK
 
 
+def cmd_check_config(args) -> int:
+    """Like `promtool check config`: each file parsed and laid out as the daemon would; exit 1 if any fails.
+
+    Also warns about paths the systemd unit cannot write (ProtectSystem=strict makes /etc and
+    /usr read-only): a relative `control_socket` in /etc/stated/stated.toml resolves under /etc/stated.
+    """
+    paths = args.files or [args.config or config_mod.default_path()]
+    rc = EXIT_OK
+    for path in paths:
+        print(f"Checking {path or config_mod.BUILTIN}")
+        try:
+            cfg = config_mod.load(path)
+        except StatedError as e:
+            print(f"  FAILED: {e}")
+            rc = EXIT_ERROR
+            continue
+        tables = ", ".join(f"{t.name} ({t.capacity} x {t.layout.record_size} B)" for t in cfg.tables.values())
+        print(f"  SUCCESS: {len(cfg.tables)} tables: {tables}")
+        for what, p in (("state_dir", cfg.daemon.state_dir), ("control_socket", cfg.daemon.control_socket)):
+            if p.is_relative_to("/etc") or p.is_relative_to("/usr"):
+                print(f"  WARNING: {what} = {p} is read-only for the systemd service (ProtectSystem=strict); "
+                      f"use {'/var/lib/stated' if what == 'state_dir' else '/run/stated/stated.sock'}")
+        host = cfg.daemon.metrics_address.rpartition(":")[0].strip("[]")
+        if host not in ("127.0.0.1", "::1", "localhost"):
+            print(f"  WARNING: metrics_address {cfg.daemon.metrics_address} is not loopback: anyone who can reach "
+                  "it reads table names and counters")
+    return rc
+
+
+def _jsonable(v):
+    """bytes fields as hex; NaN and infinities as null (JSON has neither)."""
+    if isinstance(v, (bytes, bytearray)):
+        return v.hex()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def cmd_get(args) -> int:
+    """One record as JSON, through a read-only attach (SHM_RDONLY): safe while workers run."""
+    from .table import attach
+    with attach(args.table, config=args.config or config_mod.default_path(), readonly=True) as t:
+        h = t.lookup(args.entity)
+        if h is None:
+            print(f"stated get: table {args.table!r} has no record for entity {args.entity}", file=sys.stderr)
+            return EXIT_ERROR
+        rec = t.read(h)
+        # the slot's owner index and dirty mark: Table has no public accessor for them (yet)
+        owner_idx = t._s16[16 * h.slot + 8]
+        owner = next((o.name for o in t.owners() if o.index == owner_idx), None)
+        out = {"table": args.table, "entity": args.entity, "slot": h.slot, "generation": h.generation,
+               "owner": owner, "dirty": bool(t._dirty[h.slot]),
+               "record": {k: _jsonable(v) for k, v in rec.to_dict().items()}}
+    print(json.dumps(out, indent=None if args.compact else 2))
+    return EXIT_OK
+
+
+def cmd_top(args) -> int:
+    from . import top
+    return top.run(_config(args), interval=args.interval, iterations=args.iterations, once=args.once)
+
+
+def cmd_completion(args) -> int:
+    from . import completion
+    sys.stdout.write(completion.script(build_parser(), args.shell))
+    return EXIT_OK
+
+
+def _int(text: str) -> int:
+    """An entity id: decimal or 0x-hex."""
+    return int(text, 0)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="stated", description="Shared-memory state daemon for game servers.")
-    p.add_argument("--version", action="version", version=f"stated {__version__} (format {fmt.FORMAT_VERSION})")
+    p = argparse.ArgumentParser(
+        prog="stated", description="Shared-memory state daemon for game servers.",
+        epilog=f"Installed from the Python distribution {DIST!r} (pip install {DIST}); the package and the "
+               "command are `stated`. Shell completion: `stated completion bash`.")
+    p.add_argument("--version", action="version",
+                   version=f"stated {__version__} ({DIST}, segment format {fmt.FORMAT_VERSION})")
+    # Global options: also accepted after the command. The command's copies default to SUPPRESS,
+    # so a value given before the command is not reset by the subparser.
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--config", metavar="PATH",
+                   help="config file (default: $STATED_CONFIG, else /etc/stated/stated.toml if it exists, "
+                        "else the built-in default)")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
+    common.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS,
+                        help="config file (default: $STATED_CONFIG, else /etc/stated/stated.toml if it exists, "
+                        "else the built-in default)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, func, help: str) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name, help=help, description=help)
-        sp.add_argument("--config", metavar="PATH",
-                        help="config file (default: $STATED_CONFIG, else the built-in default)")
+        sp = sub.add_parser(name, help=help, description=help, parents=[common])
         sp.set_defaults(func=func)
         return sp
 
@@ -231,13 +335,24 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--json", action="store_true", help="machine-readable output")
     h = add("header", cmd_header, "print a C11 header for the tables' layouts")
     h.add_argument("tables", nargs="*", metavar="TABLE", help="tables to include (default: all)")
+    cc = add("check-config", cmd_check_config, "check config files (exit 1 if any is invalid)")
+    cc.add_argument("files", nargs="*", metavar="FILE", help="files to check (default: the --config one)")
+    g = add("get", cmd_get, "print one record as JSON (read-only attach)")
+    g.add_argument("table", metavar="TABLE")
+    g.add_argument("entity", metavar="ENTITY", type=_int, help="entity id (decimal or 0x...)")
+    g.add_argument("--compact", action="store_true", help="one line")
+    t = add("top", cmd_top, "live view of the tables: fill, alloc/free rates, dirty, owners, lock repairs")
+    t.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default 1)")
+    t.add_argument("--iterations", type=int, default=0, metavar="N", help="stop after N refreshes (0: until q)")
+    t.add_argument("--once", action="store_true", help="print one sample as plain text and exit")
+    c = add("completion", cmd_completion, "print a shell completion script")
+    c.add_argument("shell", choices=["bash", "zsh", "fish"])
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return args.func(args)
     except StatedError as e:
@@ -245,6 +360,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:          # `stated header | head`
+        return EXIT_OK
 
 
 if __name__ == "__main__":

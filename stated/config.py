@@ -13,7 +13,7 @@ import zlib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from . import layout as layout_mod
 from .errors import ConfigError, SchemaError
@@ -47,6 +47,7 @@ class DaemonConfig:
     snapshot_interval: float = 60.0
     snapshots_keep: int = 5
     full_every: int = 10
+    log_format: str = "text"          # "text" | "json" (stated/logs.py); priorities under journald either way
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ _DAEMON_KEYS = {
     "state_dir": str, "mode": int, "group": str, "metrics_address": str, "control_socket": str,
     "lock_timeout": (int, float), "repair_interval": (int, float), "reap_interval": (int, float),
     "snapshot_interval": (int, float), "snapshots_keep": int, "full_every": int, "base_key": int,
+    "log_format": str,
 }
 _TABLE_KEYS = {"key": int, "capacity": int, "fields": list, "dead_owner": str,
                "dead_owner_grace": (int, float)}
@@ -115,6 +117,8 @@ def parse(data: dict[str, Any], path: str, base_dir: Path) -> Config:
     for k in ("state_dir", "control_socket", "group"):
         if "\0" in d.get(k, ""):
             raise ConfigError("must not contain a NUL character", path=path, field=k)
+    if d.get("log_format", "text") not in ("text", "json"):
+        raise ConfigError(f'must be "text" or "json", got {d["log_format"]!r}', path=path, field="log_format")
     base_key = d.get("base_key", 0x53540000)
     daemon = DaemonConfig(
         state_dir=(base_dir / d.get("state_dir", "var")).resolve(),
@@ -128,6 +132,7 @@ def parse(data: dict[str, Any], path: str, base_dir: Path) -> Config:
         snapshot_interval=positive("snapshot_interval", 60.0),
         snapshots_keep=int(positive("snapshots_keep", 5)),
         full_every=int(positive("full_every", 10)),
+        log_format=d.get("log_format", "text"),
     )
     host, _, port = daemon.metrics_address.rpartition(":")
     if not host or not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
@@ -198,6 +203,14 @@ def loads(text: str, path: str, base_dir: Path) -> Config:
     return parse(data, path, base_dir)
 
 
-def default_path() -> str | None:
-    """The config used when --config is not given: $STATED_CONFIG, else the built-in default."""
-    return os.environ.get("STATED_CONFIG") or None
+SYSTEM_CONFIG = "/etc/stated/stated.toml"
+
+
+def default_path(env: Mapping[str, str] | None = None, system: str = SYSTEM_CONFIG) -> str | None:
+    """The config used when --config is not given: $STATED_CONFIG, else the installed service's
+    /etc/stated/stated.toml when it exists (so `stated status` on a server means that daemon),
+    else None: the built-in default."""
+    env = os.environ if env is None else env
+    if env.get("STATED_CONFIG"):
+        return env["STATED_CONFIG"]
+    return system if os.path.isfile(system) else None

@@ -33,6 +33,7 @@ from .notify import Notifier
 from .owners import Liveness, Owner
 from .persist import Saver
 from .segment import Segment, Trust
+from .service import extending_timeout
 from .snapshot import SnapshotFailed
 
 log = logging.getLogger("stated.daemon")
@@ -151,7 +152,8 @@ class Daemon:
         for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(s, self._on_signal, s)
         try:
-            self.startup()
+            with extending_timeout(self.notifier.path):    # restores can outlast TimeoutStartSec=
+                self.startup()
             await self._listen()
         except (StatedError, OSError) as e:
             log.error("start-up failed: %s", e)
@@ -177,7 +179,8 @@ class Daemon:
         for t in tasks:
             t.cancel()
         await asyncio.wait(tasks, timeout=SHUTDOWN_TIMEOUT)
-        self.snapshot_pass()          # the final snapshot
+        with extending_timeout(self.notifier.path):        # can outlast TimeoutStopSec=
+            self.snapshot_pass()          # the final snapshot
         await self._close_servers()
         self._detach_all()
         log.info("stopped; segments left in place")

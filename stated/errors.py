@@ -119,3 +119,7 @@ class MigrationRefused(StatedError):
 
 class RestoreError(StatedError):
     """No usable snapshot, or the table already exists."""
+
+
+class InstallError(StatedError):
+    """The installation lacks something stated needs (e.g. sysv_ipc built without semtimedop)."""

@@ -18,6 +18,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from . import __version__
 from . import format as fmt
+from .service import register_process_metrics
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -106,6 +107,7 @@ class DaemonMetrics:
     def __init__(self, daemon: "Daemon"):
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(TableCollector(daemon))
+        register_process_metrics(self.registry)          # process_start_time_seconds: restarts
         self.housekeeping = Histogram("stated_housekeeping_duration_seconds", "Duration of housekeeping passes",
                                       ["pass"], registry=self.registry,
                                       buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5))

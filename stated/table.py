@@ -82,7 +82,7 @@ class _WriteSection:
     def __init__(self, s32, s8, slot: int, view):
         self._s32, self._s8, self._slot, self._view = s32, s8, slot, view
 
-    def __enter__(self):
+    def __enter__(self) -> RecordBase:
         slot = self._slot
         if slot < 0:
             raise StaleHandle("this write section's slot was freed; look the entity up again")

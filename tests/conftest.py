@@ -240,3 +240,18 @@ class DaemonProc:
     def stop(self) -> int:
         self.p.terminate()
         return self.p.wait(timeout=15)
+
+
+def copy_checkout(dest: Path) -> Path:
+    """Copy the repository's tracked and untracked-but-not-ignored files to `dest` (no .venv, no .git):
+    for tests that build or install from a checkout without writing into this one."""
+    import shutil
+    import subprocess
+    root = Path(__file__).resolve().parent.parent
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=root, capture_output=True,
+                           text=True, check=True).stdout.split("\n")
+    for f in filter(None, files):
+        if (root / f).is_file():
+            (dest / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(root / f, dest / f)
+    return dest

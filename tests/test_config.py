@@ -10,7 +10,8 @@ def test_shipped_config_loads():
     players = cfg.tables["players"]
     assert players.key == 0x53540001 and players.capacity == 10000
     assert players.layout["level"].field.default == 1
-    assert cfg.daemon.state_dir.name == "var"
+    assert str(cfg.daemon.state_dir) == "/var/lib/stated"   # the service's paths (README install)
+    assert str(cfg.daemon.control_socket) == "/run/stated/stated.sock"
 
 
 def test_builtin_default_loads():
@@ -66,3 +67,11 @@ def test_derived_keys_are_stable_and_distinct(tmp_path):
     cfg, _ = _load(tmp_path, '[tables.a]\ncapacity = 1\nfields = ["x: u8"]\n[tables.b]\ncapacity = 1\nfields = ["x: u8"]')
     assert cfg.tables["a"].key != cfg.tables["b"].key
     assert cfg.tables["a"].key == config_mod.derive_key(0x53540000, "a")
+
+
+def test_default_path_prefers_env_then_the_installed_config(tmp_path):
+    system = tmp_path / "stated.toml"
+    assert config_mod.default_path({}, str(system)) is None                  # built-in default
+    system.write_text("")
+    assert config_mod.default_path({}, str(system)) == str(system)           # the installed service's
+    assert config_mod.default_path({"STATED_CONFIG": "/x.toml"}, str(system)) == "/x.toml"

@@ -36,7 +36,11 @@ METRICS = {
     "stated_reaped_slots_total", "stated_owners", "stated_attached_processes",
     "stated_segment_size_bytes", "stated_dirty_slots", "stated_build_info",
     "stated_snapshot_last_success_timestamp_seconds", "stated_snapshot_size_bytes",
-    "stated_snapshot_failures_total", "stated_torn_reads_total", "up",
+    "stated_snapshot_failures_total", "stated_torn_reads_total", "stated_settled_slots_total", "up",
+    "stated_table_up", "stated_allocator_rebuilds_total",
+    # prometheus_client's ProcessCollector (stated/service.py)
+    "process_start_time_seconds", "process_resident_memory_bytes", "process_virtual_memory_bytes",
+    "process_cpu_seconds_total", "process_open_fds", "process_max_fds",
 }
 HISTOGRAMS = {"stated_housekeeping_duration_seconds", "stated_snapshot_duration_seconds"}
 KNOWN_SERIES = METRICS | {h + s for h in HISTOGRAMS for s in ("_bucket", "_sum", "_count")}
@@ -280,61 +284,6 @@ def test_promtool_check_rules():
     assert res.returncode == 0, res.stdout + res.stderr
 
 
-def test_promtool_alerts_fire(tmp_path):
-    """promtool unit tests of the alert expressions and `for:` durations
-    (annotations stripped: promtool compares them verbatim)."""
-    promtool = _tool("promtool", "prometheus")
-    yaml = pytest.importorskip("yaml")
-    rules = _rules()
-    for g in rules["groups"]:
-        for r in g["rules"]:
-            r.pop("annotations", None)
-    (tmp_path / "rules.yml").write_text(yaml.safe_dump(rules))
-    lbl = 'job="stated", instance="h:9474"'
-    exp = {"job": "stated", "instance": "h:9474"}
-
-    def alert(name, t, **labels):
-        want = {k: v for k, v in {**exp, **labels}.items() if v is not None}
-        return {"eval_time": t, "alertname": name,
-                "exp_alerts": [{"exp_labels": want}] if labels else []}
-
-    test = {
-        "rule_files": ["rules.yml"],
-        "evaluation_interval": "1m",
-        "tests": [{
-            "interval": "1m",
-            "input_series": [
-                {"series": f"up{{{lbl}}}", "values": "1 0x5"},
-                {"series": f'stated_slots{{{lbl}, table="players", state="allocated"}}', "values": "50 95x10"},
-                {"series": f'stated_capacity_slots{{{lbl}, table="players"}}', "values": "100x11"},
-                {"series": f'stated_slots{{{lbl}, table="players", state="orphaned"}}', "values": "3x15"},
-                {"series": f'stated_lock_repairs_total{{{lbl}, table="players"}}', "values": "0 0 1x10"},
-                {"series": f'stated_lock_timeouts_total{{{lbl}, table="players"}}', "values": "0x15"},
-                {"series": f'stated_snapshot_last_success_timestamp_seconds{{{lbl}, table="players"}}',
-                 "values": "0x15"},
-                {"series": f'stated_snapshot_failures_total{{{lbl}, table="players"}}', "values": "0 1x10"},
-            ],
-            "alert_rule_test": [
-                alert("StatedDown", "1m"),
-                alert("StatedDown", "3m", severity="critical"),
-                alert("StatedTableNearlyFull", "3m"),
-                alert("StatedTableNearlyFull", "7m", severity="warning", table="players", job=None),
-                alert("StatedLockRepairs", "1m"),
-                alert("StatedLockRepairs", "3m", severity="warning", table="players"),
-                alert("StatedLockTimeouts", "10m"),
-                alert("StatedOrphanedSlots", "5m"),
-                alert("StatedOrphanedSlots", "11m", severity="warning", table="players", state="orphaned"),
-                alert("StatedSnapshotStale", "5m"),
-                alert("StatedSnapshotStale", "11m", severity="critical", table="players"),
-                alert("StatedSnapshotFailures", "2m", severity="warning", table="players"),
-            ],
-        }],
-    }
-    (tmp_path / "test.yml").write_text(yaml.safe_dump(test))
-    res = _run(promtool, "test", "rules", "test.yml", cwd=tmp_path)
-    assert res.returncode == 0, res.stdout + res.stderr
-
-
 # --------------------------------------------------------------------- Grafana
 
 def _panels(panels):
@@ -395,6 +344,12 @@ def test_dashboard_exprs_are_valid_promql(tmp_path):
 
 # ------------------------------------------------------------------ Kubernetes
 
+def _mib(q: str) -> float:
+    m = re.fullmatch(r"(\d+)(Mi|Gi)", q)
+    assert m, q
+    return int(m.group(1)) * (1024 if m.group(2) == "Gi" else 1)
+
+
 def test_k8s_manifest():
     yaml = pytest.importorskip("yaml")
     docs = {d["kind"]: d for d in yaml.safe_load_all(K8S.read_text()) if d}
@@ -406,23 +361,52 @@ def test_k8s_manifest():
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert {s["name"]: s["value"] for s in pod["securityContext"]["sysctls"]} \
         .get("kernel.shm_rmid_forced") == "0"
+    # stated is a native sidecar: an init container with restartPolicy Always and a startup
+    # probe, so it starts before the worker and stops after it.
+    inits = {c["name"]: c for c in pod["initContainers"]}
     containers = {c["name"]: c for c in pod["containers"]}
-    assert len(containers) == 2
-    for c in containers.values():
+    assert list(inits) == ["stated"] and list(containers) == ["game-worker"]
+    stated = inits["stated"]
+    assert stated["restartPolicy"] == "Always" and "startupProbe" in stated
+    for c in [*inits.values(), *containers.values()]:
         assert c["securityContext"]["allowPrivilegeEscalation"] is False
         assert c.get("securityContext", {}).get("runAsUser", pod["securityContext"]["runAsUser"]) != 0
-    stated = containers["stated"]
     assert stated["args"] == ["stated", "run", "--config", "/etc/stated/stated.toml"]
     volumes = {v["name"]: v for v in pod["volumes"]}
     mounts = {m["mountPath"]: m["name"] for m in stated["volumeMounts"]}
     assert volumes[mounts["/var/lib/stated"]]["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
     assert volumes[mounts["/etc/stated"]]["configMap"]["name"] == cm["metadata"]["name"]
+    assert pod["terminationGracePeriodSeconds"] >= 40, "the worker's stop, then the final snapshot"
 
     conf = tomllib.loads(cm["data"]["stated.toml"])["daemon"]
     assert conf["state_dir"] == "/var/lib/stated"
     assert Path(conf["control_socket"]).parent == Path("/run/stated")
     port = int(conf["metrics_address"].rpartition(":")[2])
     assert port == stated["ports"][0]["containerPort"]
+
+
+# Peak RSS of `stated run` with the manifest's tables (players 10,000, world 16), filled, during
+# `stated snapshot`: 40 MiB measured (VmHWM), of which ~34.5 MiB before any table was written.
+MEASURED_SNAPSHOT_RSS_MIB = 40
+
+
+def test_k8s_memory_matches_the_tables():
+    """Requests and limits follow the rule written next to them: request >= measured RSS + the
+    segments (shared memory may be charged to this container), limit >= measured + 3 x segments,
+    and neither absurdly larger (a 1 GiB limit for 3 MiB of state hides leaks)."""
+    config = pytest.importorskip("stated.config")
+    fmt = pytest.importorskip("stated.format")
+    yaml = pytest.importorskip("yaml")
+    docs = {d["kind"]: d for d in yaml.safe_load_all(K8S.read_text()) if d}
+    cfg = config.loads(docs["ConfigMap"]["data"]["stated.toml"], "stated-pod.yaml", Path("/etc/stated"))
+    seg_mib = sum(fmt.regions(t.capacity, t.layout.record_size, 4096).total_size     # schema blob < 4 KiB
+                  for t in cfg.tables.values()) / 2**20
+    res = next(c for c in docs["Deployment"]["spec"]["template"]["spec"]["initContainers"]
+               if c["name"] == "stated")["resources"]
+    request, limit = _mib(res["requests"]["memory"]), _mib(res["limits"]["memory"])
+    assert request >= MEASURED_SNAPSHOT_RSS_MIB + seg_mib, (request, seg_mib)
+    assert limit >= MEASURED_SNAPSHOT_RSS_MIB + 3 * seg_mib, (limit, seg_mib)
+    assert limit <= 4 * (MEASURED_SNAPSHOT_RSS_MIB + 3 * seg_mib), f"limit {limit} MiB for {seg_mib:.1f} MiB"
 
 
 def test_k8s_config_loads_with_stated():
@@ -440,6 +424,10 @@ def test_dockerfile():
     froms = re.findall(r"^FROM\s+(\S+)", text, re.M)
     assert froms and all(f == "python:3.11-slim" for f in froms), froms
     assert re.search(r"pip install [^\n]*--no-binary sysv_ipc", text)
+    # everything the build reads: pyproject's readme and license-files
+    copied = " ".join(re.findall(r"^COPY (?!--from)(.*) \S+$", text, re.M))
+    for f in ("pyproject.toml", "README.md", "LICENSE", "stated/"):
+        assert f in copied.split(), f"the build stage does not COPY {f}"
     assert "SEMAPHORE_TIMEOUT_SUPPORTED" in text
     users = re.findall(r"^USER\s+(\S+)", text, re.M)
     assert users and users[-1].split(":")[0] not in {"root", "0"}

@@ -1,0 +1,328 @@
+"""Operator experience (issue 13), with real processes: the daemon's core-dump filter, exit code 78
+for config errors, EXTEND_TIMEOUT_USEC, process metrics, journald priorities and JSON logs, the
+install-time guidance when sysv_ipc lacks semtimedop, and the unit's settings that go with them."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+import stated
+from stated import cli, logs, service
+from stated.config import load as load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+UNIT = ROOT / "systemd" / "stated.service"
+WORKER_UNIT = ROOT / "systemd" / "stated-worker@.service"
+STATED = [sys.executable, "-m", "stated"]
+
+
+def unit_settings(path: Path) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if line and line[0] not in "#;[":
+            k, _, v = line.partition("=")
+            out.setdefault(k.strip(), []).append(v.strip())
+    return out
+
+
+class Notify:
+    """A NOTIFY_SOCKET like systemd's: collects every datagram in order."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.got: list[str] = []
+
+    def until(self, line: str, timeout: float = 15.0) -> list[str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(line in m.split("\n") for m in self.got):
+                return self.got
+            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                self.got.append(self.sock.recv(4096).decode())
+            except socket.timeout:
+                break
+        raise AssertionError(f"no {line!r}; got {self.got}")
+
+    def close(self):
+        self.sock.close()
+
+
+@pytest.fixture
+def notify(tmp_path):
+    n = Notify(tmp_path / "notify.sock")
+    yield n
+    n.close()
+
+
+def run_daemon(procs, cfg: Path, notify: Notify, *, stderr=None, env_extra=None) -> subprocess.Popen:
+    env = dict(os.environ, NOTIFY_SOCKET=notify.path, **(env_extra or {}))
+    if "JOURNAL_STREAM" not in (env_extra or {}):
+        env.pop("JOURNAL_STREAM", None)      # the test runner's own journal stream must not count
+    p = subprocess.Popen([*STATED, "run", "--config", str(cfg)], env=env,
+                         stderr=stderr if stderr is not None else subprocess.DEVNULL)
+    procs.append(p)
+    notify.until("READY=1")
+    return p
+
+
+def stop(p: subprocess.Popen) -> int:
+    p.send_signal(signal.SIGTERM)
+    return p.wait(timeout=20)
+
+
+# ------------------------------------------------------------------------- unit and exit codes
+
+def test_unit_hardening_settings():
+    s = unit_settings(UNIT)
+    assert s["LimitCORE"] == ["0"]
+    assert s["RestartPreventExitStatus"] == [str(cli.EXIT_CONFIG)] and cli.EXIT_CONFIG == 78
+    assert s["Restart"] == ["on-failure"]
+
+
+def test_bad_config_exits_78_with_one_line(tmp_path):
+    bad = tmp_path / "stated.toml"
+    bad.write_text('[daemon]\nstate_dir = "var"\n[tables.players]\ncapacity = 10\nfields = ["hp: i33"]\n')
+    res = subprocess.run([*STATED, "run", "--config", str(bad)], capture_output=True, text=True, timeout=30)
+    assert res.returncode == 78, res.stderr
+    assert "Traceback" not in res.stderr
+    assert "fields.hp" in res.stderr and "unknown type" in res.stderr
+    missing = subprocess.run([*STATED, "run", "--config", str(tmp_path / "nope.toml")], capture_output=True,
+                             text=True, timeout=30)
+    assert missing.returncode == 78 and "cannot read" in missing.stderr
+
+
+def test_worker_unit_orders_after_the_daemon(tmp_path):
+    s = unit_settings(WORKER_UNIT)
+    assert "stated.service" in s["After"], "workers start after, and stop before, the daemon"
+    assert "stated.service" in " ".join(s.get("Wants", []) + s.get("Requires", []))
+    assert s["RemoveIPC"] == ["no"] and "DynamicUser" not in s
+    assert "stated" in s["SupplementaryGroups"][0].split()
+    analyze = subprocess.run(["which", "systemd-analyze"], capture_output=True, text=True).stdout.strip()
+    if not analyze:
+        pytest.skip("systemd-analyze not installed (Debian package 'systemd')")
+    unit = tmp_path / "game-zone@.service"
+    unit.write_text(re.sub(r"^ExecStart=\S+", f"ExecStart={sys.executable}", WORKER_UNIT.read_text(), flags=re.M))
+    (tmp_path / "stated.service").write_text(UNIT.read_text().replace("/usr/local/bin/stated", sys.executable))
+    res = subprocess.run([analyze, "verify", "--man=no", str(tmp_path / "game-zone@1.service")],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert res.returncode == 0 and not (res.stdout + res.stderr).strip(), res.stdout + res.stderr
+
+
+# ------------------------------------------------------------------------------- core dumps
+
+def test_daemon_keeps_shared_memory_out_of_core_dumps(write_config, notify, procs):
+    cfg = write_config()
+    p = run_daemon(procs, cfg, notify)
+    filt = int(Path(f"/proc/{p.pid}/coredump_filter").read_text(), 16)
+    assert filt & service.SHARED_BITS == 0, f"{filt:#x}: shared memory would be dumped"
+    parent = int(Path("/proc/self/coredump_filter").read_text(), 16)
+    assert filt & 1 == parent & 1, "private anonymous memory (the interpreter) is still dumped"
+    assert stop(p) == 0
+
+
+def test_protect_core_dumps_on_a_proc_root(tmp_path):
+    (tmp_path / "self").mkdir()
+    f = tmp_path / "self" / "coredump_filter"
+    f.write_text("0000017f\n")                     # every bit up to shared DAX
+    assert service.protect_core_dumps(tmp_path) == 0x17F & ~service.SHARED_BITS
+    assert int(f.read_text(), 16) & service.SHARED_BITS == 0
+    f.unlink()
+    assert service.protect_core_dumps(tmp_path) is None       # logged, not fatal
+
+
+# -------------------------------------------------------------------- systemd timeouts, metrics
+
+def test_extending_timeout_sends_until_the_body_ends(notify):
+    with service.extending_timeout(notify.path, every=0.05, extend=7.5):
+        time.sleep(0.4)
+    notify.sock.settimeout(0.3)
+    try:
+        while True:
+            notify.got.append(notify.sock.recv(4096).decode())
+    except socket.timeout:
+        pass
+    assert len(notify.got) >= 4, notify.got
+    assert set(notify.got) == {"EXTEND_TIMEOUT_USEC=7500000"}
+    time.sleep(0.2)
+    notify.sock.settimeout(0.05)
+    with pytest.raises(socket.timeout):
+        notify.sock.recv(4096)                    # the thread stopped with the body
+
+
+def test_daemon_extends_timeouts_at_start_and_stop(write_config, notify, procs):
+    cfg = write_config()
+    p = run_daemon(procs, cfg, notify)
+    got = notify.until("READY=1")
+    first_ready = next(i for i, m in enumerate(got) if "READY=1" in m.split("\n"))
+    assert any(m.startswith("EXTEND_TIMEOUT_USEC=") for m in got[:first_ready]), got
+    p.send_signal(signal.SIGTERM)
+    notify.until("STOPPING=1")
+    assert p.wait(timeout=20) == 0
+    notify.sock.settimeout(0.5)
+    rest = []
+    try:
+        while True:
+            rest.append(notify.sock.recv(4096).decode())
+    except (socket.timeout, BlockingIOError):
+        pass
+    after_stop = notify.got[next(i for i, m in enumerate(notify.got) if "STOPPING=1" in m.split("\n")):] + rest
+    assert any(m.startswith("EXTEND_TIMEOUT_USEC=") for m in after_stop), after_stop
+
+
+def test_process_metrics_are_exported(write_config, notify, procs):
+    cfg = write_config()
+    p = run_daemon(procs, cfg, notify)
+    from stated import control
+    port = control.request(load_config(cfg).daemon.control_socket, "status")["daemon"]["metrics_port"]
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    m = re.search(r"^process_start_time_seconds (\S+)$", text, re.M)
+    assert m, "no process_start_time_seconds"
+    assert abs(float(m.group(1)) - time.time()) < 60
+    assert re.search(r"^process_resident_memory_bytes \d", text, re.M)
+    assert stop(p) == 0
+
+
+# ---------------------------------------------------------------------------------- logging
+
+DATE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d")
+
+
+def test_journald_stream_gets_priorities_and_no_timestamp(write_config, notify, procs, tmp_path):
+    cfg = write_config()
+    log = tmp_path / "journal-stream"
+    with open(log, "w") as f:
+        st = os.fstat(f.fileno())
+        p = run_daemon(procs, cfg, notify, stderr=f, env_extra={"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"})
+        assert stop(p) == 0
+    lines = log.read_text().splitlines()
+    assert lines and all(re.match(r"<[2-7]>", ln) for ln in lines), lines
+    assert not any(DATE.search(ln) for ln in lines), "journald adds its own timestamp"
+    assert any(ln.startswith("<6>stated.daemon: ready") for ln in lines), lines
+    if os.geteuid() == 0:   # the daemon warns when run as root: a real warning to filter on
+        warnings = [ln for ln in lines if int(ln[1]) <= 4]
+        assert any("running as root" in ln for ln in warnings), lines
+
+
+def test_plain_format_when_stderr_is_not_the_journal_stream(write_config, notify, procs, tmp_path):
+    cfg = write_config()
+    log = tmp_path / "plain.log"
+    with open(log, "w") as f:
+        # inherited JOURNAL_STREAM, but stderr was redirected to another file
+        p = run_daemon(procs, cfg, notify, stderr=f, env_extra={"JOURNAL_STREAM": "1:1"})
+        assert stop(p) == 0
+    lines = log.read_text().splitlines()
+    assert lines and all(DATE.match(ln) for ln in lines), lines
+    assert any(" INFO stated.daemon: ready" in ln for ln in lines)
+
+
+def test_json_log_format(write_config, notify, procs, tmp_path):
+    cfg = write_config(daemon={"log_format": "json"})
+    log = tmp_path / "json.log"
+    with open(log, "w") as f:
+        p = run_daemon(procs, cfg, notify, stderr=f)
+        assert stop(p) == 0
+    recs = [json.loads(ln) for ln in log.read_text().splitlines()]
+    assert recs and all({"ts", "level", "logger", "msg", "pid"} <= r.keys() for r in recs)
+    assert any(r["msg"].startswith("ready") and r["level"] == "info" for r in recs)
+    snaps = [r for r in recs if "snapshot" in r["msg"] and "table" in r]
+    assert snaps and snaps[0]["table"] == "players", recs
+
+
+def test_bad_log_format_is_a_config_error(write_config):
+    cfg = write_config(daemon={"log_format": "xml"})
+    res = subprocess.run([*STATED, "check-config", str(cfg)], capture_output=True, text=True, timeout=30)
+    assert res.returncode == 1 and "log_format" in res.stdout
+
+
+def test_journal_formatter_prefixes_every_line_of_a_traceback():
+    fmt = logs.formatter("text", journal=True)
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        rec = logging.LogRecord("stated.x", logging.ERROR, __file__, 1, "table=%s failed", ("players",),
+                                sys.exc_info())
+    lines = fmt.format(rec).split("\n")
+    assert len(lines) > 3 and all(ln.startswith("<3>") for ln in lines), lines
+    assert lines[0] == "<3>stated.x: table=players failed"
+    assert [logs.priority(lv) for lv in (logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR,
+                                         logging.CRITICAL)] == [7, 6, 4, 3, 2]
+
+
+def test_journal_stream_detection(tmp_path):
+    with open(tmp_path / "f", "w") as f:
+        st = os.fstat(f.fileno())
+        assert logs.journal_stream(f, {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"})
+        assert not logs.journal_stream(f, {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino + 1}"})
+        assert not logs.journal_stream(f, {"JOURNAL_STREAM": "garbage"})
+        assert not logs.journal_stream(f, {})
+
+
+# ------------------------------------------------------------------ sysv_ipc without semtimedop
+
+@pytest.fixture
+def no_semtimedop(tmp_path):
+    """An environment whose sysv_ipc reports no semtimedop, as the PyPI wheel does. Only the
+    capability flag changes (a sitecustomize sets it); the IPC calls stay real."""
+    d = tmp_path / "wheel-sysv-ipc"
+    d.mkdir()
+    (d / "sitecustomize.py").write_text("import sysv_ipc\nsysv_ipc.SEMAPHORE_TIMEOUT_SUPPORTED = False\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(d), str(ROOT)]))
+    check = subprocess.run([sys.executable, "-c", "import sysv_ipc; print(sysv_ipc.SEMAPHORE_TIMEOUT_SUPPORTED)"],
+                           env=env, capture_output=True, text=True, timeout=30)
+    assert check.stdout.strip() == "False"
+    return env
+
+
+def test_without_semtimedop_help_version_and_observers_work(no_semtimedop, write_config, make_segment):
+    env = no_semtimedop
+    for args in (["--version"], ["--help"], ["run", "--help"]):
+        res = subprocess.run([*STATED, *args], env=env, capture_output=True, text=True, timeout=30)
+        assert res.returncode == 0, res.stderr
+        assert "Traceback" not in res.stderr
+    key = make_segment(capacity=10)
+    t = stated.Table(stated.segment.open(key), name="players", owner="zone-1")
+    h = t.alloc(entity=42)
+    t.set(h, "hp", 77)
+    t.close()
+    cfg = write_config(tables={"players": {"key": key, "capacity": 10}})
+    res = subprocess.run([*STATED, "check-config", str(cfg)], env=env, capture_output=True, text=True, timeout=30)
+    assert res.returncode == 0, res.stdout + res.stderr
+    res = subprocess.run([*STATED, "get", "players", "42", "--config", str(cfg)], env=env, capture_output=True,
+                         text=True, timeout=30)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["record"]["hp"] == 77
+    res = subprocess.run([*STATED, "status", "--config", str(cfg)], env=env, capture_output=True, text=True,
+                         timeout=30)
+    assert res.returncode == 0 and "players" in res.stdout, res.stderr
+
+
+def test_without_semtimedop_writers_and_the_daemon_get_one_line(no_semtimedop, write_config, make_segment):
+    env = no_semtimedop
+    cfg = write_config()
+    res = subprocess.run([*STATED, "run", "--config", str(cfg)], env=env, capture_output=True, text=True,
+                         timeout=30)
+    assert res.returncode == 78, res.stderr
+    assert "Traceback" not in res.stderr and "--no-binary sysv_ipc" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+    key = make_segment(capacity=10)
+    code = ("import stated, sys\n"
+            f"try:\n    stated.attach(key={key}, owner='w')\n"
+            "except stated.StatedError as e:\n    print(type(e).__name__, e); sys.exit(3)\n")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=30)
+    assert res.returncode == 3 and res.stdout.startswith("InstallError") and "--no-binary" in res.stdout, \
+        res.stdout + res.stderr
