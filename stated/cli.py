@@ -18,6 +18,7 @@ from . import segment
 from .errors import StatedError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_RUNNING = 0, 1, 2, 3
+EXIT_CONFIG = 78     # EX_CONFIG (sysexits.h): `stated run` refused the config; restarting will not help
 
 
 def human_bytes(n: int) -> str:

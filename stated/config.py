@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import tomllib
 import zlib
 from dataclasses import dataclass, field
@@ -47,6 +48,8 @@ class DaemonConfig:
     snapshot_interval: float = 60.0
     snapshots_keep: int = 5
     full_every: int = 10
+    max_connections: int = 64         # per listener (metrics, control); clamped to fit the descriptor limit
+    idle_timeout: float = 10.0        # seconds a client may stay silent (or not read our reply) before we close
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,7 @@ _DAEMON_KEYS = {
     "state_dir": str, "mode": int, "group": str, "metrics_address": str, "control_socket": str,
     "lock_timeout": (int, float), "repair_interval": (int, float), "reap_interval": (int, float),
     "snapshot_interval": (int, float), "snapshots_keep": int, "full_every": int, "base_key": int,
+    "max_connections": int, "idle_timeout": (int, float),
 }
 _TABLE_KEYS = {"key": int, "capacity": int, "fields": list, "dead_owner": str,
                "dead_owner_grace": (int, float)}
@@ -128,6 +132,8 @@ def parse(data: dict[str, Any], path: str, base_dir: Path) -> Config:
         snapshot_interval=positive("snapshot_interval", 60.0),
         snapshots_keep=int(positive("snapshots_keep", 5)),
         full_every=int(positive("full_every", 10)),
+        max_connections=int(positive("max_connections", 64)),
+        idle_timeout=float(positive("idle_timeout", 10.0)),
     )
     host, _, port = daemon.metrics_address.rpartition(":")
     if not host or not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
@@ -175,6 +181,43 @@ def parse(data: dict[str, Any], path: str, base_dir: Path) -> Config:
             raise ConfigError("must be >= 0 seconds", path=path, table=name, field="dead_owner_grace")
         tables[name] = TableConfig(name, key, cap, layout_mod.compute(fields), policy, float(grace))
     return Config(path, daemon, tables)
+
+
+def check_paths(cfg: Config) -> None:
+    """Refuse paths the daemon would misuse, before it creates or removes anything.
+
+    - state_dir must be a directory if it exists (a file there would give READY, then every save fails);
+    - control_socket must be a socket if anything exists at its path: the daemon removes a stale socket
+      before binding, and must never remove an operator's regular file, directory or symlink;
+    - their parents, when they exist, must be directories.
+    Raises ConfigError naming the config file and the setting.
+    """
+    d = cfg.daemon
+    try:
+        st = os.stat(d.state_dir)          # a symlink to a directory is the operator's choice: followed
+    except FileNotFoundError:
+        st = None
+    except NotADirectoryError:
+        raise ConfigError(f"{d.state_dir}: a parent is not a directory", path=cfg.path, field="state_dir") from None
+    except OSError as e:
+        raise ConfigError(f"{d.state_dir}: {e.strerror}", path=cfg.path, field="state_dir") from None
+    if st is not None and not stat.S_ISDIR(st.st_mode):
+        raise ConfigError(f"{d.state_dir} exists and is not a directory; point state_dir at a directory "
+                          f"(snapshots go there)", path=cfg.path, field="state_dir")
+    try:
+        st = os.lstat(d.control_socket)    # never follow: whatever sits there is what we would unlink
+    except FileNotFoundError:
+        st = None
+    except NotADirectoryError:
+        raise ConfigError(f"{d.control_socket}: a parent is not a directory", path=cfg.path,
+                          field="control_socket") from None
+    except OSError as e:
+        raise ConfigError(f"{d.control_socket}: {e.strerror}", path=cfg.path, field="control_socket") from None
+    if st is not None and not stat.S_ISSOCK(st.st_mode):
+        kind = ("a regular file" if stat.S_ISREG(st.st_mode) else "a directory" if stat.S_ISDIR(st.st_mode)
+                else "a symlink" if stat.S_ISLNK(st.st_mode) else "not a socket")
+        raise ConfigError(f"{d.control_socket} exists and is {kind}, not a socket; the daemon will not replace "
+                          f"it: choose another path", path=cfg.path, field="control_socket")
 
 
 def load(path: str | os.PathLike | None = None) -> Config:

@@ -142,7 +142,8 @@ def _flood_tcp(port: int, seconds: float, hold: int) -> int:
         socks.append(s)
         if len(socks) > hold:
             socks.popleft().close()
-    return 0 if opened > hold else 7      # 7: the flood never got going: the test proves nothing
+    print(f"flooder {os.getpid()}: {opened} connections opened", file=sys.stderr)
+    return 0 if opened >= 40 else 7      # 7: the flood never got going (a 64-descriptor daemon holds fewer)
 
 
 def _closed_by_peer(s: socket.socket) -> bool:
