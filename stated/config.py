@@ -125,7 +125,8 @@ def parse(data: dict[str, Any], path: str, base_dir: Path) -> Config:
         mode=mode,
         group=d.get("group"),
         metrics_address=d.get("metrics_address", "127.0.0.1:9474"),
-        control_socket=(base_dir / d.get("control_socket", "stated.sock")).resolve(),
+        # not resolve(): a symlink at the socket's own path must be seen (and refused), not followed
+        control_socket=Path(os.path.abspath(base_dir / d.get("control_socket", "stated.sock"))),
         lock_timeout=positive("lock_timeout", 2.0),
         repair_interval=positive("repair_interval", 5.0),
         reap_interval=positive("reap_interval", 5.0),

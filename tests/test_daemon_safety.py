@@ -327,11 +327,12 @@ def test_control_socket_on_a_regular_file_refused(write_config, new_key, procs, 
     assert (tmp_path / "notes.txt").read_text() == "precious\n"
 
 
-def test_state_dir_that_is_a_file_refused(write_config, new_key, procs, tmp_path):
+@pytest.mark.parametrize("state_dir", ["state", "state/sub"])
+def test_state_dir_that_is_a_file_refused(write_config, new_key, procs, tmp_path, state_dir):
     key = new_key()
     (tmp_path / "state").write_text("oops\n")
     cfg = write_config({"players": {"capacity": 10, "key": key}},
-                       daemon={"state_dir": "state", "control_socket": "run/stated.sock"})
+                       daemon={"state_dir": state_dir, "control_socket": "run/stated.sock"})
     line = _refused(procs, cfg, key, "state_dir")
     assert "not a directory" in line
     assert (tmp_path / "state").read_text() == "oops\n" and not (tmp_path / "run" / "stated.sock").exists()
@@ -492,3 +493,16 @@ def test_ready_reloading_stopping_survive_a_full_notify_queue(write_config, proc
         assert d.wait(timeout=15) == 0
     finally:
         n.close()
+
+
+def test_unit_descriptor_limit_fits_and_config_errors_do_not_restart():
+    from stated.config import DaemonConfig
+    from stated.conns import fit_limit
+    unit = Path(__file__).resolve().parent.parent / "systemd" / "stated.service"
+    settings = dict(ln.split("=", 1) for ln in unit.read_text().splitlines()
+                    if "=" in ln and not ln.lstrip().startswith(("#", ";")))
+    nofile = int(settings["LimitNOFILE"].split(":")[-1])
+    default = DaemonConfig(state_dir=Path("var")).max_connections
+    assert fit_limit(default, nofile) == default          # the defaults fit without clamping
+    assert fit_limit(default, 1024) == default            # and so they would in systemd's default soft limit
+    assert "78" in settings["RestartPreventExitStatus"].split()

@@ -36,7 +36,8 @@ METRICS = {
     "stated_reaped_slots_total", "stated_owners", "stated_attached_processes",
     "stated_segment_size_bytes", "stated_dirty_slots", "stated_build_info",
     "stated_snapshot_last_success_timestamp_seconds", "stated_snapshot_size_bytes",
-    "stated_snapshot_failures_total", "stated_torn_reads_total", "up",
+    "stated_snapshot_failures_total", "stated_torn_reads_total", "stated_table_up",
+    "stated_table_segment_lost_total", "up",
 }
 HISTOGRAMS = {"stated_housekeeping_duration_seconds", "stated_snapshot_duration_seconds"}
 KNOWN_SERIES = METRICS | {h + s for h in HISTOGRAMS for s in ("_bucket", "_sum", "_count")}
@@ -263,7 +264,7 @@ def test_alert_rules_use_known_metrics_and_cover_the_basics():
     used = {n for r in rules for n in metric_names(r["expr"])}
     for must in ("up", "stated_slots", "stated_capacity_slots", "stated_lock_repairs_total",
                  "stated_lock_timeouts_total", "stated_snapshot_last_success_timestamp_seconds",
-                 "stated_snapshot_failures_total"):
+                 "stated_snapshot_failures_total", "stated_table_up"):
         assert must in used, f"no alert on {must}"
 
 
@@ -313,6 +314,8 @@ def test_promtool_alerts_fire(tmp_path):
                 {"series": f'stated_snapshot_last_success_timestamp_seconds{{{lbl}, table="players"}}',
                  "values": "0x15"},
                 {"series": f'stated_snapshot_failures_total{{{lbl}, table="players"}}', "values": "0 1x10"},
+                {"series": f'stated_table_up{{{lbl}, table="players"}}', "values": "1 1 0 0 0 1x10"},
+                {"series": f'stated_table_segment_lost_total{{{lbl}, table="players"}}', "values": "0 0 1x30"},
             ],
             "alert_rule_test": [
                 alert("StatedDown", "1m"),
@@ -327,6 +330,12 @@ def test_promtool_alerts_fire(tmp_path):
                 alert("StatedSnapshotStale", "5m"),
                 alert("StatedSnapshotStale", "11m", severity="critical", table="players"),
                 alert("StatedSnapshotFailures", "2m", severity="warning", table="players"),
+                alert("StatedTableDown", "2m"),
+                alert("StatedTableDown", "3m", severity="critical", table="players"),
+                alert("StatedTableDown", "6m"),
+                alert("StatedTableSegmentLost", "1m"),
+                alert("StatedTableSegmentLost", "3m", severity="warning", table="players"),
+                alert("StatedTableSegmentLost", "25m"),
             ],
         }],
     }
