@@ -13,6 +13,7 @@ import os
 import socket
 import stat
 import struct
+import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
@@ -140,9 +141,18 @@ def remove_socket(path: Path, ident: tuple[int, int] | None) -> None:
 
 def request(path: Path | str, op: str, timeout: float = 10.0, **args: Any) -> dict:
     """Send one request and wait for the reply. Raises ConnectionError if no daemon answers."""
+    deadline = time.monotonic() + timeout
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
-        s.connect(str(path))
+        while True:
+            try:
+                s.connect(str(path))
+                break
+            except BlockingIOError:      # the listen queue is full (a busy daemon, or a flood): wait a little
+                if time.monotonic() >= deadline:
+                    raise ConnectionError(f"the daemon on {path} did not accept a connection within "
+                                          f"{timeout:g}s") from None
+                time.sleep(0.02)
         s.sendall(encode({"op": op, **args}))
         (n,) = _LEN.unpack(_recv(s, 4))
         if n > 16 * MAX_FRAME:

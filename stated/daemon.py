@@ -83,6 +83,7 @@ class TableState:
     lost: int = 0                 # times its segment was removed from its key under us
     down: bool = False            # removed and not recreated yet
     saved_after_loss: bool = False
+    last_error: str = ""          # the last recreate failure, logged once (not every pass)
 
 
 class Daemon:
@@ -149,7 +150,7 @@ class Daemon:
             log.warning("running as root: in production run stated as the 'stated' user through "
                         "systemd/stated.service (User=stated), with workers in group 'stated'")
         self._make_state_dir()
-        self._lock = instance.acquire(cfg.daemon.state_dir, cfg.daemon.mode)
+        self._lock = instance.acquire(cfg.daemon.state_dir)
         for tc in cfg.tables.values():
             try:
                 self._add_table(tc)
@@ -435,7 +436,7 @@ class Daemon:
         except SegmentNotFound:
             probe = None
         except StatedError as e:
-            log.error("table=%s key=%#010x: cannot recreate the table: its key is taken: %s", tc.name, tc.key, e)
+            self._recreate_failed(ts, f"its key is taken: {e}")
             return
         if probe is not None:
             probe.detach()           # a stated segment appeared on the key (a `stated restore`?): adopt it
@@ -444,7 +445,7 @@ class Daemon:
         try:
             seg, how, n = provision.ensure(tc, dc)
         except (StatedError, OSError, MemoryError) as e:
-            log.error("table=%s key=%#010x: cannot recreate the table: %s", tc.name, tc.key, e)
+            self._recreate_failed(ts, str(e))
             return
         alloc = Allocator(seg, table=tc.name, lock_timeout=dc.lock_timeout, liveness=self.liveness)
         carried = self._carry_owners(ts.alloc, alloc)
@@ -457,13 +458,20 @@ class Daemon:
             ts.saver.close()
         ts.alloc.release_views()
         ts.seg.detach()
-        ts.seg, ts.alloc, ts.how, ts.down = seg, alloc, "recreated", False
-        ts.saver = Saver(tc, seg, alloc, ts.saver.dc if ts.saver is not None else dc)
+        ts.seg, ts.alloc, ts.how, ts.down, ts.last_error = seg, alloc, "recreated", False, ""
+        ts.saver = Saver(tc, seg, alloc, dc)
         self._count_dirty(ts)
         log.warning("table=%s key=%#010x shmid=%d: recreated (%s, %d records) in place of removed shmid %d; "
                     "%d owner(s) still running keep their names; %d process(es) still attached to the removed "
                     "copy: restart them (their changes since the snapshot are lost)", tc.name, tc.key, seg.shm.id,
                     how, n, old_id, carried, others)
+
+    def _recreate_failed(self, ts: TableState, why: str) -> None:
+        """Logged as an error once per distinct reason (the pass retries every repair_interval)."""
+        level = logging.DEBUG if why == ts.last_error else logging.ERROR
+        ts.last_error = why
+        log.log(level, "table=%s key=%#010x: cannot recreate the table (retrying every pass; new workers cannot "
+                "attach meanwhile): %s", ts.tc.name, ts.tc.key, why)
 
     def _remove_own_semaphore(self, ts: TableState) -> None:
         sem = getattr(ts.alloc, "_sem", None)

@@ -47,14 +47,16 @@ def _read_pid(fd: int) -> int | None:
     return int(text) if text.isdigit() and 0 < int(text) < 1 << 22 else None
 
 
-def acquire(state_dir: Path, mode: int = 0o640, pid: int | None = None) -> InstanceLock:
+def acquire(state_dir: Path, pid: int | None = None) -> InstanceLock:
     """Lock `state_dir` for this process or raise AlreadyRunning naming the holder's pid.
 
-    The state_dir must exist. Raises StatedError if the lock file cannot be opened safely.
+    The state_dir must exist. Raises StatedError if the lock file cannot be opened safely. The file is
+    created 0600: flock(2) needs only an open descriptor, so anyone who can open it can hold it, and
+    a group member holding it would keep the daemon from starting.
     """
     path = Path(state_dir) / LOCK_NAME
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, mode & 0o660)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o600)
     except OSError as e:
         if e.errno == errno.ELOOP:
             raise StatedError(f"{path} is a symlink; refusing to follow it (remove it)") from None
