@@ -34,11 +34,10 @@ import sysv_ipc
 from . import __version__, control, instance, kernel, provision
 from . import config as config_mod
 from . import format as fmt
-from . import segment
 from .allocator import Allocator
 from .config import Config, TableConfig
 from .conns import fit_limit
-from .errors import ConfigError, KernelLimitError, SegmentNotFound, StatedError
+from .errors import ConfigError, KernelLimitError, StatedError
 from .metrics import DaemonMetrics, serve as serve_metrics
 from .notify import Notifier
 from .owners import DEAD, UNKNOWN, Liveness, Owner
@@ -431,23 +430,16 @@ class Daemon:
     def _recreate(self, ts: TableState) -> None:
         assert self.cfg is not None
         tc, dc = ts.tc, self.cfg.daemon
-        try:
-            probe = segment.open(tc.key, expect=tc.layout, expect_capacity=tc.capacity, table=tc.name)
-        except SegmentNotFound:
-            probe = None
-        except StatedError as e:
-            self._recreate_failed(ts, f"its key is taken: {e}")
-            return
-        if probe is not None:
-            probe.detach()           # a stated segment appeared on the key (a `stated restore`?): adopt it
-        else:
-            self._remove_own_semaphore(ts)    # create() refuses a semaphore without a segment as foreign
+        # provision.ensure adopts a valid stated segment that appeared on the key (a `stated restore`?),
+        # refuses anybody else's, and otherwise restores from the newest snapshot: the one just taken.
+        # Our semaphore is still on the key; segment.create reuses it (it is ours: provenance checked).
         try:
             seg, how, n = provision.ensure(tc, dc)
         except (StatedError, OSError, MemoryError) as e:
             self._recreate_failed(ts, str(e))
             return
-        alloc = Allocator(seg, table=tc.name, lock_timeout=dc.lock_timeout, liveness=self.liveness)
+        alloc = Allocator(seg, table=tc.name, lock_timeout=dc.lock_timeout, liveness=self.liveness,
+                          trust=Trust.daemon(dc.mode))
         carried = self._carry_owners(ts.alloc, alloc)
         try:
             others = ts.seg.shm.number_attached - 1
@@ -472,18 +464,6 @@ class Daemon:
         ts.last_error = why
         log.log(level, "table=%s key=%#010x: cannot recreate the table (retrying every pass; new workers cannot "
                 "attach meanwhile): %s", ts.tc.name, ts.tc.key, why)
-
-    def _remove_own_semaphore(self, ts: TableState) -> None:
-        sem = getattr(ts.alloc, "_sem", None)
-        try:
-            current = sysv_ipc.Semaphore(ts.tc.key)
-        except sysv_ipc.ExistentialError:
-            return
-        if sem is not None and current.id == sem.id:
-            current.remove()
-        else:
-            log.warning("table=%s key=%#010x: the semaphore on the key is not the one we used; leaving it",
-                        ts.tc.name, ts.tc.key)
 
     def _carry_owners(self, old: Allocator, new: Allocator) -> int:
         """Owners attached to the removed copy whose process still runs stay attached (same pid and start
