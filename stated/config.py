@@ -6,6 +6,7 @@ to the current directory), so a checkout runs without touching anything else.
 """
 from __future__ import annotations
 
+import grp
 import os
 import re
 import stat
@@ -184,16 +185,23 @@ def parse(data: dict[str, Any], path: str, base_dir: Path) -> Config:
     return Config(path, daemon, tables)
 
 
-def check_paths(cfg: Config) -> None:
-    """Refuse paths the daemon would misuse, before it creates or removes anything.
+def preflight(cfg: Config) -> None:
+    """Check the config against this host before the daemon creates or removes anything.
 
     - state_dir must be a directory if it exists (a file there would give READY, then every save fails);
     - control_socket must be a socket if anything exists at its path: the daemon removes a stale socket
       before binding, and must never remove an operator's regular file, directory or symlink;
-    - their parents, when they exist, must be directories.
-    Raises ConfigError naming the config file and the setting.
+    - their parents, when they exist, must be directories;
+    - the group, when set, must exist.
+    Raises ConfigError naming the config file and the setting (`stated run` exits 78).
     """
     d = cfg.daemon
+    if d.group is not None:
+        try:
+            grp.getgrnam(d.group)
+        except KeyError:
+            raise ConfigError(f"group {d.group!r} does not exist; create it (systemd/stated.sysusers.conf) or "
+                              f"change the setting", path=cfg.path, field="group") from None
     try:
         st = os.stat(d.state_dir)          # a symlink to a directory is the operator's choice: followed
     except FileNotFoundError:

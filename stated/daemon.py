@@ -142,7 +142,7 @@ class Daemon:
         Raises ConfigError (nothing was created: exit 78) or another StatedError: do not start.
         """
         cfg = config_mod.load(self.config_path)
-        config_mod.check_paths(cfg)
+        config_mod.preflight(cfg)
         kernel.check(cfg, self.sysctl_root, meminfo=self.meminfo)
         self.cfg = cfg
         if os.geteuid() == 0:

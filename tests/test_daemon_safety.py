@@ -345,6 +345,12 @@ def test_table_too_large_for_memory_refused(write_config, new_key, procs):
     assert "memory" in line
 
 
+def test_missing_group_refused(write_config, new_key, procs):
+    key = new_key()
+    cfg = write_config({"players": {"capacity": 10, "key": key}}, daemon={"group": "no-such-group-stated"})
+    _refused(procs, cfg, key, "no-such-group-stated")
+
+
 def test_invalid_config_exits_78(write_config, new_key, procs, tmp_path):
     key = new_key()
     cfg = write_config({"players": {"capacity": 10, "key": key}})
