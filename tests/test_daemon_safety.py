@@ -192,7 +192,7 @@ def test_metrics_flood_as_nobody_never_frees_a_live_workers_slots(write_config, 
             pass
         time.sleep(0.1)
     assert [wait_child(procs, f) for f in flooders] == [0, 0]
-    assert pings >= 5 and scrapes >= 1, (pings, scrapes)
+    assert pings >= 3 and scrapes >= 1, (pings, scrapes)
     time.sleep(1.5)         # idle timeout, several reap passes, more than the grace period
     assert w.poll() is None
     o = owners_of(cfg)["zone-1"]
