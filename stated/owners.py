@@ -25,6 +25,7 @@ from .errors import StatedError
 
 ALIVE, DEAD, UNKNOWN = "alive", "dead", "unknown"
 START_UNKNOWN = -1      # start_time() of a process that exists but whose /proc entry cannot be read
+PID_MAX_LIMIT = 1 << 22  # Linux never hands out a pid at or above this (kernel.pid_max is at most 2^22)
 
 
 class Liveness:
@@ -46,7 +47,7 @@ class Liveness:
 
     def _probe(self, pid: int) -> tuple[str, int | None]:
         """(ALIVE, start time) | (DEAD, None) | (UNKNOWN, None): what can be proven about `pid`."""
-        if pid <= 0:
+        if not 0 < pid < PID_MAX_LIMIT:    # owner entries live in shared memory: any u32 can be there
             return DEAD, None
         exists = self._exists(pid)
         if exists is False:

@@ -49,6 +49,8 @@ def test_live_dead_and_recycled(sleeper):
     assert lv.state(sleeper.pid, st + 1) == DEAD          # same pid, other process: recycled
     assert not lv.alive(sleeper.pid, st + 1)
     assert lv.state(0, st) == DEAD and lv.state(-5, st) == DEAD
+    for impossible in (1 << 22, 2**31 + 5, 2**32 - 1):       # scribbled pids: no process can have them
+        assert lv.state(impossible, st) == DEAD and lv.start_time(impossible) is None
     sleeper.kill()
     time.sleep(0.2)
     assert lv.state(sleeper.pid, st) == DEAD               # a zombie (not yet reaped) is dead
