@@ -6,8 +6,10 @@ to the current directory), so a checkout runs without touching anything else.
 """
 from __future__ import annotations
 
+import grp
 import os
 import re
+import stat
 import tomllib
 import zlib
 from dataclasses import dataclass, field
@@ -48,6 +50,8 @@ class DaemonConfig:
     snapshots_keep: int = 5
     full_every: int = 10
     log_format: str = "text"          # "text" | "json" (stated/logs.py); priorities under journald either way
+    max_connections: int = 64         # per listener (metrics, control); clamped to fit the descriptor limit
+    idle_timeout: float = 10.0        # seconds a client may stay silent (or not read our reply) before we close
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,7 @@ _DAEMON_KEYS = {
     "lock_timeout": (int, float), "repair_interval": (int, float), "reap_interval": (int, float),
     "snapshot_interval": (int, float), "snapshots_keep": int, "full_every": int, "base_key": int,
     "log_format": str,
+    "max_connections": int, "idle_timeout": (int, float),
 }
 _TABLE_KEYS = {"key": int, "capacity": int, "fields": list, "dead_owner": str,
                "dead_owner_grace": (int, float)}
@@ -125,7 +130,8 @@ def parse(data: dict[str, Any], path: str, base_dir: Path) -> Config:
         mode=mode,
         group=d.get("group"),
         metrics_address=d.get("metrics_address", "127.0.0.1:9474"),
-        control_socket=(base_dir / d.get("control_socket", "stated.sock")).resolve(),
+        # not resolve(): a symlink at the socket's own path must be seen (and refused), not followed
+        control_socket=Path(os.path.abspath(base_dir / d.get("control_socket", "stated.sock"))),
         lock_timeout=positive("lock_timeout", 2.0),
         repair_interval=positive("repair_interval", 5.0),
         reap_interval=positive("reap_interval", 5.0),
@@ -133,6 +139,8 @@ def parse(data: dict[str, Any], path: str, base_dir: Path) -> Config:
         snapshots_keep=int(positive("snapshots_keep", 5)),
         full_every=int(positive("full_every", 10)),
         log_format=d.get("log_format", "text"),
+        max_connections=int(positive("max_connections", 64)),
+        idle_timeout=float(positive("idle_timeout", 10.0)),
     )
     host, _, port = daemon.metrics_address.rpartition(":")
     if not host or not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
@@ -180,6 +188,50 @@ def parse(data: dict[str, Any], path: str, base_dir: Path) -> Config:
             raise ConfigError("must be >= 0 seconds", path=path, table=name, field="dead_owner_grace")
         tables[name] = TableConfig(name, key, cap, layout_mod.compute(fields), policy, float(grace))
     return Config(path, daemon, tables)
+
+
+def preflight(cfg: Config) -> None:
+    """Check the config against this host before the daemon creates or removes anything.
+
+    - state_dir must be a directory if it exists (a file there would give READY, then every save fails);
+    - control_socket must be a socket if anything exists at its path: the daemon removes a stale socket
+      before binding, and must never remove an operator's regular file, directory or symlink;
+    - their parents, when they exist, must be directories;
+    - the group, when set, must exist.
+    Raises ConfigError naming the config file and the setting (`stated run` exits 78).
+    """
+    d = cfg.daemon
+    if d.group is not None:
+        try:
+            grp.getgrnam(d.group)
+        except KeyError:
+            raise ConfigError(f"group {d.group!r} does not exist; create it (systemd/stated.sysusers.conf) or "
+                              f"change the setting", path=cfg.path, field="group") from None
+    try:
+        st = os.stat(d.state_dir)          # a symlink to a directory is the operator's choice: followed
+    except FileNotFoundError:
+        st = None
+    except NotADirectoryError:
+        raise ConfigError(f"{d.state_dir}: a parent is not a directory", path=cfg.path, field="state_dir") from None
+    except OSError as e:
+        raise ConfigError(f"{d.state_dir}: {e.strerror}", path=cfg.path, field="state_dir") from None
+    if st is not None and not stat.S_ISDIR(st.st_mode):
+        raise ConfigError(f"{d.state_dir} exists and is not a directory; point state_dir at a directory "
+                          f"(snapshots go there)", path=cfg.path, field="state_dir")
+    try:
+        st = os.lstat(d.control_socket)    # never follow: whatever sits there is what we would unlink
+    except FileNotFoundError:
+        st = None
+    except NotADirectoryError:
+        raise ConfigError(f"{d.control_socket}: a parent is not a directory", path=cfg.path,
+                          field="control_socket") from None
+    except OSError as e:
+        raise ConfigError(f"{d.control_socket}: {e.strerror}", path=cfg.path, field="control_socket") from None
+    if st is not None and not stat.S_ISSOCK(st.st_mode):
+        kind = ("a regular file" if stat.S_ISREG(st.st_mode) else "a directory" if stat.S_ISDIR(st.st_mode)
+                else "a symlink" if stat.S_ISLNK(st.st_mode) else "not a socket")
+        raise ConfigError(f"{d.control_socket} exists and is {kind}, not a socket; the daemon will not replace "
+                          f"it: choose another path", path=cfg.path, field="control_socket")
 
 
 def load(path: str | os.PathLike | None = None) -> Config:

@@ -11,13 +11,16 @@ import asyncio
 import logging
 import os
 import socket
+import stat
 import struct
+import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 import msgpack
 
-from .errors import DaemonError, StatedError
+from .conns import ConnectionLimiter
+from .errors import ConfigError, DaemonError, StatedError
 
 log = logging.getLogger("stated.control")
 
@@ -45,10 +48,23 @@ def decode_request(body: bytes, ops: set[str]) -> dict:
     return req
 
 
-async def serve(path: Path, mode: int, handlers: dict[str, Handler], group_gid: int | None = None
-                ) -> asyncio.AbstractServer:
-    """Listen on `path` (mode applied before anyone can connect). Refuses if a daemon answers there."""
-    if path.exists():
+async def serve(path: Path, mode: int, handlers: dict[str, Handler], group_gid: int | None = None, *,
+                max_connections: int = 64, idle_timeout: float = 10.0) -> asyncio.AbstractServer:
+    """Listen on `path` (mode applied before anyone can connect).
+
+    Refuses (DaemonError) if a daemon answers there, and (ConfigError) if something other than a
+    socket sits at the path: only a stale socket is ever removed. At most `max_connections` clients;
+    a client silent for `idle_timeout` seconds between requests, or that does not read its reply
+    within that time, is disconnected (see conns.py).
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise ConfigError(f"{path} exists and is not a socket; the daemon will not replace it",
+                              field="control_socket")
         if ping(path):
             raise DaemonError(f"another daemon answers on {path}; stop it first")
         path.unlink()
@@ -58,19 +74,25 @@ async def serve(path: Path, mode: int, handlers: dict[str, Handler], group_gid: 
         if group_gid is not None:
             os.chown(path.parent, -1, group_gid)
     ops = set(handlers)
+    limiter = ConnectionLimiter("control", max_connections, idle_timeout)
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        tr = writer.transport
+        if not limiter.admit(tr):
+            return
         try:
             while True:
+                limiter.idle(tr)
                 try:
-                    (n,) = _LEN.unpack(await reader.readexactly(4))
+                    (n,) = _LEN.unpack(await asyncio.wait_for(reader.readexactly(4), timeout=idle_timeout))
                 except asyncio.IncompleteReadError:
                     return
+                limiter.busy(tr)
                 if n > MAX_FRAME:
                     writer.write(encode({"ok": False, "error": f"frame of {n} bytes exceeds {MAX_FRAME}"}))
-                    await writer.drain()
+                    await asyncio.wait_for(writer.drain(), timeout=idle_timeout)
                     return
-                body = await asyncio.wait_for(reader.readexactly(n), timeout=5)
+                body = await asyncio.wait_for(reader.readexactly(n), timeout=idle_timeout)
                 try:
                     req = decode_request(body, ops)
                     reply = handlers[req["op"]](req)
@@ -80,17 +102,21 @@ async def serve(path: Path, mode: int, handlers: dict[str, Handler], group_gid: 
                 except (ValueError, StatedError) as e:
                     reply = {"ok": False, "error": str(e)}
                 writer.write(encode(reply))
-                await writer.drain()
+                await asyncio.wait_for(writer.drain(), timeout=idle_timeout)
         except (asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError):
             pass
         except Exception:   # noqa: BLE001 - one bad client must not take the daemon down
             log.exception("control request failed")
         finally:
-            writer.close()
+            limiter.done(tr)
+            if tr.get_write_buffer_size():
+                tr.abort()    # a client that does not read its reply must not keep the descriptor
+            else:
+                writer.close()
 
     old = os.umask(0o777 & ~mode)     # the socket is born with the right mode: no window
     try:
-        server = await asyncio.start_unix_server(handle, path=str(path))
+        server = await asyncio.start_unix_server(handle, path=str(path), backlog=max(8, min(128, max_connections)))
     finally:
         os.umask(old)
     os.chmod(path, mode & 0o770)
@@ -99,11 +125,34 @@ async def serve(path: Path, mode: int, handlers: dict[str, Handler], group_gid: 
     return server
 
 
+def remove_socket(path: Path, ident: tuple[int, int] | None) -> None:
+    """Unlink the control socket at shutdown, only if it is still the one we bound ((st_dev, st_ino))."""
+    if ident is None:
+        return
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISSOCK(st.st_mode) and (st.st_dev, st.st_ino) == ident:
+        path.unlink()
+    else:
+        log.warning("control socket %s was replaced while we ran; leaving it in place", path)
+
+
 def request(path: Path | str, op: str, timeout: float = 10.0, **args: Any) -> dict:
     """Send one request and wait for the reply. Raises ConnectionError if no daemon answers."""
+    deadline = time.monotonic() + timeout
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
-        s.connect(str(path))
+        while True:
+            try:
+                s.connect(str(path))
+                break
+            except BlockingIOError:      # the listen queue is full (a busy daemon, or a flood): wait a little
+                if time.monotonic() >= deadline:
+                    raise ConnectionError(f"the daemon on {path} did not accept a connection within "
+                                          f"{timeout:g}s") from None
+                time.sleep(0.02)
         s.sendall(encode({"op": op, **args}))
         (n,) = _LEN.unpack(_recv(s, 4))
         if n > 16 * MAX_FRAME:

@@ -5,16 +5,25 @@ main loop; everything else happens on the loop, in order. The daemon is never
 on a worker's hot path: workers keep running while it restarts, and SIGTERM
 leaves every segment in place for the next start to adopt.
 
-    start-up   config -> kernel checks -> tables (create/adopt) -> metrics + control listeners -> READY=1
+    start-up   descriptor limit -> config -> path and kernel checks -> state_dir lock -> tables
+               (create/adopt) -> metrics + control listeners -> READY=1
     run        housekeeping passes (repair, reap), watchdog, SIGHUP/`stated reload`
     shutdown   STOPPING=1 -> stop passes and listeners (bounded) -> detach, segments stay
+
+Exit codes: 0 after SIGTERM; EXIT_CONFIG (78, sysexits' EX_CONFIG) when the config is
+refused before anything was created (invalid file, a control socket path that is not a
+socket, a state_dir that is not a directory, tables that cannot fit in shm limits or
+memory): restarting cannot help, systemd's RestartPreventExitStatus=78 stops the loop;
+1 for everything else (another daemon holds the state_dir, a foreign segment, ...).
 """
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import grp
 import logging
 import os
+import resource
 import signal
 import time
 from dataclasses import dataclass
@@ -22,15 +31,16 @@ from typing import Any, Mapping
 
 import sysv_ipc
 
-from . import __version__, control, kernel, provision
+from . import __version__, control, instance, kernel, provision
 from . import config as config_mod
 from . import format as fmt
 from .allocator import Allocator
 from .config import Config, TableConfig
-from .errors import StatedError
+from .conns import fit_limit
+from .errors import ConfigError, KernelLimitError, StatedError
 from .metrics import DaemonMetrics, serve as serve_metrics
 from .notify import Notifier
-from .owners import Liveness, Owner
+from .owners import DEAD, UNKNOWN, Liveness, Owner
 from .persist import Saver
 from .segment import Segment, Trust
 from .service import extending_timeout
@@ -39,6 +49,24 @@ from .snapshot import SnapshotFailed
 log = logging.getLogger("stated.daemon")
 
 SHUTDOWN_TIMEOUT = 4.0   # seconds; systemd's TimeoutStopSec is longer
+EXIT_OK, EXIT_ERROR, EXIT_CONFIG = 0, 1, 78      # the same numbers as cli.EXIT_*
+SHM_DEST = 0o1000        # shm_perm.mode bit: the segment was removed (IPC_RMID) and lives on only while attached
+
+
+def raise_nofile_limit() -> int:
+    """Raise the soft descriptor limit to the hard one (systemd's default soft limit is 1024); return it.
+
+    Connections, /proc reads and snapshot files all need descriptors; running out must never happen
+    because of a default nobody chose.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as e:
+            log.warning("cannot raise the descriptor limit from %d to %d: %s", soft, hard, e)
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
 
 
 @dataclass
@@ -52,6 +80,10 @@ class TableState:
     how: str                      # created / adopted / restored
     saver: "Saver | None" = None
     dirty: int = 0
+    lost: int = 0                 # times its segment was removed from its key under us
+    down: bool = False            # removed and not recreated yet
+    saved_after_loss: bool = False
+    last_error: str = ""          # the last recreate failure, logged once (not every pass)
 
 
 class Daemon:
@@ -61,6 +93,10 @@ class Daemon:
         self.config_path = config_path
         self.migrate, self.allow_lossy, self.force = migrate, allow_lossy, force
         self.sysctl_root = sysctl_root
+        self.meminfo = f"{proc_root}/meminfo"
+        self.nofile = 1024
+        self._lock: instance.InstanceLock | None = None
+        self._control_ident: tuple[int, int] | None = None
         self.wall = wall
         self.monotonic = monotonic     # durations (dead-owner grace): immune to wall-clock steps
         self.liveness = Liveness(proc_root)
@@ -89,6 +125,7 @@ class Daemon:
     # ---- lifecycle ----------------------------------------------------------------------------
     def run(self) -> int:
         """Run to completion; returns the process exit code."""
+        self.nofile = raise_nofile_limit()
         try:
             import uvloop
             loop = uvloop.new_event_loop()
@@ -101,14 +138,36 @@ class Daemon:
             loop.close()
 
     def startup(self) -> None:
-        """Load config, check the kernel, bring every table up. Raises StatedError: do not start."""
-        self.cfg = config_mod.load(self.config_path)
+        """Load config, check paths and the kernel, lock the state_dir, bring every table up.
+
+        Raises ConfigError (nothing was created: exit 78) or another StatedError: do not start.
+        """
+        cfg = config_mod.load(self.config_path)
+        config_mod.preflight(cfg)
+        kernel.check(cfg, self.sysctl_root, meminfo=self.meminfo)
+        self.cfg = cfg
         if os.geteuid() == 0:
             log.warning("running as root: in production run stated as the 'stated' user through "
                         "systemd/stated.service (User=stated), with workers in group 'stated'")
-        kernel.check(self.cfg, self.sysctl_root)
-        for tc in self.cfg.tables.values():
-            self._add_table(tc)
+        self._make_state_dir()
+        self._lock = instance.acquire(cfg.daemon.state_dir)
+        for tc in cfg.tables.values():
+            try:
+                self._add_table(tc)
+            except MemoryError:    # shmget's ENOMEM: the checks above could not see it coming (overcommit)
+                raise KernelLimitError(f"table {tc.name!r}: the kernel has no memory for its "
+                                       f"{kernel.segment_size(tc)}-byte segment: lower its capacity") from None
+
+    def _make_state_dir(self) -> None:
+        """Create state_dir if missing: mode from the config (x bits added), its group, whatever the umask."""
+        assert self.cfg is not None
+        d = self.cfg.daemon
+        if os.path.isdir(d.state_dir):
+            return
+        d.state_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(d.state_dir, (d.mode & 0o770) | ((d.mode & 0o440) >> 2))
+        if d.group:
+            os.chown(d.state_dir, -1, grp.getgrnam(d.group).gr_gid)
 
     def _add_table(self, tc: TableConfig) -> bool:
         """Bring one table up. A table that cannot be (foreign or damaged segment, bad snapshot,
@@ -136,16 +195,25 @@ class Daemon:
     async def _listen(self) -> None:
         assert self.cfg is not None
         d = self.cfg.daemon
+        conns = fit_limit(d.max_connections, self.nofile)
+        if conns < d.max_connections:
+            log.warning("max_connections %d per listener does not fit the descriptor limit %d; using %d "
+                        "(raise LimitNOFILE= in the unit)", d.max_connections, self.nofile, conns)
         host, _, port = d.metrics_address.rpartition(":")
-        srv = await serve_metrics(self.metrics, host.strip("[]"), int(port))
+        srv = await serve_metrics(self.metrics, host.strip("[]"), int(port), max_connections=conns,
+                                  idle_timeout=d.idle_timeout)
         self._servers.append(srv)
         self.metrics_port = srv.sockets[0].getsockname()[1]
         log.info("metrics on http://%s:%d/metrics", host, self.metrics_port)
         gid = grp.getgrnam(d.group).gr_gid if d.group else None
         handlers = {"ping": lambda req: {"pid": os.getpid()}, "status": self._op_status,
                     "reload": self._op_reload, "reap": self._op_reap, "snapshot": self._op_snapshot}
-        self._servers.append(await control.serve(d.control_socket, d.mode, handlers, gid))
-        log.info("control socket %s", d.control_socket)
+        self._servers.append(await control.serve(d.control_socket, d.mode, handlers, gid, max_connections=conns,
+                                                 idle_timeout=d.idle_timeout))
+        st = os.lstat(d.control_socket)
+        self._control_ident = (st.st_dev, st.st_ino)
+        log.info("control socket %s (at most %d connections per listener, idle timeout %gs)", d.control_socket,
+                 conns, d.idle_timeout)
 
     async def _main(self, loop: asyncio.AbstractEventLoop) -> int:
         self._wake = asyncio.Event()
@@ -155,11 +223,18 @@ class Daemon:
             with extending_timeout(self.notifier.path):    # restores can outlast TimeoutStartSec=
                 self.startup()
             await self._listen()
+        except ConfigError as e:
+            log.error("config refused: %s", e)
+            await self._close_servers()
+            self._detach_all()
+            self._unlock()
+            return EXIT_CONFIG
         except (StatedError, OSError) as e:
             log.error("start-up failed: %s", e)
             await self._close_servers()
             self._detach_all()
-            return 1
+            self._unlock()
+            return EXIT_ERROR
         tasks = [loop.create_task(self._every("repair", lambda: self.cfg.daemon.repair_interval, self.repair_pass)),
                  loop.create_task(self._every("reap", lambda: self.cfg.daemon.reap_interval, self.reap_pass)),
                  loop.create_task(self._every("snapshot", lambda: self.cfg.daemon.snapshot_interval,
@@ -183,8 +258,15 @@ class Daemon:
             self.snapshot_pass()          # the final snapshot
         await self._close_servers()
         self._detach_all()
+        self._unlock()
+        self.notifier.close()
         log.info("stopped; segments left in place")
-        return 0
+        return EXIT_OK
+
+    def _unlock(self) -> None:
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     async def _close_servers(self) -> None:
         for srv in self._servers:
@@ -195,11 +277,9 @@ class Daemon:
             except asyncio.TimeoutError:
                 pass
         self._servers.clear()
-        if self.cfg is not None:
-            try:
-                self.cfg.daemon.control_socket.unlink()
-            except FileNotFoundError:
-                pass
+        if self.cfg is not None:     # only the socket we bound: never another daemon's, never an operator's file
+            control.remove_socket(self.cfg.daemon.control_socket, self._control_ident)
+            self._control_ident = None
 
     def _detach_all(self) -> None:
         for ts in self.tables.values():
@@ -237,9 +317,15 @@ class Daemon:
             else:
                 ts.tc = tc
                 ts.alloc.lock_timeout = new.daemon.lock_timeout
-        if (new.daemon.metrics_address, new.daemon.control_socket) != \
-                (self.cfg.daemon.metrics_address, self.cfg.daemon.control_socket):
-            log.warning("reload: metrics_address/control_socket changes take effect at the next restart")
+        old_d = self.cfg.daemon
+        if new.daemon.state_dir != old_d.state_dir:    # the lock is on the running one: never write elsewhere
+            log.error("reload: state_dir changes need a restart; keeping %s", old_d.state_dir)
+            new = dataclasses.replace(new, daemon=dataclasses.replace(new.daemon, state_dir=old_d.state_dir))
+        if (new.daemon.metrics_address, new.daemon.control_socket, new.daemon.max_connections,
+                new.daemon.idle_timeout) != (old_d.metrics_address, old_d.control_socket, old_d.max_connections,
+                                             old_d.idle_timeout):
+            log.warning("reload: metrics_address/control_socket/max_connections/idle_timeout changes take effect "
+                        "at the next restart")
         self.cfg = new
         log.info("reloaded %s", self.config_path or config_mod.BUILTIN)
         self.notifier.ready(self.summary())
@@ -264,12 +350,18 @@ class Daemon:
             await asyncio.sleep(period)
 
     def repair_pass(self) -> None:
-        """Per table: restore a scribbled header from the validated copy, recreate a removed
-        semaphore, repair a table left mid-update, audit the allocator state against the slot
-        table (rebuilding what is derivable), refresh the dirty count. A table whose state cannot
-        be rebuilt is logged; the other tables are not affected."""
+        """Per table: notice a segment removed from its key (save it, recreate the table), restore a
+        scribbled header from the validated copy, recreate a removed semaphore, repair a table left
+        mid-update, audit the allocator state against the slot table (rebuilding what is derivable),
+        refresh the dirty count. A table whose state cannot be rebuilt is logged; the other tables are
+        not affected."""
         assert self.cfg is not None
-        for name, ts in self.tables.items():
+        for name, ts in list(self.tables.items()):
+            if ts.down or not self.segment_on_key(ts):
+                try:
+                    self._segment_lost(ts)
+                except Exception:   # noqa: BLE001 - one broken table must not stop the pass for the others
+                    log.exception("table=%s key=%#010x: handling the removed segment failed", name, ts.tc.key)
             try:
                 fixed = ts.seg.repair_header()
                 if fixed:
@@ -293,6 +385,110 @@ class Daemon:
                 log.error("table=%s key=%#010x: repair pass failed: %s", name, ts.tc.key, e)
             self._count_dirty(ts)
         self.notifier.status(self.summary())
+
+    # ---- a table's segment removed under us (ipcrm -M) -------------------------------------------
+    def segment_on_key(self, ts: TableState) -> bool:
+        """Our segment still sits on the table's key (not removed with IPC_RMID, e.g. `ipcrm -M`)."""
+        try:
+            return not ts.seg.shm.mode & SHM_DEST
+        except sysv_ipc.Error:
+            return False
+
+    def _segment_lost(self, ts: TableState) -> None:
+        """The table's segment was removed from its key while we (and maybe workers) are still attached.
+
+        What we do, in order, one step per pass until done:
+        1. log an error; stated_table_up{table} is 0 from now on (read at scrape time);
+        2. take a full snapshot from the copy we are still attached to (if it fails, retry next pass:
+           recreating from an older snapshot would throw away what the removed copy still holds);
+        3. recreate the table on its key from that snapshot so new workers can attach again, carrying
+           over owners whose process is still running (their name stays taken: no second writer under it).
+        Workers still attached to the removed copy keep running on it; whatever they change after the
+        snapshot is lost when they restart and attach to the new segment, which the log says.
+        """
+        assert self.cfg is not None
+        tc = ts.tc
+        if not ts.down:
+            ts.down, ts.saved_after_loss = True, False
+            ts.lost += 1
+            try:
+                others = ts.seg.shm.number_attached - 1
+            except sysv_ipc.Error:
+                others = -1
+            log.error("table=%s key=%#010x shmid=%d: the table's segment was removed from its key (ipcrm -M?) "
+                      "while %d other process(es) are attached to it; saving it and recreating the table",
+                      tc.name, tc.key, ts.seg.shm.id, others)
+        if not ts.saved_after_loss and ts.saver is not None:
+            try:
+                r = ts.saver.save("full")
+            except SnapshotFailed as e:
+                self.metrics.snapshot_failures.labels(tc.name).inc()
+                log.error("table=%s: snapshot of the removed segment failed (%s); not recreating the table from "
+                          "older snapshots, retrying next pass", tc.name, e)
+                return
+            ts.saved_after_loss = True
+            log.info("table=%s: full snapshot %s of the removed segment: %d records", tc.name, r.path.name, r.records)
+        self._recreate(ts)
+
+    def _recreate(self, ts: TableState) -> None:
+        assert self.cfg is not None
+        tc, dc = ts.tc, self.cfg.daemon
+        # provision.ensure adopts a valid stated segment that appeared on the key (a `stated restore`?),
+        # refuses anybody else's, and otherwise restores from the newest snapshot: the one just taken.
+        # Our semaphore is still on the key; segment.create reuses it (it is ours: provenance checked).
+        try:
+            seg, how, n = provision.ensure(tc, dc)
+        except (StatedError, OSError, MemoryError) as e:
+            self._recreate_failed(ts, str(e))
+            return
+        alloc = Allocator(seg, table=tc.name, lock_timeout=dc.lock_timeout, liveness=self.liveness,
+                          trust=Trust.daemon(dc.mode))
+        carried = self._carry_owners(ts.alloc, alloc)
+        try:
+            others = ts.seg.shm.number_attached - 1
+        except sysv_ipc.Error:
+            others = 0
+        old_id = ts.seg.shm.id
+        if ts.saver is not None:
+            ts.saver.close()
+        ts.alloc.release_views()
+        ts.seg.detach()
+        ts.seg, ts.alloc, ts.how, ts.down, ts.last_error = seg, alloc, "recreated", False, ""
+        ts.saver = Saver(tc, seg, alloc, dc)
+        self._count_dirty(ts)
+        log.warning("table=%s key=%#010x shmid=%d: recreated (%s, %d records) in place of removed shmid %d; "
+                    "%d owner(s) still running keep their names; %d process(es) still attached to the removed "
+                    "copy: restart them (their changes since the snapshot are lost)", tc.name, tc.key, seg.shm.id,
+                    how, n, old_id, carried, others)
+
+    def _recreate_failed(self, ts: TableState, why: str) -> None:
+        """Logged as an error once per distinct reason (the pass retries every repair_interval)."""
+        level = logging.DEBUG if why == ts.last_error else logging.ERROR
+        ts.last_error = why
+        log.log(level, "table=%s key=%#010x: cannot recreate the table (retrying every pass; new workers cannot "
+                "attach meanwhile): %s", ts.tc.name, ts.tc.key, why)
+
+    def _carry_owners(self, old: Allocator, new: Allocator) -> int:
+        """Owners attached to the removed copy whose process still runs stay attached (same pid and start
+        time) in the new segment, so a second worker cannot take their name while they live."""
+        running = {o.index: o for o in old.owners()
+                   if o.state == fmt.OWNER_ATTACHED and self.liveness.state(o.pid, o.start_time) != DEAD}
+        if not running:
+            return 0
+        n = 0
+        new.acquire()
+        try:
+            off = new.seg.header.regions.owners_offset
+            for e in new.owners():
+                o = running.get(e.index)
+                if o is None or o.name != e.name or e.state == fmt.OWNER_ATTACHED:
+                    continue
+                fmt.OWNER.pack_into(new.seg.buf, off + (e.index - 1) * fmt.OWNER_SIZE, o.name.encode()[:32],
+                                    o.pid, fmt.OWNER_ATTACHED, o.start_time, e.slots, 0, e.since_ms)
+                n += 1
+        finally:
+            new.release()
+        return n
 
     def snapshot_pass(self, kind: str | None = None) -> dict[str, Any]:
         """Save every table (full or delta as the saver decides). A failure is logged and counted;
@@ -322,7 +518,7 @@ class Daemon:
         seen: set[tuple] = set()
         for name, ts in self.tables.items():
             for o in ts.alloc.owners():
-                if o.state == fmt.OWNER_ATTACHED and not self.liveness.alive(o.pid, o.start_time):
+                if o.state == fmt.OWNER_ATTACHED and self.liveness.state(o.pid, o.start_time) == DEAD:
                     if ts.alloc.set_owner_state(o.index, fmt.OWNER_DEAD, only_pid=o.pid):
                         log.warning("table=%s owner=%s pid=%d died holding %d slots (policy %s)",
                                     name, o.name, o.pid, o.slots, ts.tc.dead_owner)
@@ -362,9 +558,12 @@ class Daemon:
 
     # ---- numbers for metrics / status ----------------------------------------------------------
     def table_numbers(self, ts: TableState) -> dict[str, Any]:
-        alive = dead = orphaned = 0
+        alive = dead = unknown = orphaned = 0
         for o in ts.alloc.owners():
-            if o.state == fmt.OWNER_ATTACHED and self.liveness.alive(o.pid, o.start_time):
+            state = self.liveness.state(o.pid, o.start_time) if o.state == fmt.OWNER_ATTACHED else DEAD
+            if state == UNKNOWN:       # counted apart, and its slots are not orphaned: it may well be running
+                unknown += 1
+            elif state != DEAD:
                 alive += 1
             elif o.slots:
                 dead += 1
@@ -378,7 +577,8 @@ class Daemon:
         return {"snapshot_time": saver.last_success if saver else None,
                 "snapshot_size": saver.last_size if saver else 0,
                 "capacity": ts.alloc.capacity, "used": used, "orphaned": min(orphaned, used),
-                "owners_alive": alive, "owners_dead": dead, "attached": attached,
+                "owners_alive": alive, "owners_dead": dead, "owners_unknown": unknown, "attached": attached,
+                "up": self.segment_on_key(ts), "lost": ts.lost,
                 "size_bytes": ts.seg.header.regions.total_size, "dirty": ts.dirty,
                 "counters": ts.alloc.counters()}
 

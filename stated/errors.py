@@ -25,6 +25,13 @@ class ConfigError(StatedError):
         super().__init__(f"{': '.join(where)}: {message}" if where else message)
 
 
+class KernelLimitError(ConfigError):
+    """A kernel setting or the machine's memory makes the configured tables impossible or unsafe.
+
+    A config mistake like any other (exit code 78): fix the sysctl or the table, restarting will not help.
+    """
+
+
 class SchemaError(ConfigError):
     """A field declaration cannot be parsed or laid out."""
 
@@ -95,6 +102,10 @@ class TornRecord(StatedError):
 
 class DaemonError(StatedError):
     """The daemon refused or failed a request (control socket)."""
+
+
+class AlreadyRunning(DaemonError):
+    """Another daemon holds the lock on this state_dir."""
 
 
 # ---- persistence -------------------------------------------------------------------------------------

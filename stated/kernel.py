@@ -1,4 +1,9 @@
-"""Start-up checks of the kernel's SysV shm settings, read from /proc/sys (root injectable)."""
+"""Start-up checks of the kernel's SysV shm settings and the machine's memory (roots injectable).
+
+Run before anything is created: a table that cannot fit is a config mistake (KernelLimitError, a
+ConfigError: exit code 78), reported in one line naming the table and what to change, never a
+MemoryError traceback from shmget.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,13 +11,11 @@ from pathlib import Path
 from . import format as fmt
 from . import layout as layout_mod
 from .config import Config
-from .errors import StatedError
+from .errors import KernelLimitError
+
+__all__ = ["KernelLimitError", "check", "segment_size", "mem_total"]
 
 SYSCTL_FILE = "deploy/sysctl.d/60-stated.conf"
-
-
-class KernelLimitError(StatedError):
-    """A kernel setting would make the configured tables impossible or unsafe."""
 
 
 def _read(root: Path, name: str) -> int | None:
@@ -27,8 +30,29 @@ def segment_size(tc) -> int:
     return fmt.regions(tc.capacity, tc.layout.record_size, len(blob)).total_size
 
 
-def check(cfg: Config, sysctl_root: str | Path = "/proc/sys", page: int = fmt.PAGE) -> None:
-    """Raise KernelLimitError naming the sysctl and the value to set."""
+def mem_total(meminfo: str | Path = "/proc/meminfo") -> int | None:
+    """MemTotal in bytes, None when unknown."""
+    try:
+        for line in Path(meminfo).read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                parts = line.split()
+                return int(parts[1]) * (1024 if parts[2:3] == ["kB"] else 1)
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def check(cfg: Config, sysctl_root: str | Path = "/proc/sys", page: int = fmt.PAGE,
+          meminfo: str | Path = "/proc/meminfo") -> None:
+    """Raise KernelLimitError naming the sysctl and the value to set, or the table that cannot fit in memory."""
     root = Path(sysctl_root)
     if _read(root, "shm_rmid_forced") == 1:
         raise KernelLimitError(
@@ -47,6 +71,15 @@ def check(cfg: Config, sysctl_root: str | Path = "/proc/sys", page: int = fmt.PA
     if shmall is not None and pages > shmall:
         raise KernelLimitError(f"the tables need {pages} pages of shared memory but kernel.shmall is {shmall} "
                                f"pages: `sysctl -w kernel.shmall={pages * 2}` ({SYSCTL_FILE})")
+    total = mem_total(meminfo)
+    if total is not None:
+        for name, size in sizes.items():
+            if size > total:
+                raise KernelLimitError(f"table {name!r} needs a {_human(size)} segment but this machine has "
+                                       f"{_human(total)} of memory: lower its capacity or its record size")
+        if sum(sizes.values()) > total:
+            raise KernelLimitError(f"the tables need {_human(sum(sizes.values()))} of shared memory together but "
+                                   f"this machine has {_human(total)}: lower their capacities")
     shmmni = _read(root, "shmmni")
     if shmmni is not None and len(sizes) > shmmni:
         raise KernelLimitError(f"{len(sizes)} tables need {len(sizes)} segments but kernel.shmmni is {shmmni}: "

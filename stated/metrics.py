@@ -19,6 +19,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from . import __version__
 from . import format as fmt
 from .service import register_process_metrics
+from .conns import ConnectionLimiter
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -50,14 +51,18 @@ class TableCollector:
                                    labels=L)
         settled = CounterMetricFamily("stated_settled_slots", "Records settled after a writer died mid-write",
                                       labels=L)
-        owners = GaugeMetricFamily("stated_owners", "Named owners by liveness", labels=["table", "state"])
+        owners = GaugeMetricFamily("stated_owners", "Named owners by liveness (unknown: /proc unreadable, kept "
+                                   "as alive)", labels=["table", "state"])
+        lost = CounterMetricFamily("stated_table_segment_lost", "Times the table's segment was removed from its "
+                                   "key under the daemon", labels=L)
         attached = GaugeMetricFamily("stated_attached_processes", "Processes attached (shm_nattch)", labels=L)
         size = GaugeMetricFamily("stated_segment_size_bytes", "Shared-memory segment size", labels=L)
         rebuilds = CounterMetricFamily("stated_allocator_rebuilds",
                                        "Allocator state found inconsistent with the slot table and rebuilt",
                                        labels=L)
-        up = GaugeMetricFamily("stated_table_up", "1 while the daemon serves the table, 0 when it cannot "
-                               "(see the daemon log and `stated status`)", labels=L)
+        up = GaugeMetricFamily("stated_table_up", "1 while the daemon serves the table and its segment is on "
+                               "its key; 0 when it cannot serve it, or the segment was removed (ipcrm -M) and "
+                               "is not recreated yet (see the daemon log and `stated status`)", labels=L)
         for name in self.daemon.broken:
             up.add_metric([name], 0)
         dirty = GaugeMetricFamily("stated_dirty_slots",
@@ -80,9 +85,11 @@ class TableCollector:
             torn.add_metric([name], c["torn_reads"])
             settled.add_metric([name], c["settled_slots"])
             rebuilds.add_metric([name], c["rebuilds"])
-            up.add_metric([name], 1)
             owners.add_metric([name, "alive"], snap["owners_alive"])
             owners.add_metric([name, "dead"], snap["owners_dead"])
+            owners.add_metric([name, "unknown"], snap["owners_unknown"])
+            up.add_metric([name], 1 if snap["up"] else 0)
+            lost.add_metric([name], snap["lost"])
             attached.add_metric([name], snap["attached"])
             size.add_metric([name], snap["size_bytes"])
             dirty.add_metric([name], snap["dirty"])
@@ -98,7 +105,7 @@ class TableCollector:
                                  labels=["version", "format_version"])
         info.add_metric([__version__, str(fmt.FORMAT_VERSION)], 1)
         yield from (slots, capacity, allocs, frees, fails, repairs, timeouts, reaped, torn, settled, rebuilds,
-                    up, owners, attached, size, dirty, info)
+                    up, lost, owners, attached, size, dirty, info)
 
 
 class DaemonMetrics:
@@ -126,12 +133,22 @@ class DaemonMetrics:
         return generate_latest(self.registry)
 
 
-async def serve(metrics: DaemonMetrics, host: str, port: int) -> asyncio.AbstractServer:
-    """A minimal HTTP/1.0 server on the event loop: GET /metrics, GET / (a pointer), else 404."""
+async def serve(metrics: DaemonMetrics, host: str, port: int, *, max_connections: int = 64,
+                idle_timeout: float = 10.0) -> asyncio.AbstractServer:
+    """A minimal HTTP/1.0 server on the event loop: GET /metrics, GET / (a pointer), else 404.
+
+    At most `max_connections` clients (the longest-idle is closed to make room, see conns.py); the
+    request head must arrive, and the reply be read, within `idle_timeout` seconds each.
+    """
+    limiter = ConnectionLimiter("metrics", max_connections, idle_timeout)
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        tr = writer.transport
+        if not limiter.admit(tr):
+            return
         try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=5)
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=idle_timeout)
+            limiter.busy(tr)
             method, path, *_ = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ") + ["", ""]
             path = path.split("?", 1)[0]
             if method not in ("GET", "HEAD"):
@@ -145,13 +162,19 @@ async def serve(metrics: DaemonMetrics, host: str, port: int) -> asyncio.Abstrac
             hdr = (f"HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
                    f"Connection: close\r\n\r\n").encode()
             writer.write(hdr if method == "HEAD" else hdr + body)
-            await writer.drain()
+            await asyncio.wait_for(writer.drain(), timeout=idle_timeout)
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError, ConnectionError,
                 UnicodeDecodeError, ValueError):
             pass
         except Exception:   # noqa: BLE001 - a scrape must never take the daemon down
             log.exception("metrics request failed")
         finally:
-            writer.close()
+            limiter.done(tr)
+            if tr.get_write_buffer_size():
+                tr.abort()    # a scraper that does not read must not keep the descriptor
+            else:
+                writer.close()
 
-    return await asyncio.start_server(handle, host, port, limit=MAX_REQUEST)
+    server = await asyncio.start_server(handle, host, port, limit=MAX_REQUEST,
+                                        backlog=max(8, min(128, max_connections)))
+    return server

@@ -2,44 +2,101 @@
 
 A pid alone is not an identity: pids are recycled. A process is identified by
 (pid, start time in clock ticks since boot), read from /proc/<pid>/stat field
-22. A zombie (killed but not yet reaped) counts as dead. The /proc root comes
-in through the constructor so tests can point it elsewhere.
+22. The /proc root and the kill(2) probe come in through the constructor so
+tests can point them elsewhere.
+
+A process is called dead only with proof: kill(pid, 0) fails with ESRCH (the pid
+is gone), /proc shows it as a zombie, or its start time differs from the one
+recorded (the pid was recycled). Anything else that stops us from reading
+/proc/<pid>/stat (EMFILE under a connection flood, EACCES, a /proc mounted
+hidepid=2 that hides other users' processes) answers UNKNOWN, and every caller
+treats UNKNOWN as alive: freeing a live worker's slots is far worse than keeping
+a dead one's a little longer.
 """
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 from . import format as fmt
+from .errors import StatedError
+
+ALIVE, DEAD, UNKNOWN = "alive", "dead", "unknown"
+START_UNKNOWN = -1      # start_time() of a process that exists but whose /proc entry cannot be read
+PID_MAX_LIMIT = 1 << 22  # Linux never hands out a pid at or above this (kernel.pid_max is at most 2^22)
 
 
 class Liveness:
-    def __init__(self, proc_root: str = "/proc"):
+    def __init__(self, proc_root: str = "/proc", kill: Callable[[int, int], None] = os.kill):
         self.proc_root = proc_root
+        self._kill = kill
 
-    def start_time(self, pid: int) -> int | None:
-        """Start time of a live process, None if it does not exist or is a zombie."""
-        if pid <= 0:
+    def _exists(self, pid: int) -> bool | None:
+        """kill(pid, 0): True (exists; EPERM means it exists under another uid), False (ESRCH), None (unknown)."""
+        try:
+            self._kill(pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        except OSError:
             return None
+
+    def _probe(self, pid: int) -> tuple[str, int | None]:
+        """(ALIVE, start time) | (DEAD, None) | (UNKNOWN, None): what can be proven about `pid`."""
+        if not 0 < pid < PID_MAX_LIMIT:    # owner entries live in shared memory: any u32 can be there
+            return DEAD, None
+        exists = self._exists(pid)
+        if exists is False:
+            return DEAD, None
         try:
             with open(f"{self.proc_root}/{pid}/stat", "rb") as f:
                 data = f.read()
-        except OSError:
-            return None
+        except OSError as e:
+            # ENOENT/ESRCH: it exited just now, or /proc hides it (hidepid); ask kill(2) again
+            if e.errno in (errno.ENOENT, errno.ESRCH) and self._exists(pid) is False:
+                return DEAD, None
+            return UNKNOWN, None
         # comm (field 2) may contain spaces and parentheses: split after the last ')'
         rest = data[data.rfind(b")") + 2:].split()
-        if len(rest) < 20 or rest[0] in (b"Z", b"X"):
-            return None
-        return int(rest[19])
+        if len(rest) < 20 or not rest[19].isdigit():
+            return UNKNOWN, None
+        if rest[0] in (b"Z", b"X"):
+            return DEAD, None      # exited, not yet reaped by its parent
+        return ALIVE, int(rest[19])
+
+    def state(self, pid: int, start_time: int) -> str:
+        """ALIVE, DEAD (proven: pid gone, zombie, or another process on a recycled pid) or UNKNOWN.
+
+        Callers must treat UNKNOWN like ALIVE: never free, take over or mark dead on it.
+        """
+        st, start = self._probe(pid)
+        if st == ALIVE and start != start_time:
+            return DEAD
+        return st
 
     def alive(self, pid: int, start_time: int) -> bool:
-        return pid > 0 and self.start_time(pid) == start_time
+        """Not proven dead (ALIVE or UNKNOWN): the safe answer for every release decision."""
+        return self.state(pid, start_time) != DEAD
+
+    def start_time(self, pid: int) -> int | None:
+        """Start time of a live process; None only with proof it is gone or a zombie;
+        START_UNKNOWN (-1) when it exists but /proc/<pid>/stat cannot be read."""
+        st, start = self._probe(pid)
+        if st == DEAD:
+            return None
+        return START_UNKNOWN if start is None else start
 
     def me(self) -> tuple[int, int]:
         pid = os.getpid()
-        st = self.start_time(pid)
-        assert st is not None
-        return pid, st
+        st, start = self._probe(pid)
+        if start is None:
+            raise StatedError(f"cannot read {self.proc_root}/{pid}/stat (this process's start time, needed to "
+                              f"register as an owner): is /proc mounted, and are descriptors left?")
+        return pid, start
 
 
 @dataclass(frozen=True)

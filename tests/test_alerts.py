@@ -151,12 +151,16 @@ CASES = [
         series("stated_table_up", STATIC, "1 1 0x10", table="guilds"),
         series("stated_table_up", STATIC, "1x12", table="players"),
         series("stated_allocator_rebuilds_total", STATIC, "0 0 2x20", table="players"),
+        series("stated_table_segment_lost_total", STATIC, "0 0 1x30", table="players"),
     ], [
         quiet("StatedTableDown", "2m"),
         fires("StatedTableDown", "4m", {**table_target(STATIC, table="guilds"), "severity": "critical"}),
         quiet("StatedAllocatorRebuilds", "1m"),
         fires("StatedAllocatorRebuilds", "3m", {**table_target(STATIC), "severity": "warning"}),
         quiet("StatedAllocatorRebuilds", "20m"),
+        quiet("StatedTableSegmentLost", "1m"),
+        fires("StatedTableSegmentLost", "3m", {**table_target(STATIC), "severity": "warning"}),
+        quiet("StatedTableSegmentLost", "25m"),
     ]),
     ("snapshot-stale-old-timestamp", [
         series("stated_snapshot_last_success_timestamp_seconds", STATIC, "0x15", table="players"),

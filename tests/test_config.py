@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 from stated import config as config_mod
@@ -75,3 +77,59 @@ def test_default_path_prefers_env_then_the_installed_config(tmp_path):
     system.write_text("")
     assert config_mod.default_path({}, str(system)) == str(system)           # the installed service's
     assert config_mod.default_path({"STATED_CONFIG": "/x.toml"}, str(system)) == "/x.toml"
+
+
+def test_connection_settings(tmp_path):
+    cfg, _ = _load(tmp_path, '[daemon]\nmax_connections = 8\nidle_timeout = 2.5\n[tables.p]\ncapacity = 1\n'
+                             'fields = ["a: u8"]')
+    assert (cfg.daemon.max_connections, cfg.daemon.idle_timeout) == (8, 2.5)
+    cfg, _ = _load(tmp_path, '[tables.p]\ncapacity = 1\nfields = ["a: u8"]')
+    assert (cfg.daemon.max_connections, cfg.daemon.idle_timeout) == (64, 10.0)
+    for bad in ("max_connections = 0", "idle_timeout = 0", "idle_timeout = -1", 'max_connections = "many"'):
+        with pytest.raises(ConfigError, match="max_connections|idle_timeout"):
+            _load(tmp_path, f'[daemon]\n{bad}\n[tables.p]\ncapacity = 1\nfields = ["a: u8"]')
+
+
+def _paths_cfg(tmp_path, state_dir="var", sock="run/stated.sock"):
+    cfg, _ = _load(tmp_path, f'[daemon]\nstate_dir = "{state_dir}"\ncontrol_socket = "{sock}"\n'
+                             f'[tables.p]\ncapacity = 1\nfields = ["a: u8"]')
+    return cfg
+
+
+def test_preflight_accepts_what_the_daemon_may_use(tmp_path):
+    import socket
+    config_mod.preflight(_paths_cfg(tmp_path))                 # nothing exists yet: created at start
+    (tmp_path / "real-state").mkdir()
+    os.symlink(tmp_path / "real-state", tmp_path / "var")        # the operator's symlink to a directory
+    (tmp_path / "run").mkdir()
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(str(tmp_path / "run" / "stated.sock"))                # a stale socket: replaced at start
+    s.close()
+    config_mod.preflight(_paths_cfg(tmp_path))
+
+
+@pytest.mark.parametrize("what", ["file", "dir", "symlink", "fifo"])
+def test_preflight_refuses_a_control_socket_path_that_is_not_a_socket(tmp_path, what):
+    (tmp_path / "run").mkdir()
+    p = tmp_path / "run" / "stated.sock"
+    {"file": lambda: p.write_text("keep me"), "dir": p.mkdir, "fifo": lambda: os.mkfifo(p),
+     "symlink": lambda: os.symlink(tmp_path / "elsewhere", p)}[what]()
+    with pytest.raises(ConfigError, match="control_socket.*not a socket"):
+        config_mod.preflight(_paths_cfg(tmp_path))
+    assert os.path.lexists(p)
+
+
+def test_preflight_refuses_a_state_dir_that_is_not_a_directory(tmp_path):
+    (tmp_path / "var").write_text("x")
+    with pytest.raises(ConfigError, match="state_dir.*not a directory"):
+        config_mod.preflight(_paths_cfg(tmp_path))
+    with pytest.raises(ConfigError, match="state_dir.*not a directory"):
+        config_mod.preflight(_paths_cfg(tmp_path, state_dir="var/sub"))
+    with pytest.raises(ConfigError, match="control_socket.*not a directory"):
+        config_mod.preflight(_paths_cfg(tmp_path, state_dir="ok", sock="var/stated.sock"))
+
+
+def test_preflight_refuses_a_missing_group(tmp_path):
+    cfg, _ = _load(tmp_path, '[daemon]\ngroup = "no-such-group-stated"\n[tables.p]\ncapacity = 1\nfields = ["a: u8"]')
+    with pytest.raises(ConfigError, match="group.*does not exist"):
+        config_mod.preflight(cfg)

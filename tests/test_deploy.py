@@ -37,7 +37,7 @@ METRICS = {
     "stated_segment_size_bytes", "stated_dirty_slots", "stated_build_info",
     "stated_snapshot_last_success_timestamp_seconds", "stated_snapshot_size_bytes",
     "stated_snapshot_failures_total", "stated_torn_reads_total", "stated_settled_slots_total", "up",
-    "stated_table_up", "stated_allocator_rebuilds_total",
+    "stated_table_up", "stated_allocator_rebuilds_total", "stated_table_segment_lost_total",
     # prometheus_client's ProcessCollector (stated/service.py)
     "process_start_time_seconds", "process_resident_memory_bytes", "process_virtual_memory_bytes",
     "process_cpu_seconds_total", "process_open_fds", "process_max_fds",
@@ -267,7 +267,7 @@ def test_alert_rules_use_known_metrics_and_cover_the_basics():
     used = {n for r in rules for n in metric_names(r["expr"])}
     for must in ("up", "stated_slots", "stated_capacity_slots", "stated_lock_repairs_total",
                  "stated_lock_timeouts_total", "stated_snapshot_last_success_timestamp_seconds",
-                 "stated_snapshot_failures_total"):
+                 "stated_snapshot_failures_total", "stated_table_up"):
         assert must in used, f"no alert on {must}"
 
 

@@ -107,10 +107,12 @@ def test_sigkill_during_snapshots_never_breaks_the_previous(write_config, notify
 
 def test_snapshot_failure_is_loud_and_the_daemon_keeps_running(write_config, notify, procs, tmp_path):
     from test_service import m, scrape
-    blocker = tmp_path / "not-a-dir"
+    cfg = write_config({"players": {"capacity": 50}})
+    d = start(procs, cfg, notify)      # a state_dir that is not a directory is refused at start: break it now
+    blocker = tmp_path / "var" / "players"
+    if blocker.is_dir():
+        blocker.rmdir()
     blocker.write_text("x")
-    cfg = write_config({"players": {"capacity": 50}}, daemon={"state_dir": str(blocker / "state")})
-    d = start(procs, cfg, notify)
     key = ctl(cfg, "status")["tables"][0]["key"]
     spawn(procs, "write_players", key, "zone-1", 5)
     with pytest.raises(stated.DaemonError, match="snapshot failed"):

@@ -272,3 +272,25 @@ def test_kernel_limits_refused_with_the_sysctl_to_set(write_config, tmp_path):
     (root / "kernel" / "shmmni").write_text("4096\n")
     check(cfg, root)
     assert Daemon(None, sysctl_root=str(root)).sysctl_root == str(root)
+
+
+def test_tables_larger_than_memory_refused(write_config, tmp_path):
+    from stated import config as config_mod
+    from stated.errors import ConfigError
+    from stated.kernel import KernelLimitError, check, segment_size
+    cfg = config_mod.load(write_config({"players": {"capacity": 1000}, "world": {"capacity": 1000}}))
+    size = segment_size(cfg.tables["players"])
+    root = tmp_path / "sys"
+    (root / "kernel").mkdir(parents=True)
+    mem = tmp_path / "meminfo"
+    mem.write_text(f"MemTotal:       {size // 1024 - 1} kB\nMemFree:        1 kB\n")
+    with pytest.raises(KernelLimitError, match="table 'players' needs .* memory") as ei:
+        check(cfg, root, meminfo=mem)
+    assert isinstance(ei.value, ConfigError)           # a config mistake: `stated run` exits 78
+    mem.write_text(f"MemTotal:       {size * 3 // 2 // 1024} kB\n")      # each fits, both do not
+    with pytest.raises(KernelLimitError, match="together"):
+        check(cfg, root, meminfo=mem)
+    mem.write_text(f"MemTotal:       {size * 3 // 1024} kB\n")
+    check(cfg, root, meminfo=mem)
+    mem.write_text("garbage\n")                         # unreadable: not a reason to refuse
+    check(cfg, root, meminfo=mem)
