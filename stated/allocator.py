@@ -174,7 +174,7 @@ class Allocator:
         between another process's semop and its write of the holder word; docs/format.md
         records that window.
         """
-        while self._pid_exists(holder):
+        while self.liveness.exists(holder):
             if time.monotonic() > deadline:
                 raise self._timeout()
             time.sleep(0.0005)
@@ -182,27 +182,18 @@ class Allocator:
             if not holder or holder == self.pid:
                 return
 
-    @staticmethod
-    def _pid_exists(pid: int) -> bool:
-        """True unless the kernel says the pid is gone (EPERM means it exists)."""
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except OSError:
-            return True
-        return True
-
     def release(self) -> None:
         """Give the lock back. An op of ours that an exception interrupted is repaired first."""
         h32 = self._h32
-        if h32[_OP] and h32[_IPID] == self.pid:
-            self._rebuild("an operation was interrupted by an error")
-        h32[_HOLDER] = 0
         try:
-            self._sem.release()
-        except sysv_ipc.ExistentialError:
-            pass   # removed from under us; the daemon recreates it and repairs
+            if h32[_OP] and h32[_IPID] == self.pid:
+                self._rebuild("an operation was interrupted by an error")
+        finally:
+            h32[_HOLDER] = 0
+            try:
+                self._sem.release()
+            except sysv_ipc.ExistentialError:
+                pass   # removed from under us; the daemon recreates it and repairs
 
     def _reopen_semaphore(self, deadline: float | None = None) -> None:
         """The semaphore was removed (ipcrm, systemd RemoveIPC): wait for the daemon to recreate it."""

@@ -78,6 +78,11 @@ class Liveness:
             return DEAD
         return st
 
+    def exists(self, pid: int) -> bool:
+        """The pid is not proven gone (for a pid recorded without a start time, e.g. a lock holder
+        or a segment's creator): kill(2) says it exists, or cannot say."""
+        return 0 < pid < PID_MAX_LIMIT and self._exists(pid) is not False
+
     def alive(self, pid: int, start_time: int) -> bool:
         """Not proven dead (ALIVE or UNKNOWN): the safe answer for every release decision."""
         return self.state(pid, start_time) != DEAD

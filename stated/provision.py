@@ -8,7 +8,6 @@ daemon stops rather than guess.
 from __future__ import annotations
 
 import logging
-import os
 
 import sysv_ipc
 
@@ -16,6 +15,7 @@ from . import format as fmt
 from . import segment
 from .config import DaemonConfig, TableConfig
 from .errors import CorruptSegment, LayoutMismatch, SegmentNotFound
+from .owners import Liveness
 from .segment import Segment
 
 log = logging.getLogger("stated.provision")
@@ -70,7 +70,7 @@ def remove_half_built(tc: TableConfig, creator_pid: int, trust: segment.Trust) -
     """A segment left INITIALISING by a creator that died (a daemon SIGKILLed while creating or
     restoring) can never become ready: remove it so the caller rebuilds the table. A live
     creator is still at work: CorruptSegment (try again later), never a removal under it."""
-    if _pid_exists(creator_pid):
+    if Liveness().exists(creator_pid):
         raise CorruptSegment(f"table {tc.name!r} (key {tc.key:#010x}) is being built by live pid {creator_pid}; "
                              f"is another daemon or `stated restore` running?")
     shm = sysv_ipc.SharedMemory(tc.key, 0)
@@ -83,16 +83,6 @@ def remove_half_built(tc: TableConfig, creator_pid: int, trust: segment.Trust) -
     log.warning("table=%s key=%#010x shmid=%d: its creator pid %d died while building it; removing the "
                 "half-built segment and rebuilding", tc.name, tc.key, shm.id, creator_pid)
     shm.remove()
-
-
-def _pid_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True      # EPERM: it exists, as somebody else
-    return True
 
 
 def ensure_semaphore(tc: TableConfig, dc: DaemonConfig) -> bool:
