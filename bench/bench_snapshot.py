@@ -21,11 +21,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import sysv_ipc  # noqa: E402
 
-from stated import config as config_mod  # noqa: E402
-from stated import persist, segment  # noqa: E402
-from stated import snapshot as snap  # noqa: E402
-from stated.allocator import Allocator  # noqa: E402
-from stated.table import Table  # noqa: E402
+from stated.format import config as config_mod  # noqa: E402
+from stated import segment  # noqa: E402
+from stated.persist import saver as persist
+from stated.persist import snapshot as snap  # noqa: E402
+from stated.shm.allocator import Allocator  # noqa: E402
+from stated.shm.table import Table  # noqa: E402
 
 
 def free_key() -> int:

@@ -31,8 +31,8 @@ import traceback
 from _common import ROOT, exit_on_signals, pick_keys
 
 import stated  # noqa: E402
-from stated import config as config_mod  # noqa: E402
-from stated import format as fmt  # noqa: E402
+from stated.format import config as config_mod  # noqa: E402
+from stated.format import segment as fmt  # noqa: E402
 from stated import segment  # noqa: E402
 from stated.errors import TableFull  # noqa: E402
 

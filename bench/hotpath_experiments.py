@@ -19,12 +19,12 @@ from _common import ROOT, exit_on_signals, pick_keys
 from bench_dataplane import CAPACITY, Harness, Variant, paired_ratio
 
 import stated  # noqa: E402
-from stated import config as config_mod  # noqa: E402
-from stated import format as fmt  # noqa: E402
+from stated.format import config as config_mod  # noqa: E402
+from stated.format import segment as fmt  # noqa: E402
 from stated import segment  # noqa: E402
-from stated.allocator import Handle  # noqa: E402
+from stated.shm.allocator import Handle  # noqa: E402
 from stated.errors import DuplicateEntity, TableFull  # noqa: E402
-from stated.schema import check_value  # noqa: E402
+from stated.format.schema import check_value  # noqa: E402
 
 M64 = (1 << 64) - 1
 F32_MAX = 3.4028234663852886e38

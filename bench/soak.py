@@ -19,7 +19,7 @@ seconds, at random moments (seeded) one of:
   adopts the segments.
 - **remove everything** (at least once): SIGKILL every zone and check them as above; stop the
   daemon (SIGTERM, whose last snapshot must then equal the table exactly; or SIGKILL); read the
-  newest snapshot chain (`stated.snapshot.chain`); `ipcrm` the segment and the semaphore; start
+  newest snapshot chain (`stated.persist.snapshot.chain`); `ipcrm` the segment and the semaphore; start
   the daemon, which restores; the table must be exactly that chain (slots, generations, owners,
   entities, write counters: the floor after a restore is what the last snapshot held); restart
   the zones, each must resume exactly its players of that chain.
@@ -63,11 +63,11 @@ from typing import NamedTuple
 from _common import ROOT, exit_on_signals, key_in_use, pick_keys
 
 import stated
-from stated import config as config_mod
-from stated import control
-from stated import format as fmt
-from stated import snapshot as snap_mod
-from stated.allocator import Handle
+from stated.format import config as config_mod
+from stated.daemon import control
+from stated.format import segment as fmt
+from stated.persist import snapshot as snap_mod
+from stated.shm.allocator import Handle
 
 ZONE_WORKER = ROOT / "examples" / "zone_worker.py"
 SOAK_TOML = ROOT / "examples" / "soak.toml"

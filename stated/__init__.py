@@ -6,13 +6,11 @@
     with players.write(h) as p:
         p.name = "alice"; p.hp = 90
 """
-from .allocator import Handle
-from .errors import (ConfigError, CorruptSegment, DaemonError, DuplicateEntity, ForeignSegment, LayoutMismatch,
-                     LockTimeout, NotOwner, OwnerBusy, OwnersExhausted, ReadOnlyTable, SchemaError, SegmentExists, SegmentNotFound,
-                     SlotOutOfRange, StaleHandle, StatedError, TableFull, TornRecord, UnsupportedVersion)
+from .shm.allocator import Handle
+from .errors import ConfigError, CorruptSegment, DaemonError, DuplicateEntity, ForeignSegment, LayoutMismatch, LockTimeout, NotOwner, OwnerBusy, OwnersExhausted, ReadOnlyTable, SchemaError, SegmentExists, SegmentNotFound, SlotOutOfRange, StaleHandle, StatedError, TableFull, TornRecord, UnsupportedVersion
 from .errors import InstallError
-from .segment import PermissionDenied
-from .table import Table, attach
+from .shm.segment import PermissionDenied
+from .shm.table import Table, attach
 
 __version__ = "0.1.0"
 

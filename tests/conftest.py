@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 import sysv_ipc
 
-from stated import config as config_mod
-from stated import segment
-from stated.schema import parse_fields
-from stated import layout as layout_mod
+from stated.format import config as config_mod
+from stated.shm import segment
+from stated.format.schema import parse_fields
+from stated.format import layout as layout_mod
 
 _counter = itertools.count(1)
 _handed: set[int] = set()

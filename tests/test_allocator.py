@@ -152,7 +152,7 @@ def test_lookup_owned_and_index_under_churn(make_segment):
 
 def test_repair_rebuilds_from_slot_states(make_segment):
     """Simulate a holder that died mid-alloc: intent set, free stack not yet popped."""
-    from stated import format as fmt
+    from stated.format import segment as fmt
     key = make_segment(capacity=16)
     with stated.attach(key=key, owner="a") as t:
         hs = [t.alloc(entity=i) for i in range(5)]

@@ -17,8 +17,12 @@ from pathlib import Path
 import pytest
 
 import stated
-from stated import cheader, config as config_mod, format as fmt, layout as layout_mod, segment
-from stated.schema import parse_fields
+from stated.tools import cheader
+from stated.format import config as config_mod
+from stated.format import segment as fmt
+from stated.format import layout as layout_mod
+from stated.shm import segment
+from stated.format.schema import parse_fields
 
 from conftest import PLAYER_FIELDS
 

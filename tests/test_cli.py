@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import stated
-from stated import segment
+from stated.shm import segment
 
 ROOT = Path(__file__).resolve().parent.parent
 STATED = [sys.executable, "-m", "stated"]
@@ -132,7 +132,7 @@ def test_get_attaches_read_only(players):
                 os.setgid(pwd.getpwnam("nobody").pw_gid)
                 sys.stderr = sys.stdout
                 os.setuid(pwd.getpwnam("nobody").pw_uid)
-                from stated import cli
+                from stated.tools import cli
                 code = cli.main(["get", "players", "41", "--config", str(conf), "--compact"])
                 sys.stdout.flush()
             finally:

@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from stated import config as config_mod
+from stated.format import config as config_mod
 from stated.errors import ConfigError
 
 

@@ -12,10 +12,10 @@ import pytest
 import sysv_ipc
 
 import stated
-from stated import config as config_mod
-from stated import format as fmt
-from stated import segment
-from stated.daemon import Daemon
+from stated.format import config as config_mod
+from stated.format import segment as fmt
+from stated.shm import segment
+from stated.daemon.lifecycle import Daemon
 
 from conftest import STATED_CMD, DaemonProc, player_layout, run_as_nobody
 

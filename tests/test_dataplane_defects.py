@@ -10,7 +10,7 @@ import pytest
 import sysv_ipc
 
 import stated
-from stated import format as fmt
+from stated.format import segment as fmt
 
 WORKERS = os.path.join(os.path.dirname(__file__), "workers.py")
 

@@ -21,12 +21,12 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from stated import config as config_mod
-from stated import control
-from stated import layout as layout_mod
+from stated.format import config as config_mod
+from stated.daemon import control
+from stated.format import layout as layout_mod
 from stated.errors import ConfigError, SchemaError
-from stated.records import default_record, record_class
-from stated.schema import SCALARS, parse_field, from_wire
+from stated.shm.records import default_record, record_class
+from stated.format.schema import SCALARS, parse_field, from_wire
 
 
 def FUZZ(n: int) -> settings:

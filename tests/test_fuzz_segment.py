@@ -19,12 +19,14 @@ from hypothesis.control import currently_in_test_context
 from hypothesis import strategies as st
 
 import stated
-from stated import format as fmt
-from stated import layout as layout_mod
-from stated import provision, segment, status
-from stated.config import DaemonConfig, TableConfig
+from stated.format import segment as fmt
+from stated.format import layout as layout_mod
+from stated.daemon import provision
+from stated.shm import segment
+from stated.daemon import status
+from stated.format.config import DaemonConfig, TableConfig
 from stated.errors import CorruptSegment, StatedError
-from stated.schema import Field
+from stated.format.schema import Field
 
 from conftest import player_layout
 from test_fuzz import FUZZ, bounded, defaults, names, nested, types, wire_schema

@@ -18,13 +18,14 @@ from hypothesis import event, example, given
 from hypothesis import strategies as st
 
 import stated
-from stated import format as fmt
-from stated import layout as layout_mod
-from stated import persist, segment
-from stated import snapshot as snap
-from stated.config import DaemonConfig, TableConfig
+from stated.format import segment as fmt
+from stated.format import layout as layout_mod
+from stated.persist import saver as persist
+from stated.shm import segment
+from stated.persist import snapshot as snap
+from stated.format.config import DaemonConfig, TableConfig
 from stated.errors import StatedError
-from stated.schema import from_wire, to_wire
+from stated.format.schema import from_wire, to_wire
 
 from conftest import player_layout
 from test_fuzz import FUZZ, bounded, nested, wire_schema

@@ -1,8 +1,8 @@
 import ctypes
 
-from stated import layout
-from stated.records import record_class
-from stated.schema import parse_fields
+from stated.format import layout
+from stated.shm.records import record_class
+from stated.format.schema import parse_fields
 
 from conftest import PLAYER_FIELDS
 

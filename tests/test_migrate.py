@@ -5,10 +5,11 @@ import sys
 import pytest
 
 import stated
-from stated import config as config_mod
-from stated import provision, segment
+from stated.format import config as config_mod
+from stated.daemon import provision
+from stated.shm import segment
 from stated.errors import LayoutMismatch
-from stated.persist import MigrationRefused
+from stated.persist.saver import MigrationRefused
 
 from conftest import PLAYER_FIELDS
 
@@ -110,8 +111,8 @@ def test_migration_refused_while_workers_attached(write_config):
 
 
 def test_migrating_from_a_snapshot_after_a_reboot(write_config):
-    from stated import persist
-    from stated.allocator import Allocator
+    from stated.persist import saver as persist
+    from stated.shm.allocator import Allocator
     path, cfg = _setup(write_config)
     tc = cfg.tables["players"]
     before = _populate(tc.key, 20)
@@ -153,7 +154,7 @@ def test_dropping_a_field_named_like_capacity_is_allowed_with_allow_lossy(write_
 
 
 def test_lossy_changes_are_structured():
-    from stated import migrate
+    from stated.persist import migrate
     from conftest import player_layout
     old = player_layout(PLAYER_FIELDS + ["capacity_left: u8"])
     new = player_layout([f.replace("hp: i32", "hp: i16") for f in PLAYER_FIELDS])

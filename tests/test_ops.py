@@ -18,8 +18,10 @@ from pathlib import Path
 import pytest
 
 import stated
-from stated import cli, logs, service
-from stated.config import load as load_config
+from stated.tools import cli
+from stated.daemon import logs
+from stated.daemon import service
+from stated.format.config import load as load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "stated.service"
@@ -187,7 +189,7 @@ def test_daemon_extends_timeouts_at_start_and_stop(write_config, notify, procs):
 def test_process_metrics_are_exported(write_config, notify, procs):
     cfg = write_config()
     p = run_daemon(procs, cfg, notify)
-    from stated import control
+    from stated.daemon import control
     port = control.request(load_config(cfg).daemon.control_socket, "status")["daemon"]["metrics_port"]
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     m = re.search(r"^process_start_time_seconds (\S+)$", text, re.M)
@@ -295,7 +297,8 @@ def test_without_semtimedop_help_version_and_observers_work(no_semtimedop, write
         assert res.returncode == 0, res.stderr
         assert "Traceback" not in res.stderr
     key = make_segment(capacity=10)
-    t = stated.Table(stated.segment.open(key), name="players", owner="zone-1")
+    from stated.shm import segment
+    t = stated.Table(segment.open(key), name="players", owner="zone-1")
     h = t.alloc(entity=42)
     t.set(h, "hp", 77)
     t.close()

@@ -14,7 +14,7 @@ import traceback
 
 import pytest
 
-from stated.owners import ALIVE, DEAD, UNKNOWN, Liveness
+from stated.shm.owners import ALIVE, DEAD, UNKNOWN, Liveness
 
 NOBODY = 65534
 

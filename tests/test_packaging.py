@@ -83,7 +83,9 @@ def test_wheel_metadata(wheel):
     assert not any(c.startswith("License ::") for c in classifiers), "PEP 639: the SPDX expression only"
     urls = dict(u.split(", ", 1) for u in meta.get_all("Project-URL"))
     assert {"Homepage", "Documentation", "Source", "Issues"} <= urls.keys()
-    assert "stated = stated.cli:main" in entry
+    assert "stated = stated.tools.cli:main" in entry
+    for layer in ("format", "shm", "persist", "daemon", "tools"):
+        assert f"stated/{layer}/__init__.py" in names
     # where users look for the name: the summary, the README section, --help
     assert "import stated" in meta["Summary"]
     assert "**`stated-shm`**" in (ROOT / "README.md").read_text()

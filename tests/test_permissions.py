@@ -14,7 +14,7 @@ import sys
 import pytest
 
 import stated
-from stated import segment
+from stated.shm import segment
 
 from conftest import player_layout
 
@@ -106,7 +106,7 @@ def test_group_member_with_read_write_mode(table):
 
 def test_daemon_files_and_socket_refuse_outsiders(write_config, procs, tmp_path, request):
     from test_service import NotifySocket, ctl, start
-    from stated import config as config_mod
+    from stated.format import config as config_mod
     import shutil
     import tempfile
     sockdir = tempfile.mkdtemp(prefix="stated-perm-", dir="/tmp")    # reachable by nobody: the socket decides

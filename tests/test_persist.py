@@ -10,8 +10,8 @@ import pytest
 import sysv_ipc
 
 import stated
-from stated import snapshot as snap
-from stated import config as config_mod
+from stated.persist import snapshot as snap
+from stated.format import config as config_mod
 
 from test_service import NotifySocket, ctl, start
 from test_table import kill9, spawn
@@ -48,7 +48,7 @@ def test_reboot_simulation(write_config, notify, procs):
         extra = [t.alloc(entity=900_000 + i) for i in range(50)]
         with t.write(extra[0]) as p:
             p.name = "late"
-    from stated import control
+    from stated.daemon import control
     control.request(config_mod.load(cfg).daemon.control_socket, "snapshot", kind="delta")
     with stated.attach(key=key, owner="zone-1") as t:      # and more, caught by SIGTERM's final save
         for h in t.owned()[:10]:
@@ -150,8 +150,9 @@ def test_restore_cli_refuses_live_segment_unless_forced(write_config, notify, pr
 
 
 def _save_full(tc, dc):
-    from stated import persist, segment
-    from stated.allocator import Allocator
+    from stated.persist import saver as persist
+    from stated.shm import segment
+    from stated.shm.allocator import Allocator
     seg = segment.open(tc.key, table=tc.name)
     a = Allocator(seg, table=tc.name)
     s = persist.Saver(tc, seg, a, dc)
@@ -180,7 +181,8 @@ def _image(key):
 def test_restore_force_saves_the_live_table_in_its_own_layout(write_config, new_key, tmp_path):
     """The safety snapshot of a live segment whose layout differs from the config's is taken with
     the segment's layout (as live migration does), so it restores to exactly what was there."""
-    from stated import persist, segment
+    from stated.persist import saver as persist
+    from stated.shm import segment
     from conftest import PLAYER_FIELDS
     key = new_key()
     new_fields = PLAYER_FIELDS + ["mana: i32 = 50"]
@@ -221,7 +223,7 @@ def test_restore_force_saves_the_live_table_in_its_own_layout(write_config, new_
 
 
 def test_restore_refuses_before_touching_the_live_table_when_the_file_does_not_fit(write_config, new_key):
-    from stated import segment
+    from stated.shm import segment
     from conftest import PLAYER_FIELDS
     key = new_key()
     cfg_a = write_config({"players": {"capacity": 50, "key": key, "fields": PLAYER_FIELDS + ["mana: i32"]}},
@@ -241,7 +243,7 @@ def test_restore_refuses_before_touching_the_live_table_when_the_file_does_not_f
 
 
 def test_fifo_named_like_the_newest_snapshot_does_not_hang_start_up(write_config, notify, procs):
-    from stated import segment
+    from stated.shm import segment
     cfg = write_config({"players": {"capacity": 50}})
     c = config_mod.load(cfg)
     tc = c.tables["players"]

@@ -4,8 +4,8 @@ import pytest
 import sysv_ipc
 
 import stated
-from stated import format as fmt
-from stated import segment
+from stated.format import segment as fmt
+from stated.shm import segment
 from stated.errors import CorruptSegment, ForeignSegment, LayoutMismatch, SegmentExists, SegmentNotFound
 
 from conftest import player_layout

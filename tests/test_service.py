@@ -12,7 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import stated
-from stated import control
+from stated.daemon import control
 
 from test_allocator import _child_tagged_churn, _fork
 from test_table import kill9, spawn
@@ -74,7 +74,7 @@ _sockets: dict = {}
 
 def ctl(cfg, op):
     """A control request to the daemon running `cfg` (socket path remembered: tests break the file)."""
-    from stated import config as config_mod
+    from stated.format import config as config_mod
     if str(cfg) not in _sockets:
         _sockets[str(cfg)] = config_mod.load(cfg).daemon.control_socket
     return control.request(_sockets[str(cfg)], op)
@@ -230,7 +230,7 @@ def test_semaphore_removed_while_workers_run(write_config, notify, procs):
 
 
 def test_malformed_control_frames_never_crash_the_daemon(write_config, notify, procs):
-    from stated import config as config_mod
+    from stated.format import config as config_mod
     cfg = write_config({"players": {"capacity": 10}})
     d = start(procs, cfg, notify)
     path = str(config_mod.load(cfg).daemon.control_socket)
@@ -248,9 +248,9 @@ def test_malformed_control_frames_never_crash_the_daemon(write_config, notify, p
 
 
 def test_kernel_limits_refused_with_the_sysctl_to_set(write_config, tmp_path):
-    from stated.daemon import Daemon
-    from stated.kernel import KernelLimitError, check
-    from stated import config as config_mod
+    from stated.daemon.lifecycle import Daemon
+    from stated.daemon.kernel import KernelLimitError, check
+    from stated.format import config as config_mod
     cfg = config_mod.load(write_config({"players": {"capacity": 1000}}))
     root = tmp_path / "sys"
     (root / "kernel").mkdir(parents=True)
@@ -275,9 +275,9 @@ def test_kernel_limits_refused_with_the_sysctl_to_set(write_config, tmp_path):
 
 
 def test_tables_larger_than_memory_refused(write_config, tmp_path):
-    from stated import config as config_mod
+    from stated.format import config as config_mod
     from stated.errors import ConfigError
-    from stated.kernel import KernelLimitError, check, segment_size
+    from stated.daemon.kernel import KernelLimitError, check, segment_size
     cfg = config_mod.load(write_config({"players": {"capacity": 1000}, "world": {"capacity": 1000}}))
     size = segment_size(cfg.tables["players"])
     root = tmp_path / "sys"

@@ -6,10 +6,11 @@ from pathlib import Path
 import pytest
 
 import stated
-from stated import config as config_mod
-from stated import persist, segment
-from stated import snapshot as snap
-from stated.allocator import Allocator
+from stated.format import config as config_mod
+from stated.persist import saver as persist
+from stated.shm import segment
+from stated.persist import snapshot as snap
+from stated.shm.allocator import Allocator
 from stated.errors import UnsafePath
 
 
@@ -516,8 +517,8 @@ def test_semantically_wrong_newest_full_is_skipped_like_a_bad_checksum(env, what
 
 
 def test_delta_whose_layout_differs_from_its_full_ends_the_chain(env):
-    from stated.schema import parse_fields, to_wire
-    from stated import layout as layout_mod
+    from stated.format.schema import parse_fields, to_wire
+    from stated.format import layout as layout_mod
     tc, dc, saver, t = env
     hs = fill(t, 10)
     saver.save("full")
@@ -614,7 +615,7 @@ def test_an_entity_moving_during_a_save_is_written_once(write_config):
     """Entity E is copied at slot A, then (mid-pass) freed there and allocated at slot B, which is
     copied later: the file would name E twice. The writer copies A again after the pass instead."""
     import time
-    from stated.schema import to_wire
+    from stated.format.schema import to_wire
     cfg = config_mod.load(write_config({"players": {"capacity": 5000}}))
     tc, dc = cfg.tables["players"], cfg.daemon
     seg = segment.create(tc.key, tc.capacity, tc.layout, mode=0o600)

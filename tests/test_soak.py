@@ -22,8 +22,8 @@ import pytest
 from conftest import PLAYER_FIELDS, _in_use
 
 import stated
-from stated import config as config_mod
-from stated import control
+from stated.format import config as config_mod
+from stated.daemon import control
 
 ROOT = Path(__file__).resolve().parent.parent
 SOAK = ROOT / "bench" / "soak.py"
@@ -160,7 +160,7 @@ def _die_inside(key: int, op: str) -> None:
     pid = os.fork()
     if pid == 0:
         try:
-            from stated import allocator
+            from stated.shm import allocator
             t = stated.attach(key=key, owner="w")
             if op == "alloc":
                 allocator.Allocator._index_insert = lambda self, e, s: os._exit(0)

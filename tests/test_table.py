@@ -6,7 +6,7 @@ import time
 import pytest
 
 import stated
-from stated import segment
+from stated.shm import segment
 from stated.errors import (NotOwner, OwnerBusy, ReadOnlyTable, SlotOutOfRange, StaleHandle, TableFull,
                            TornRecord)
 

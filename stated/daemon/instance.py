@@ -20,7 +20,7 @@ import stat
 import time
 from pathlib import Path
 
-from .errors import AlreadyRunning, StatedError
+from ..errors import AlreadyRunning, StatedError
 
 LOCK_NAME = "stated.lock"
 PID_WAIT = 1.0      # seconds the loser waits for the holder to write its pid (it locks, then writes)

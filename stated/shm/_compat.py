@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sysv_ipc
 
-from .errors import InstallError
+from ..errors import InstallError
 
 FIX = "pip install --force-reinstall --no-deps --no-binary sysv_ipc sysv_ipc"
 

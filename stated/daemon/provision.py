@@ -11,12 +11,12 @@ import logging
 
 import sysv_ipc
 
-from . import format as fmt
-from . import segment
-from .config import DaemonConfig, TableConfig
-from .errors import CorruptSegment, LayoutMismatch, SegmentNotFound
-from .owners import Liveness
-from .segment import Segment
+from ..format import segment as fmt
+from ..shm import segment
+from ..format.config import DaemonConfig, TableConfig
+from ..errors import CorruptSegment, LayoutMismatch, SegmentNotFound
+from ..shm.owners import Liveness
+from ..shm.segment import Segment
 
 log = logging.getLogger("stated.provision")
 
@@ -29,7 +29,7 @@ def ensure(tc: TableConfig, dc: DaemonConfig, *, migrate: bool = False, allow_lo
     one is restored from the newest valid snapshot chain (or created empty).
     Raises CorruptSegment, LayoutMismatch, SegmentExists.
     """
-    from . import persist, snapshot
+    from ..persist import saver as persist, snapshot
     trust = segment.Trust.daemon(dc.mode)
     try:
         try:

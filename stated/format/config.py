@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from . import layout as layout_mod
-from .errors import ConfigError, SchemaError
+from ..errors import ConfigError, SchemaError
 from .schema import parse_fields
 
 BUILTIN = "<built-in default>"

@@ -13,7 +13,7 @@ import reprlib
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import SchemaError
+from ..errors import SchemaError
 
 # scalar type name -> (size in bytes, struct/memoryview format code, C type)
 SCALARS: dict[str, tuple[int, str, str]] = {

@@ -17,9 +17,9 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .layout import Layout
-from .records import default_record, record_class
-from .schema import Field, int_range
+from ..format.layout import Layout
+from ..shm.records import default_record, record_class
+from ..format.schema import Field, int_range
 
 log = logging.getLogger("stated.migrate")
 

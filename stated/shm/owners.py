@@ -20,8 +20,8 @@ import os
 from dataclasses import dataclass
 from typing import Callable
 
-from . import format as fmt
-from .errors import StatedError
+from ..format import segment as fmt
+from ..errors import StatedError
 
 ALIVE, DEAD, UNKNOWN = "alive", "dead", "unknown"
 START_UNKNOWN = -1      # start_time() of a process that exists but whose /proc entry cannot be read

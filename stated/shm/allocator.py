@@ -29,10 +29,9 @@ from typing import NamedTuple
 
 import sysv_ipc
 
-from . import format as fmt
+from ..format import segment as fmt
 from ._compat import require_semtimedop
-from .errors import (CorruptSegment, DuplicateEntity, LockTimeout, NotOwner, OwnerBusy, OwnersExhausted,
-                     SegmentNotFound, SlotOutOfRange, StaleHandle, StatedError, TableFull)
+from ..errors import CorruptSegment, DuplicateEntity, LockTimeout, NotOwner, OwnerBusy, OwnersExhausted, SegmentNotFound, SlotOutOfRange, StaleHandle, StatedError, TableFull
 from .owners import Liveness, Owner, read_owners
 from .segment import Segment, Trust, open_semaphore
 

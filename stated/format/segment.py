@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import msgpack
 
 from . import layout as layout_mod
-from .errors import CorruptSegment, SchemaError, UnsupportedVersion
+from ..errors import CorruptSegment, SchemaError, UnsupportedVersion
 from .schema import from_wire
 
 MAGIC = b"STATEDSG"

@@ -16,13 +16,13 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-from . import __version__
-from . import format as fmt
+from .. import __version__
+from ..format import segment as fmt
 from .service import register_process_metrics
 from .conns import ConnectionLimiter
 
 if TYPE_CHECKING:
-    from .daemon import Daemon
+    from .lifecycle import Daemon
 
 log = logging.getLogger("stated.metrics")
 

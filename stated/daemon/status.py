@@ -5,11 +5,11 @@ from typing import Any
 
 import sysv_ipc
 
-from . import format as fmt
-from . import segment
-from .config import Config
-from .errors import StatedError
-from .owners import Liveness, read_owners
+from ..format import segment as fmt
+from ..shm import segment
+from ..format.config import Config
+from ..errors import StatedError
+from ..shm.owners import Liveness, read_owners
 
 
 def table_status(name: str, key: int, capacity: int | None = None, liveness: Liveness | None = None) -> dict[str, Any]:

@@ -20,13 +20,13 @@ import time
 import weakref
 from typing import Any
 
-from . import config as config_mod
-from . import format as fmt
+from ..format import config as config_mod
+from ..format import segment as fmt
 from .allocator import Allocator, Handle
-from .errors import NotOwner, ReadOnlyTable, SlotOutOfRange, StaleHandle, StatedError, TornRecord
+from ..errors import NotOwner, ReadOnlyTable, SlotOutOfRange, StaleHandle, StatedError, TornRecord
 from .owners import Liveness, Owner
 from .records import RecordBase, dead_class, default_record, readonly_class, record_class
-from .schema import check_value
+from ..format.schema import check_value
 from .segment import Segment
 from . import segment as segment_mod
 

@@ -27,8 +27,8 @@ import ctypes
 import operator
 from typing import Any
 
-from .layout import Layout
-from .schema import Field, check_value, int_range
+from ..format.layout import Layout
+from ..format.schema import Field, check_value, int_range
 
 _CTYPES = {
     "i8": ctypes.c_int8, "u8": ctypes.c_uint8, "i16": ctypes.c_int16, "u16": ctypes.c_uint16,
@@ -152,13 +152,13 @@ class FrozenArray(tuple):
     __slots__ = ()
 
     def __setitem__(self, i: Any, v: Any) -> None:
-        from .errors import ReadOnlyTable
+        from ..errors import ReadOnlyTable
         raise ReadOnlyTable("cannot set an array element: the table was attached readonly=True")
 
 
 def readonly_class(cls: type[RecordBase]) -> type[RecordBase]:
     """A subclass for read-only attaches: reads as fast, every write raises."""
-    from .errors import ReadOnlyTable
+    from ..errors import ReadOnlyTable
 
     def refuse(self, k, v):
         raise ReadOnlyTable(f"cannot set {k!r}: the table was attached readonly=True")

@@ -20,9 +20,9 @@ import hashlib
 import re
 import struct
 
-from . import format as fmt
-from .layout import Layout
-from .schema import SCALARS
+from ..format import segment as fmt
+from ..format.layout import Layout
+from ..format.schema import SCALARS
 
 __all__ = ["generate"]
 

@@ -15,14 +15,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import format as fmt
-from . import segment
+from ..format import segment as fmt
+from ..shm import segment
 from . import snapshot as snap
-from .allocator import Allocator, _C
-from .config import DaemonConfig, TableConfig
-from .errors import LayoutMismatch, MigrationRefused, RestoreError, SegmentNotFound, StatedError
-from .schema import to_wire
-from .segment import Segment
+from ..shm.allocator import Allocator, _C
+from ..format.config import DaemonConfig, TableConfig
+from ..errors import LayoutMismatch, MigrationRefused, RestoreError, SegmentNotFound, StatedError
+from ..format.schema import to_wire
+from ..shm.segment import Segment
 
 log = logging.getLogger("stated.persist")
 

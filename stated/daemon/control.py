@@ -20,7 +20,7 @@ from typing import Any, Awaitable, Callable
 import msgpack
 
 from .conns import ConnectionLimiter
-from .errors import ConfigError, DaemonError, StatedError
+from ..errors import ConfigError, DaemonError, StatedError
 
 log = logging.getLogger("stated.control")
 

@@ -16,11 +16,12 @@ import math
 import sys
 from pathlib import Path
 
-from . import __version__
-from . import config as config_mod
-from . import format as fmt
-from . import logs, segment
-from .errors import ConfigError, InstallError, StatedError
+from .. import __version__
+from ..format import config as config_mod
+from ..format import segment as fmt
+from ..daemon import logs
+from ..shm import segment
+from ..errors import ConfigError, InstallError, StatedError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_RUNNING = 0, 1, 2, 3
 EXIT_CONFIG = 78        # EX_CONFIG (sysexits.h): the unit's RestartPreventExitStatus=
@@ -51,9 +52,9 @@ def _config(args) -> config_mod.Config:
 
 
 def cmd_run(args) -> int:
-    from ._compat import require_semtimedop
-    from .daemon import Daemon
-    from .service import protect_core_dumps
+    from ..shm._compat import require_semtimedop
+    from ..daemon.lifecycle import Daemon
+    from ..daemon.service import protect_core_dumps
     path = args.config or config_mod.default_path()
     try:
         cfg = config_mod.load(path)          # for log_format; the daemon loads it again (and on reload)
@@ -68,7 +69,7 @@ def cmd_run(args) -> int:
 
 def cmd_migrate(args) -> int:
     """Offline migration (daemon stopped): every table whose layout or capacity changed."""
-    from . import control, provision
+    from ..daemon import control, provision
     cfg = _config(args)
     if control.ping(cfg.daemon.control_socket):
         print("stated migrate: the daemon is running; stop it, or restart it with `stated run --migrate`",
@@ -83,7 +84,7 @@ def cmd_migrate(args) -> int:
 
 def _daemon(cfg: config_mod.Config, op: str, **kw) -> dict | None:
     """Ask the running daemon; None when none answers on the control socket."""
-    from . import control
+    from ..daemon import control
     try:
         return control.request(cfg.daemon.control_socket, op, **kw)
     except (ConnectionError, FileNotFoundError, OSError):
@@ -91,7 +92,7 @@ def _daemon(cfg: config_mod.Config, op: str, **kw) -> dict | None:
 
 
 def cmd_status(args) -> int:
-    from .status import config_status
+    from ..daemon.status import config_status
     cfg = _config(args)
     reply = _daemon(cfg, "status")
     daemon = reply["daemon"] if reply else None
@@ -143,13 +144,14 @@ def cmd_destroy(args) -> int:
 
 
 def cmd_restore(args) -> int:
-    from . import control, persist
+    from ..daemon import control
+    from ..persist import saver as persist
     cfg = _config(args)
     if control.ping(cfg.daemon.control_socket):
         print("stated restore: the daemon is running; stop it first (it restores absent tables by itself at "
               "start-up)", file=sys.stderr)
         return EXIT_ERROR
-    from . import snapshot
+    from ..persist import snapshot
     header = snapshot.read_file(Path(args.from_))[0]
     table = args.table or header["table"]
     out = persist.restore_by_hand(cfg.table(table), cfg.daemon, Path(args.from_), args.force)
@@ -161,7 +163,7 @@ def cmd_restore(args) -> int:
 
 
 def _verify(args) -> int:
-    from . import persist
+    from ..persist import saver as persist
     rc = EXIT_OK
     for f in args.verify:
         try:
@@ -181,7 +183,7 @@ def _daemon_op(op: str):
         if getattr(args, "verify", None):
             return _verify(args)
         cfg = _config(args)
-        from . import control
+        from ..daemon import control
         extra = {k: v for k in ("owner", "table") if (v := getattr(args, k, None)) is not None}
         try:
             reply = control.request(cfg.daemon.control_socket, op, timeout=args.timeout, **extra)
@@ -242,7 +244,7 @@ def _jsonable(v):
 
 def cmd_get(args) -> int:
     """One record as JSON, through a read-only attach (SHM_RDONLY): safe while workers run."""
-    from .table import attach
+    from ..shm.table import attach
     with attach(args.table, config=args.config or config_mod.default_path(), readonly=True) as t:
         h = t.lookup(args.entity)
         if h is None:

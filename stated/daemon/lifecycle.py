@@ -31,20 +31,21 @@ from typing import Any, Mapping
 
 import sysv_ipc
 
-from . import __version__, control, instance, kernel, provision
-from . import config as config_mod
-from . import format as fmt
-from .allocator import Allocator
-from .config import Config, TableConfig
+from .. import __version__
+from . import control, instance, kernel, provision
+from ..format import config as config_mod
+from ..format import segment as fmt
+from ..shm.allocator import Allocator
+from ..format.config import Config, TableConfig
 from .conns import fit_limit
-from .errors import ConfigError, KernelLimitError, StatedError
+from ..errors import ConfigError, KernelLimitError, StatedError
 from .metrics import DaemonMetrics, serve as serve_metrics
 from .notify import Notifier
-from .owners import DEAD, UNKNOWN, Liveness, Owner
-from .persist import Saver
-from .segment import Segment, Trust
+from ..shm.owners import DEAD, UNKNOWN, Liveness, Owner
+from ..persist.saver import Saver
+from ..shm.segment import Segment, Trust
 from .service import extending_timeout
-from .snapshot import SnapshotFailed
+from ..persist.snapshot import SnapshotFailed
 
 log = logging.getLogger("stated.daemon")
 

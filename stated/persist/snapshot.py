@@ -40,10 +40,10 @@ from typing import Any, Callable, Iterable, Iterator
 
 import msgpack
 
-from . import format as fmt
-from . import layout as layout_mod
-from .errors import CorruptSnapshot, SnapshotFailed, StatedError, UnsafePath
-from .schema import from_wire
+from ..format import segment as fmt
+from ..format import layout as layout_mod
+from ..errors import CorruptSnapshot, SnapshotFailed, StatedError, UnsafePath
+from ..format.schema import from_wire
 
 __all__ = ["CorruptSnapshot", "SnapshotFailed", "UnsafePath", "Capture", "SnapshotDir", "read_file",
            "write_file", "chain", "list_files", "file_name", "table_dir", "remove_stale_temporaries"]

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 import sysv_ipc
 
-from . import format as fmt
-from .errors import CorruptSegment, ForeignSegment, LayoutMismatch, SegmentExists, SegmentNotFound, StatedError
-from .layout import Layout
+from ..format import segment as fmt
+from ..errors import CorruptSegment, ForeignSegment, LayoutMismatch, SegmentExists, SegmentNotFound, StatedError
+from ..format.layout import Layout
 
 log = logging.getLogger("stated.segment")
 

@@ -15,11 +15,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from . import format as fmt
-from . import segment
-from .config import Config
-from .errors import StatedError
-from .status import table_status
+from ..format import segment as fmt
+from ..shm import segment
+from ..format.config import Config
+from ..errors import StatedError
+from ..daemon.status import table_status
 
 # The columns first (they fit in 80 columns); the rest follow on wider terminals.
 COLUMNS = ("TABLE", "USED", "CAPACITY", "FILL", "ALLOC/s", "FREE/s", "DIRTY", "OWNERS", "REPAIRS", "ORPHANED",
