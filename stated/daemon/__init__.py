@@ -1,1 +1,11 @@
-"""stated.daemon."""
+"""Layer 4, the daemon: `stated run` as a service.
+
+Owns: the one lifecycle — start-up, run, bounded shutdown (`lifecycle`) — bringing tables up
+(`provision`), kernel limit checks (`kernel`), the state_dir instance lock (`instance`), the metrics
+endpoint (`metrics`), the control socket (`control`) and its connection limits (`conns`), systemd
+notify (`notify`), service hardening and process metrics (`service`), journald-aware logging
+(`logs`) and table status read from segments (`status`). This is the only layer that runs an event
+loop (uvloop) or loads prometheus_client.
+
+May import: every layer to its left (`errors`, `format`, `shm`, `persist`), asyncio, uvloop,
+prometheus_client. Not the tools.

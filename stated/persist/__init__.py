@@ -1,1 +1,9 @@
-"""stated.persist."""
+"""Layer 3, persistence: state that outlives the segments.
+
+Owns: snapshot files — their wire format, checks and the state_dir trust rules (`snapshot`) — the
+saver that writes full and delta snapshots of a live table and restores from a chain (`saver`), and
+layout migration (`migrate`). The database store (write-behind to PostgreSQL) belongs here too. Code
+here runs in the daemon and in offline CLI commands, never on a worker's hot path.
+
+May import: `stated.errors`, `stated.format`, `stated.shm`, the standard library, msgpack. Not the
+daemon or the tools.

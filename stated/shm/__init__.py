@@ -1,1 +1,10 @@
-"""stated.shm."""
+"""Layer 2, the worker data plane: what a game process loads and calls on its hot path.
+
+Owns: SysV segments and semaphores of one table (`segment`: create, open with provenance and header
+validation, destroy), process liveness and the owner table (`owners`), the crash-consistent slot
+allocator with its lock, entity index and repair (`allocator`), ctypes record views (`records`), and
+`Table`/`attach` (`table`), the API re-exported by `stated`. A worker's `import stated` loads this
+layer and the formats, nothing heavier: no asyncio, no uvloop, no prometheus_client, no database
+driver (tests/test_layers.py checks it).
+
+May import: `stated.errors`, `stated.format`, the standard library, sysv_ipc, msgpack.

@@ -1,0 +1,78 @@
+"""The package's layers, kept honest: imports run one way, and a worker's `import stated` stays light.
+
+    errors  <-  format  <-  shm  <-  persist  <-  daemon  <-  tools
+
+A module may import its own layer and the layers to its left, never one to its right. The top-level
+`stated` package is the worker API (layer shm); `stated.__main__` is a tool.
+"""
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PKG = Path(__file__).resolve().parent.parent / "stated"
+RANK = {"errors": 0, "format": 1, "shm": 2, "persist": 3, "daemon": 4, "tools": 5}
+
+
+def _layer(parts: tuple[str, ...]) -> str:
+    """Layer of module stated.<parts> (parts without 'stated')."""
+    if not parts or parts == ("__init__",):
+        return "shm"
+    if parts[0] == "__main__":
+        return "tools"
+    return parts[0]
+
+
+def _imports(path: Path) -> list[tuple[int, tuple[str, ...]]]:
+    """(line, stated-relative module parts) of every import of a stated module in `path`."""
+    rel = path.relative_to(PKG).with_suffix("").parts
+    pkg = rel[:-1] if rel[-1] != "__init__" else rel[:-1]
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = pkg[:len(pkg) - (node.level - 1)] if node.level > 1 else pkg
+                mod = (*base, *(node.module.split(".") if node.module else ()))
+                if node.module is None or mod == base:   # from . import a, b: each name may be a module
+                    for alias in node.names:
+                        out.append((node.lineno, (*mod, alias.name)))
+                    continue
+                out.append((node.lineno, mod))
+            elif node.module and node.module.split(".")[0] == "stated":
+                out.append((node.lineno, tuple(node.module.split(".")[1:])))
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] == "stated":
+                    out.append((node.lineno, tuple(alias.name.split(".")[1:])))
+    return out
+
+
+def test_imports_run_one_way():
+    bad = []
+    for path in sorted(PKG.rglob("*.py")):
+        rel = path.relative_to(PKG).with_suffix("").parts
+        here = _layer(rel)
+        for line, target in _imports(path):
+            there = _layer(target) if target and target[0] in RANK else "shm" if not target or \
+                target[0] in ("__init__", "__version__") else _layer(target)
+            if there in RANK and RANK[there] > RANK[here]:
+                bad.append(f"stated/{'/'.join(rel)}.py:{line} ({here}) imports stated.{'.'.join(target)} ({there})")
+    assert bad == [], "imports against the layers:\n" + "\n".join(bad)
+
+
+def test_every_layer_says_what_it_owns_and_may_import():
+    for layer in RANK:
+        if layer == "errors":
+            continue
+        doc = ast.get_docstring(ast.parse((PKG / layer / "__init__.py").read_text())) or ""
+        assert "may import" in doc and len(doc) > 200, f"stated/{layer}/__init__.py needs its layer docstring"
+
+
+@pytest.mark.parametrize("heavy", ["asyncio", "uvloop", "prometheus_client", "asyncpg"])
+def test_worker_import_is_light(heavy):
+    code = ("import sys, stated; t = stated.attach; "
+            f"sys.exit(1 if {heavy!r} in sys.modules else 0)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, f"`import stated` loaded {heavy}: {res.stderr}"
