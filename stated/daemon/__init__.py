@@ -9,3 +9,4 @@ loop (uvloop) or loads prometheus_client.
 
 May import: every layer to its left (`errors`, `format`, `shm`, `persist`), asyncio, uvloop,
 prometheus_client. Not the tools.
+"""

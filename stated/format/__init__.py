@@ -8,3 +8,4 @@ config file from disk, which is still just parsing.
 
 May import: the standard library, msgpack, and `stated.errors`. Nothing else of stated: every other
 layer builds on this one, so a change here is a format change (see docs/format.md).
+"""

@@ -7,3 +7,4 @@ here runs in the daemon and in offline CLI commands, never on a worker's hot pat
 
 May import: `stated.errors`, `stated.format`, `stated.shm`, the standard library, msgpack. Not the
 daemon or the tools.
+"""

@@ -8,3 +8,4 @@ layer and the formats, nothing heavier: no asyncio, no uvloop, no prometheus_cli
 driver (tests/test_layers.py checks it).
 
 May import: `stated.errors`, `stated.format`, the standard library, sysv_ipc, msgpack.
+"""

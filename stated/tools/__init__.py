@@ -4,3 +4,4 @@ Owns: the `stated` command line (`cli`: run, status, snapshot, restore, reap, ge
 terminal view (`top`), shell completion (`completion`) and the C11 header generator (`cheader`).
 
 May import: every layer. Nothing imports this layer except `stated.__main__`.
+"""
