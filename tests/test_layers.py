@@ -67,7 +67,7 @@ def test_every_layer_says_what_it_owns_and_may_import():
         if layer == "errors":
             continue
         doc = ast.get_docstring(ast.parse((PKG / layer / "__init__.py").read_text())) or ""
-        assert "may import" in doc and len(doc) > 200, f"stated/{layer}/__init__.py needs its layer docstring"
+        assert "may import:" in doc.lower() and len(doc) > 200, f"stated/{layer}/__init__.py needs its layer docstring"
 
 
 @pytest.mark.parametrize("heavy", ["asyncio", "uvloop", "prometheus_client", "asyncpg"])

@@ -7,6 +7,6 @@ notify (`notify`), service hardening and process metrics (`service`), journald-a
 (`logs`) and table status read from segments (`status`). This is the only layer that runs an event
 loop (uvloop) or loads prometheus_client.
 
-May import: every layer to its left (`errors`, `format`, `shm`, `persist`), asyncio, uvloop,
+It may import: every layer to its left (`errors`, `format`, `shm`, `persist`), asyncio, uvloop,
 prometheus_client. Not the tools.
 """

@@ -6,6 +6,6 @@ views over them (`segment`) — and the config file (`config`). Everything here 
 its inputs: no SysV calls, no sockets, no event loop, no threads. The one exception is reading a
 config file from disk, which is still just parsing.
 
-May import: the standard library, msgpack, and `stated.errors`. Nothing else of stated: every other
+It may import: the standard library, msgpack, and `stated.errors`. Nothing else of stated: every other
 layer builds on this one, so a change here is a format change (see docs/format.md).
 """

@@ -5,6 +5,6 @@ saver that writes full and delta snapshots of a live table and restores from a c
 layout migration (`migrate`). The database store (write-behind to PostgreSQL) belongs here too. Code
 here runs in the daemon and in offline CLI commands, never on a worker's hot path.
 
-May import: `stated.errors`, `stated.format`, `stated.shm`, the standard library, msgpack. Not the
+It may import: `stated.errors`, `stated.format`, `stated.shm`, the standard library, msgpack. Not the
 daemon or the tools.
 """

@@ -7,5 +7,5 @@ allocator with its lock, entity index and repair (`allocator`), ctypes record vi
 layer and the formats, nothing heavier: no asyncio, no uvloop, no prometheus_client, no database
 driver (tests/test_layers.py checks it).
 
-May import: `stated.errors`, `stated.format`, the standard library, sysv_ipc, msgpack.
+It may import: `stated.errors`, `stated.format`, the standard library, sysv_ipc, msgpack.
 """

@@ -3,5 +3,5 @@
 Owns: the `stated` command line (`cli`: run, status, snapshot, restore, reap, get, top, …), the live
 terminal view (`top`), shell completion (`completion`) and the C11 header generator (`cheader`).
 
-May import: every layer. Nothing imports this layer except `stated.__main__`.
+It may import: every layer. Nothing imports this layer except `stated.__main__`.
 """
