@@ -169,7 +169,7 @@ def main() -> int:
                 msg = bytes(prog[16:]).rstrip(b"\0").decode(errors="replace")
                 violations.append((i, f"child exited on its own (status {status:#x}): {msg.strip()}"))
             if args.self_test and i == 5:
-                t._alloc._h32[fmt.A_USED // 4] += 1      # a lost update no repair is triggered for
+                t.views.h32[fmt.W_USED] += 1      # a lost update no repair is triggered for
             try:
                 problems = t.verify()
             except stated.StatedError as e:

@@ -323,42 +323,37 @@ class Soak:
 
     def _catch_in_section(self, z: int, p: subprocess.Popen, alloc_only: bool, budget: float = 3.0) -> str:
         """Leave the zone stopped inside a write section or an allocator op; returns what caught it."""
-        op_i, pid_i = fmt.A_INTENT_OP // 4, fmt.A_INTENT_PID // 4
         path = self.ack_path(z)
         with self.attach() as t:
-            a = t._alloc
+            v = t.views
             idx = next((o.index for o in t.owners() if o.name == f"zone-{z}"), None)
-            seqs, owners = a._s32[0::8], a._s16[8::16]
-            try:
-                end = time.monotonic() + budget
-                while time.monotonic() < end:
-                    if alloc_only:       # wait for an announcement of logins/logouts, then probe at once
-                        m0 = path.stat().st_mtime_ns
-                        while path.stat().st_mtime_ns == m0 and time.monotonic() < end:
-                            time.sleep(0.00005)
-                        doc = self.read_ack(z)
-                        if not (doc.get("pending_login") or doc.get("pending_logout")):
-                            continue
-                    else:
-                        time.sleep(self._until_next_tick(z, 0.0))
-                    probe_end = time.monotonic() + 0.003
-                    while time.monotonic() < probe_end:
-                        os.kill(p.pid, signal.SIGSTOP)
-                        _, status = os.waitpid(p.pid, os.WUNTRACED)     # returns once it is stopped
-                        if not os.WIFSTOPPED(status):                   # it exited on its own: reaped now
-                            p.returncode = os.waitstatus_to_exitcode(status)
-                            return "died"
-                        if a._h32[op_i] and a._h32[pid_i] == p.pid:
-                            return "alloc"
-                        if not alloc_only and any(s & 1 and owners[i] == idx for i, s in enumerate(seqs.tolist())):
-                            return "write"
-                        os.kill(p.pid, signal.SIGCONT)
-                        if not alloc_only:
-                            time.sleep(self.rng.uniform(0, 0.0002))
-                return "random"
-            finally:
-                seqs.release()
-                owners.release()
+            seqs, owners = v.seq, v.owner
+            end = time.monotonic() + budget
+            while time.monotonic() < end:
+                if alloc_only:       # wait for an announcement of logins/logouts, then probe at once
+                    m0 = path.stat().st_mtime_ns
+                    while path.stat().st_mtime_ns == m0 and time.monotonic() < end:
+                        time.sleep(0.00005)
+                    doc = self.read_ack(z)
+                    if not (doc.get("pending_login") or doc.get("pending_logout")):
+                        continue
+                else:
+                    time.sleep(self._until_next_tick(z, 0.0))
+                probe_end = time.monotonic() + 0.003
+                while time.monotonic() < probe_end:
+                    os.kill(p.pid, signal.SIGSTOP)
+                    _, status = os.waitpid(p.pid, os.WUNTRACED)     # returns once it is stopped
+                    if not os.WIFSTOPPED(status):                   # it exited on its own: reaped now
+                        p.returncode = os.waitstatus_to_exitcode(status)
+                        return "died"
+                    if v.h32[fmt.W_INTENT_OP] and v.h32[fmt.W_INTENT_PID] == p.pid:
+                        return "alloc"
+                    if not alloc_only and any(s & 1 and owners[i] == idx for i, s in enumerate(seqs.tolist())):
+                        return "write"
+                    os.kill(p.pid, signal.SIGCONT)
+                    if not alloc_only:
+                        time.sleep(self.rng.uniform(0, 0.0002))
+            return "random"
 
     def _stuck(self, pid: int) -> str:
         """Where a hung process is: kernel wait channel and syscall; then SIGUSR1, which dumps the
@@ -389,17 +384,17 @@ class Soak:
 
     def scan(self, t: stated.Table) -> dict[int, Slot]:
         """Every allocated slot (slot table columns as docs/format.md lays them out)."""
-        a = t._alloc
+        v = t.views
         names = {o.index: o.name for o in t.owners()}
-        states = a._s8[18::32].tobytes()
+        states = v.state.tobytes()
         out = {}
         self.torn = set()           # slots whose writer died inside a write section (odd seq)
         for slot in (i for i, st in enumerate(states) if st == fmt.SLOT_ALLOCATED):
-            if a._s32[8 * slot] & 1:
+            if v.seq[slot] & 1:
                 self.torn.add(slot)
-            gen = a._s32[8 * slot + 1]
-            ow = a._s16[16 * slot + 8]
-            ent = a._s64[4 * slot + 1] if a._s8[32 * slot + 19] & fmt.FLAG_HAS_ENTITY else None
+            gen = v.generation[slot]
+            ow = v.owner[slot]
+            ent = v.entity[slot] if v.flags[slot] & fmt.FLAG_HAS_ENTITY else None
             try:
                 w = t.get(Handle(slot, gen), "writes")      # one aligned u64: atomic, no seqlock needed
             except stated.StaleHandle:

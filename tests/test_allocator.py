@@ -156,10 +156,10 @@ def test_repair_rebuilds_from_slot_states(make_segment):
     key = make_segment(capacity=16)
     with stated.attach(key=key, owner="a") as t:
         hs = [t.alloc(entity=i) for i in range(5)]
-        a = t._alloc
-        a._h32[fmt.A_INTENT_OP // 4] = fmt.INTENT_ALLOC
-        a._h32[fmt.A_INTENT_PID // 4] = 999_999_999      # no such process
-        a._h32[fmt.A_FREE_TOP // 4] += 1                 # as if the pop had not happened
+        h32 = t.views.h32
+        h32[fmt.W_INTENT_OP] = fmt.INTENT_ALLOC
+        h32[fmt.W_INTENT_PID] = 999_999_999              # no such process
+        h32[fmt.W_FREE_TOP] += 1                         # as if the pop had not happened
         t.free(hs[0])                                    # acquiring repairs first
         assert t.counters()["lock_repairs"] == 1
         _check(t)

@@ -160,7 +160,7 @@ def test_phantom_index_entry_never_yields_a_free_slot(table):
     h = table.alloc(entity=1)
     table.free(h)
     r = table._seg.header.regions
-    home = table._alloc._home(999)
+    home = table._alloc.index.home(999)
     fmt.INDEX_ENTRY.pack_into(_seg(table), r.index_offset + home * fmt.INDEX_ENTRY_SIZE, 999, h.slot + 1, 0)
     assert table.lookup(999) is None    # was: a handle to a free slot
     h2 = table.alloc(entity=999)        # was: DuplicateEntity

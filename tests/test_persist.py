@@ -55,7 +55,7 @@ def test_reboot_simulation(write_config, notify, procs):
             t.set(h, "hp", -5)
 
     with stated.attach(key=key, readonly=True) as ro:
-        before = {ro.entity(h): (h, bytes(ro.read(h)), ro._s16[16 * h.slot + 8]) for h in ro.handles()}
+        before = {ro.entity(h): (h, bytes(ro.read(h)), ro.views.owner[h.slot]) for h in ro.handles()}
         owners_before = {o.index: o.name for o in ro.owners() if o.slots}
         counters_before = ro.counters()
     d.send_signal(signal.SIGTERM)
@@ -66,7 +66,7 @@ def test_reboot_simulation(write_config, notify, procs):
 
     start(procs, cfg, notify)
     with stated.attach(key=key, readonly=True) as ro:
-        after = {ro.entity(h): (h, bytes(ro.read(h)), ro._s16[16 * h.slot + 8]) for h in ro.handles()}
+        after = {ro.entity(h): (h, bytes(ro.read(h)), ro.views.owner[h.slot]) for h in ro.handles()}
         assert after == before                               # records, entities, generations, owners
         assert {o.index: o.name for o in ro.owners() if o.slots} == owners_before
         assert ro.counters()["allocations"] == counters_before["allocations"]

@@ -573,9 +573,9 @@ def test_dead_writers_cost_one_bounded_wait_per_save(env):
     tc, dc, saver, t = env
     hs = fill(t, 200)
     saver.save("full")
-    s32 = saver.alloc._s32
+    seq = saver.alloc.views.seq
     for h in hs.values():                           # 200 writers died inside their write sections
-        s32[8 * h.slot] |= 1
+        seq[h.slot] |= 1
     try:
         t0 = time.perf_counter()
         r = saver.save("full")
@@ -585,7 +585,7 @@ def test_dead_writers_cost_one_bounded_wait_per_save(env):
         assert persist.verify_file(r.path)["torn_flagged"] == 200
     finally:
         for h in hs.values():
-            s32[8 * h.slot] += 1
+            seq[h.slot] += 1
 
 
 def test_a_live_writer_mid_section_is_waited_for_not_flagged(env):
@@ -595,11 +595,11 @@ def test_a_live_writer_mid_section_is_waited_for_not_flagged(env):
     import time
     tc, dc, saver, t = env
     hs = fill(t, 20)
-    s32 = saver.alloc._s32
-    s32[8 * hs[0].slot] |= 1                          # dead: costs the pass its one wait
+    seq = saver.alloc.views.seq
+    seq[hs[0].slot] |= 1                          # dead: costs the pass its one wait
     live = hs[19].slot
-    s32[8 * live] += 1                                # a live writer enters...
-    threading.Timer(0.01, lambda: s32.__setitem__(8 * live, s32[8 * live] + 1)).start()   # ...and leaves
+    seq[live] += 1                                    # a live writer enters...
+    threading.Timer(0.01, lambda: seq.__setitem__(live, seq[live] + 1)).start()   # ...and leaves
     try:
         r = saver.save("full")
         header, owners, chunks = snap.read_file(r.path)
@@ -607,7 +607,7 @@ def test_a_live_writer_mid_section_is_waited_for_not_flagged(env):
         assert flags[hs[0].slot] & snap.FLAG_TORN and not flags[live] & snap.FLAG_TORN
     finally:
         time.sleep(0.05)
-        s32[8 * hs[0].slot] += 1
+        seq[hs[0].slot] += 1
 
 
 # ---- one entity, one slot: in every file, and across a chain -------------------------------------------
@@ -667,7 +667,7 @@ def test_a_later_file_of_the_chain_wins_an_entity(env):
     t.free(hs[2])
     moved = t.alloc(entity=15)
     assert moved.slot == hs[2].slot
-    saver.alloc._s8[32 * hs[15].slot + 20] = 0     # slot 15's free happened after the delta's selection
+    saver.alloc.views.dirty[hs[15].slot] = 0     # slot 15's free happened after the delta's selection
     assert saver.save("delta").records == 1
     chain, warnings = snap.chain(saver.dir)
     assert len(chain) == 2 and not warnings

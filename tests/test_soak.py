@@ -160,13 +160,13 @@ def _die_inside(key: int, op: str) -> None:
     pid = os.fork()
     if pid == 0:
         try:
-            from stated.shm import allocator
+            from stated.shm import index
             t = stated.attach(key=key, owner="w")
             if op == "alloc":
-                allocator.Allocator._index_insert = lambda self, e, s: os._exit(0)
+                index.EntityIndex.insert = lambda self, e, s, publish=True: os._exit(0)
                 t.alloc(entity=7)
             else:
-                allocator.Allocator._index_delete = lambda self, e: os._exit(0)
+                index.EntityIndex.delete = lambda self, e: os._exit(0)
                 t.free(t.lookup(7))
         finally:
             os._exit(3)

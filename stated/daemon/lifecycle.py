@@ -369,7 +369,7 @@ class Daemon:
                     log.error("table=%s key=%#010x: header was overwritten (%s); restored from the validated "
                               "copy", name, ts.tc.key, fixed)
                 if provision.ensure_semaphore(ts.tc, self.cfg.daemon):
-                    ts.alloc._reopen_semaphore()
+                    ts.alloc.reopen_semaphore()
                     ts.alloc.acquire()
                     try:
                         ts.alloc.repair()     # whoever ran under the old semaphore may have raced
@@ -553,9 +553,7 @@ class Daemon:
 
     def _count_dirty(self, ts: TableState) -> None:
         """Slots dirty or pinned (the next snapshot must copy them): a C-speed scan of two byte columns."""
-        s8 = ts.alloc._s8
-        dirty = int.from_bytes(s8[20::32].tobytes(), "little") | int.from_bytes(s8[21::32].tobytes(), "little")
-        ts.dirty = ts.alloc.capacity - dirty.to_bytes(ts.alloc.capacity, "little").count(0)
+        ts.dirty = ts.alloc.views.marked_slots()
 
     # ---- numbers for metrics / status ----------------------------------------------------------
     def table_numbers(self, ts: TableState) -> dict[str, Any]:

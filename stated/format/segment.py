@@ -78,6 +78,7 @@ FLAG_HAS_ENTITY = 1
 OWNER = struct.Struct("<32sIIQIIQ")
 OWNER_FIELDS = ("name", "pid", "state", "start_time", "slots", "reserved", "since_ms")  # since_ms: unix ms
 OWNER_SIZE = OWNER.size
+O_PID, O_STATE, O_START, O_SLOTS, O_SINCE = 32, 36, 40, 48, 56     # byte offsets inside an owner entry
 assert OWNER_SIZE == 64
 OWNERS_CAPACITY = 255   # owner index 1..255 is stored in a slot; 0 means none
 OWNER_EMPTY, OWNER_ATTACHED, OWNER_DETACHED, OWNER_DEAD = 0, 1, 2, 3
@@ -200,6 +201,79 @@ def parse_header(buf, size: int, key: int) -> Header:
                              f"(size mismatch). {fix}")
     return Header(key=key, layout_hash=lay.hash, record_size=lay.record_size, capacity=cap,
                   regions=r, layout=lay, created_at=vals["created_at"], format_version=FORMAT_VERSION)
+
+
+# --- word indexes: the allocator block and counters as indexes into u32/u64 views of the header ---
+W_FREE_TOP, W_USED, W_INTENT_OP, W_INTENT_SLOT = A_FREE_TOP // 4, A_USED // 4, A_INTENT_OP // 4, A_INTENT_SLOT // 4
+W_INTENT_OWNER, W_INTENT_PID, W_INDEX_SEQ = A_INTENT_OWNER // 4, A_INTENT_PID // 4, A_INDEX_SEQ // 4
+W_HOLDER, W_INDEX_COUNT = A_HOLDER_PID // 4, A_INDEX_COUNT // 4
+Q_INTENT_ENTITY, Q_INTENT_COUNT, Q_INTENT_COUNT2 = A_INTENT_ENTITY // 8, A_INTENT_COUNT // 8, A_INTENT_COUNT2 // 8
+C = {name: i for i, name in enumerate(COUNTERS)}          # counter name -> index into SegmentViews.counters
+U32, U64 = (1 << 32) - 1, (1 << 64) - 1                    # shared words wrap as C unsigned arithmetic does
+
+
+class SegmentViews:
+    """Named views over one attached segment: the only place where the format's offsets become
+    indexes, so no other module spells an offset.
+
+    Every slot-table field is a strided column: `v.state[i]` is slot i's state, `v.generation[i]`
+    its generation, and `v.state.tobytes()` copies the whole column at C speed (scans use that).
+    The allocator block is `h32`/`h64` indexed by the `W_*`/`Q_*` constants, the counters are
+    `counters[C[name]]`, owner entry fields are columns indexed by `owner index - 1`, and the
+    entity index is two columns (`index_entity`, `index_slot1`: slot + 1, 0 = empty).
+
+    Reading a column element or storing one is a single aligned load or store (what the
+    seqlock and the intent protocol rely on; see docs/format.md "Memory ordering").
+    """
+
+    def __init__(self, buf: memoryview, header: Header):
+        r, cap = header.regions, header.capacity
+        self.capacity, self.index_capacity, self.record_size = cap, r.index_capacity, header.record_size
+        head = buf[0:SCHEMA_OFFSET]
+        self.h32, self.h64 = head.cast("I"), head.cast("Q")
+        self.counters = buf[OFF_COUNTERS:OFF_COUNTERS + 8 * len(COUNTERS)].cast("Q")
+        slots = buf[r.slots_offset:r.slots_offset + cap * SLOT_SIZE]
+        s8, s16, s32, s64 = slots.cast("B"), slots.cast("H"), slots.cast("I"), slots.cast("Q")
+        self.seq = s32[S_SEQ // 4::SLOT_SIZE // 4]
+        self.seq_low = s8[S_SEQ::SLOT_SIZE]          # byte 0 of the little-endian seq: its parity
+        self.generation = s32[S_GEN // 4::SLOT_SIZE // 4]
+        self.entity = s64[S_ENTITY // 8::SLOT_SIZE // 8]
+        self.owner = s16[S_OWNER // 2::SLOT_SIZE // 2]
+        self.state = s8[S_STATE::SLOT_SIZE]
+        self.flags = s8[S_FLAGS::SLOT_SIZE]
+        self.dirty = s8[S_DIRTY::SLOT_SIZE]
+        self.pinned = s8[S_PINNED::SLOT_SIZE]
+        self.free = buf[r.free_offset:r.free_offset + 4 * cap].cast("I")
+        self.index = buf[r.index_offset:r.index_offset + r.index_capacity * INDEX_ENTRY_SIZE]
+        self.index_entity = self.index.cast("Q")[0::INDEX_ENTRY_SIZE // 8]
+        self.index_slot1 = self.index.cast("I")[8 // 4::INDEX_ENTRY_SIZE // 4]
+        owners = buf[r.owners_offset:r.owners_offset + OWNERS_CAPACITY * OWNER_SIZE]
+        o32, o64 = owners.cast("I"), owners.cast("Q")
+        self.owner_pid = o32[O_PID // 4::OWNER_SIZE // 4]
+        self.owner_state = o32[O_STATE // 4::OWNER_SIZE // 4]
+        self.owner_slots = o32[O_SLOTS // 4::OWNER_SIZE // 4]
+        self.owner_since_ms = o64[O_SINCE // 8::OWNER_SIZE // 8]
+        self.records = buf[r.records_offset:r.records_offset + cap * header.record_size]
+        self._all = [self.h32, self.h64, self.counters, self.seq, self.seq_low, self.generation, self.entity,
+                     self.owner, self.state, self.flags, self.dirty, self.pinned, s8, s16, s32, s64, slots,
+                     self.free, self.index_entity, self.index_slot1, self.index, self.owner_pid,
+                     self.owner_state, self.owner_slots, self.owner_since_ms, o32, o64, owners, self.records,
+                     head]
+
+    def release(self) -> None:
+        """Release every view (the segment can then be detached)."""
+        for v in self._all:
+            v.release()
+
+    def bump(self, counter: str) -> None:
+        """counters[name] += 1, wrapping at 2^64."""
+        i = C[counter]
+        self.counters[i] = (self.counters[i] + 1) & U64
+
+    def marked_slots(self) -> int:
+        """How many slots are dirty or pinned (the next snapshot copies them): two C-speed column copies."""
+        marks = int.from_bytes(self.dirty.tobytes(), "little") | int.from_bytes(self.pinned.tobytes(), "little")
+        return self.capacity - marks.to_bytes(self.capacity, "little").count(0)
 
 
 def schema_blob_of(h: Header) -> bytes:

@@ -18,7 +18,7 @@ from pathlib import Path
 from ..format import segment as fmt
 from ..shm import segment
 from . import snapshot as snap
-from ..shm.allocator import Allocator, _C
+from ..shm.allocator import Allocator
 from ..format.config import DaemonConfig, TableConfig
 from ..errors import LayoutMismatch, MigrationRefused, RestoreError, SegmentNotFound, StatedError
 from ..format.schema import to_wire
@@ -104,15 +104,14 @@ class Saver:
             elif kind == "delta" and self.force_full:
                 kind = "full"           # no full of ours to follow (first save, after a failure, or a newer file)
             a = self.alloc
-            s8 = a._s8
+            v = a.views
             cap = a.capacity
             if kind == "full":
-                s8[20::32] = bytes(cap)     # clear first: a slot allocated after this stays dirty for the next delta
-                states = s8[18::32].tobytes()
+                v.dirty[:] = bytes(cap)     # clear first: a slot allocated after this stays dirty for the next delta
+                states = v.state.tobytes()
                 slots = [i for i in range(cap) if states[i] == fmt.SLOT_ALLOCATED] if states.count(0) != cap else []
             else:
-                marks = int.from_bytes(s8[20::32].tobytes(), "little") | int.from_bytes(s8[21::32].tobytes(),
-                                                                                         "little")
+                marks = int.from_bytes(v.dirty.tobytes(), "little") | int.from_bytes(v.pinned.tobytes(), "little")
                 slots = []
                 if marks:
                     col = marks.to_bytes(cap, "little")
@@ -121,7 +120,7 @@ class Saver:
                         slots.append(i)
                         i = col.find(1, i + 1)
                     for i in slots:
-                        s8[32 * i + 20] = 0
+                        v.dirty[i] = 0
             prev = max(self.seq, newest)
             seq = prev + 1
             base = seq if kind == "full" else self.base
@@ -289,7 +288,7 @@ def migrate_live(tc: TableConfig, dc: DaemonConfig, *, allow_lossy: bool = False
         old_tc = TableConfig(tc.name, tc.key, seg.header.capacity, seg.header.layout)
         alloc = Allocator(seg, table=tc.name, lock_timeout=dc.lock_timeout)
         try:
-            highest = max(alloc.slots_of_any(), default=-1)
+            highest = max(alloc.allocated_slots(), default=-1)
             refuse_lossy(tc.name, migrate_mod.lossy_changes(old_tc.layout, tc.layout, old_tc.capacity, tc.capacity,
                                                             highest), allow_lossy)
             safety = _save_full(old_tc, seg, alloc, dc)
@@ -319,8 +318,8 @@ def _apply(seg: Segment, tc: TableConfig, chain: list, convert=None) -> int:
     try:
         rs = tc.layout.record_size
         r = seg.header.regions
-        recs = seg.buf[r.records_offset:r.records_offset + tc.capacity * rs]
-        s32, s16, s8, s64 = a._s32, a._s16, a._s8, a._s64
+        v = a.views
+        recs = v.records
         live = set()
         holder: dict[int, int] = {}     # entity -> slot holding it so far (kept from the first delta on)
         for k, (_path, h, _owners, chunks) in enumerate(chain):
@@ -338,26 +337,25 @@ def _apply(seg: Segment, tc: TableConfig, chain: list, convert=None) -> int:
                     slot = slots[i]
                     if slot >= tc.capacity:
                         continue
-                    if track and s8[32 * slot + 19] & fmt.FLAG_HAS_ENTITY and \
-                            holder.get(s64[4 * slot + 1]) == slot:
-                        del holder[s64[4 * slot + 1]]
-                    s32[8 * slot + 1] = gens[i]
-                    s32[8 * slot] = 0
+                    if track and v.flags[slot] & fmt.FLAG_HAS_ENTITY and holder.get(v.entity[slot]) == slot:
+                        del holder[v.entity[slot]]
+                    v.generation[slot] = gens[i]
+                    v.seq[slot] = 0
                     if states[i] == fmt.SLOT_ALLOCATED:
                         if track and flags[i] & fmt.FLAG_HAS_ENTITY:
-                            _claim_entity(s8, holder, ents[i], slot, tc.name)
-                        s16[16 * slot + 8] = owners[i]
-                        s64[4 * slot + 1] = ents[i]
-                        s8[32 * slot + 19] = flags[i] & fmt.FLAG_HAS_ENTITY
-                        s8[32 * slot + 18] = fmt.SLOT_ALLOCATED
+                            _claim_entity(v, holder, ents[i], slot, tc.name)
+                        v.owner[slot] = owners[i]
+                        v.entity[slot] = ents[i]
+                        v.flags[slot] = flags[i] & fmt.FLAG_HAS_ENTITY
+                        v.state[slot] = fmt.SLOT_ALLOCATED
                         recs[slot * rs:(slot + 1) * rs] = (convert(data[i * ors:(i + 1) * ors]) if convert
                                                            else data[i * rs:(i + 1) * rs])
                         live.add(slot)
                     else:
-                        s16[16 * slot + 8] = 0
-                        s64[4 * slot + 1] = 0
-                        s8[32 * slot + 19] = 0
-                        s8[32 * slot + 18] = fmt.SLOT_FREE
+                        v.owner[slot] = 0
+                        v.entity[slot] = 0
+                        v.flags[slot] = 0
+                        v.state[slot] = fmt.SLOT_FREE
                         recs[slot * rs:(slot + 1) * rs] = bytes(rs)
                         live.discard(slot)
         last_header, last_owners = chain[-1][1], chain[-1][2]
@@ -370,17 +368,15 @@ def _apply(seg: Segment, tc: TableConfig, chain: list, convert=None) -> int:
             # restored owners have no process: detached until a worker attaches under the name
             fmt.OWNER.pack_into(seg.buf, off, name.encode()[:32], 0, fmt.OWNER_DETACHED, 0, 0, 0, now_ms)
         a.repair()                  # free stack, entity index, used and owner counts from slot states
-        for name, value in last_header["counters"].items():
-            if name in _C and isinstance(value, int) and 0 <= value < 1 << 64:
-                a._h64[_C[name]] = value
+        a.set_counters(last_header["counters"])
         # the counters were read a moment before the records were copied: reconcile so that
         # allocations - frees = allocated slots, as on a live table
-        allocs, frees, used = a._h64[_C["allocations"]], a._h64[_C["frees"]], a.used()
+        c = a.counters()
+        allocs, frees, used = c["allocations"], c["frees"], a.used()
         if allocs - frees < used:
-            a._h64[_C["allocations"]] = frees + used     # an alloc raced the copy (counters stay monotonic)
+            a.set_counters({"allocations": frees + used})     # an alloc raced the copy (counters stay monotonic)
         else:
-            a._h64[_C["frees"]] = allocs - used          # a free raced the copy
-        recs.release()
+            a.set_counters({"frees": allocs - used})          # a free raced the copy
         return len(live)
     finally:
         a.release_views()
@@ -396,13 +392,13 @@ def _entities_of(chunks: list[dict]) -> dict[int, int]:
     return out
 
 
-def _claim_entity(s8, holder: dict[int, int], entity: int, slot: int, table: str) -> None:
+def _claim_entity(v: fmt.SegmentViews, holder: dict[int, int], entity: int, slot: int, table: str) -> None:
     """A later file's slot takes an entity an earlier file gave another slot: the later copy is the
     newer truth (the entity was freed there and allocated here in between). The earlier slot keeps its
     record without the entity, as repair resolves two slots claiming one entity."""
     prev = holder.get(entity)
     if prev is not None and prev != slot:
-        s8[32 * prev + 19] &= ~fmt.FLAG_HAS_ENTITY
+        v.flags[prev] &= ~fmt.FLAG_HAS_ENTITY
         log.warning("table=%s slot=%d: entity %d moved to slot %d in a later snapshot of the chain; "
                     "slot %d keeps its record without it", table, prev, entity, slot, prev)
     holder[entity] = slot

@@ -289,22 +289,21 @@ class Capture:
 
     def _copy(self, slot: int) -> list | None:
         """One seqlock copy: [gen, owner, entity, state, flags, record], or None while mid-write."""
-        a = self.alloc
-        s32 = a._s32
+        v = self.alloc.views
         off = slot * self.rs
-        seq = s32[8 * slot]
-        gen = s32[8 * slot + 1]
+        seq = v.seq[slot]
+        gen = v.generation[slot]
         data = self.records[off:off + self.rs].tobytes()
-        e = [gen, a._s16[16 * slot + 8], a._s64[4 * slot + 1], a._s8[32 * slot + 18], a._s8[32 * slot + 19], data]
-        if seq & 1 or s32[8 * slot] != seq or s32[8 * slot + 1] != gen:
+        e = [gen, v.owner[slot], v.entity[slot], v.state[slot], v.flags[slot], data]
+        if seq & 1 or v.seq[slot] != seq or v.generation[slot] != gen:
             return None
         return e
 
     def _copy_as_is(self, slot: int) -> list:
-        a = self.alloc
+        v = self.alloc.views
         off = slot * self.rs
-        return [a._s32[8 * slot + 1], a._s16[16 * slot + 8], a._s64[4 * slot + 1], a._s8[32 * slot + 18],
-                a._s8[32 * slot + 19] | FLAG_TORN, self.records[off:off + self.rs].tobytes()]
+        return [v.generation[slot], v.owner[slot], v.entity[slot], v.state[slot], v.flags[slot] | FLAG_TORN,
+                self.records[off:off + self.rs].tobytes()]
 
     def _settle(self, part: list[int], pending: list[int]) -> list[tuple[int, list]]:
         """Retry the chunk's slots found mid-write, within the pass's wait; [(index, entry)] in copy order."""
@@ -349,8 +348,9 @@ class Capture:
             self._seen[e[2]] = pos
 
     def __iter__(self) -> Iterator[dict]:
-        a = self.alloc
-        s32, s16, s8, s64 = a._s32, a._s16, a._s8, a._s64
+        v = self.alloc.views
+        seq_col, gen_col, state_col, flags_col = v.seq, v.generation, v.state, v.flags
+        owner_col, entity_col = v.owner, v.entity
         records, rs, slots = self.records, self.rs, self.slots
         seen, stale = self._seen, self._stale
         alloc_, has, cap_owners = fmt.SLOT_ALLOCATED, fmt.FLAG_HAS_ENTITY, fmt.OWNERS_CAPACITY
@@ -362,12 +362,12 @@ class Capture:
             pending = []
             odd = []                    # copies to normalise
             for i, slot in enumerate(part):
-                seq = s32[8 * slot]
-                gen = s32[8 * slot + 1]
+                seq = seq_col[slot]
+                gen = gen_col[slot]
                 off = slot * rs
                 data = records[off:off + rs].tobytes()
-                st, fl, ow, ent = s8[32 * slot + 18], s8[32 * slot + 19], s16[16 * slot + 8], s64[4 * slot + 1]
-                if seq & 1 or s32[8 * slot] != seq or s32[8 * slot + 1] != gen:
+                st, fl, ow, ent = state_col[slot], flags_col[slot], owner_col[slot], entity_col[slot]
+                if seq & 1 or seq_col[slot] != seq or gen_col[slot] != gen:
                     pending.append(i)   # placeholder values, replaced below
                 elif st > 1 or fl & ~KNOWN_FLAGS or ow > cap_owners:
                     odd.append(i)

@@ -18,10 +18,11 @@ from __future__ import annotations
 import logging
 import time
 import weakref
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..format import config as config_mod
 from ..format import segment as fmt
+from ..format.segment import U32
 from .allocator import Allocator, Handle
 from ..errors import NotOwner, ReadOnlyTable, SlotOutOfRange, StaleHandle, StatedError, TornRecord
 from .owners import Liveness, Owner
@@ -69,6 +70,15 @@ def attach(name: str | None = None, *, key: int | None = None, owner: str | None
         raise
 
 
+class SlotInfo(NamedTuple):
+    """A slot's bookkeeping: its owner's name (None: no owner), dirty (changed since the last save),
+    pinned (written through a live view, so every save copies it)."""
+
+    owner: str | None
+    dirty: bool
+    pinned: bool
+
+
 class _WriteSection:
     """`with t.write(h) as p`: seq odd on entry, even on exit, slot marked dirty.
 
@@ -77,23 +87,23 @@ class _WriteSection:
     settled the seq already, and the slot may belong to someone else by the time we exit.
     """
 
-    __slots__ = ("_s32", "_s8", "_slot", "_view")
+    __slots__ = ("_seq", "_dirty", "_slot", "_view")
 
-    def __init__(self, s32, s8, slot: int, view):
-        self._s32, self._s8, self._slot, self._view = s32, s8, slot, view
+    def __init__(self, seq: memoryview, dirty: memoryview, slot: int, view: RecordBase):
+        self._seq, self._dirty, self._slot, self._view = seq, dirty, slot, view
 
     def __enter__(self) -> RecordBase:
         slot = self._slot
         if slot < 0:
             raise StaleHandle("this write section's slot was freed; look the entity up again")
-        self._s32[8 * slot] = (self._s32[8 * slot] + 1) & 0xFFFFFFFF
+        self._seq[slot] = (self._seq[slot] + 1) & U32
         return self._view
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> bool:
         slot = self._slot
         if slot >= 0:
-            self._s32[8 * slot] = (self._s32[8 * slot] + 1) & 0xFFFFFFFF
-            self._s8[32 * slot + 20] = 1
+            self._seq[slot] = (self._seq[slot] + 1) & U32
+            self._dirty[slot] = 1
         return False
 
     def disarm(self) -> None:
@@ -112,11 +122,12 @@ class Table:
         self.read_timeout = read_timeout
         self._seg = seg
         self._alloc = Allocator(seg, table=name, lock_timeout=lock_timeout, liveness=liveness, trust=trust)
-        self._s32, self._s16, self._s8 = self._alloc._s32, self._alloc._s16, self._alloc._s8
+        sv = self._alloc.views      # the format's named columns: sv.seq[slot], sv.generation[slot], ...
+        self._seq, self._gen, self._own, self._state = sv.seq, sv.generation, sv.owner, sv.state
+        self._dirty, self._pinned, self._flags, self._entity = sv.dirty, sv.pinned, sv.flags, sv.entity
         rs = self.record_size = h.record_size
-        r = h.regions
-        self._rec = seg.buf[r.records_offset:r.records_offset + h.capacity * rs]
-        self._rec_off_abs = r.records_offset
+        self._rec = sv.records
+        self._rec_off_abs = h.regions.records_offset
         cls = record_class(h.layout, name)
         self._cls = cls
         self._view_cls = readonly_class(cls) if seg.readonly else cls
@@ -132,9 +143,6 @@ class Table:
         self._casts: dict[str, memoryview] = {}
         self._acc: dict[str, tuple] = {}
         self._cols: list[memoryview] = []
-        self._gen = self._s32[1::8]         # generation of slot i is _gen[i]
-        self._own = self._s16[8::16]        # owner index of slot i
-        self._dirty = self._s8[20::32]      # dirty mark of slot i
         for fl in h.layout.fields:
             f = fl.field
             if f.array or f.is_string:
@@ -179,7 +187,7 @@ class Table:
         for ws in self._sections.values():
             ws.disarm()
         self._sections.clear()
-        for v in (*self._cols, self._gen, self._own, self._dirty):
+        for v in self._cols:
             v.release()
         self._cols.clear()
         self._getcol.clear()
@@ -187,7 +195,6 @@ class Table:
             v.release()
         self._casts.clear()
         self._acc.clear()
-        self._rec.release()
         self._alloc.release_views()
         if views_alive or not self._seg.detach():
             self._seg.detach_under_views()
@@ -212,7 +219,7 @@ class Table:
         """
         if not self._owner:
             raise self._cannot_write("allocate")
-        return self._alloc.alloc(entity, self._owner, self._init, self._rec, 0, self.record_size)
+        return self._alloc.alloc(entity, self._owner, self._init)
 
     def free(self, h: Handle) -> None:
         """Give the slot back. The handle (and any copy of it) becomes stale."""
@@ -235,25 +242,36 @@ class Table:
         """Handles of every slot this owner holds: how a restarted worker finds its players."""
         if not self._owner:
             return []
-        s32 = self._s32
-        return [_new_handle(Handle, (s, s32[8 * s + 1])) for s in self._alloc.slots_of(self._owner)]
+        gen = self._gen
+        return [_new_handle(Handle, (s, gen[s])) for s in self._alloc.slots_of(self._owner)]
 
     def handles(self) -> list[Handle]:
         """Every allocated slot's handle, whoever owns it (an O(capacity) scan)."""
-        s32 = self._s32
-        states = self._s8[18::32]
-        return [_new_handle(Handle, (i, s32[8 * i + 1])) for i, st in enumerate(states) if st == fmt.SLOT_ALLOCATED]
+        gen = self._gen
+        return [_new_handle(Handle, (i, gen[i])) for i, st in enumerate(self._state) if st == fmt.SLOT_ALLOCATED]
 
     def entity(self, h: Handle) -> int | None:
         self._check(h)
         s = h[0]
-        return self._alloc._s64[4 * s + 1] if self._s8[32 * s + 19] & fmt.FLAG_HAS_ENTITY else None
+        return self._entity[s] if self._flags[s] & fmt.FLAG_HAS_ENTITY else None
+
+    @property
+    def views(self) -> fmt.SegmentViews:
+        """The segment's named columns (docs/format.md), for tools, benchmarks and tests that inspect
+        the slot table. Writing through them bypasses every check and the allocator's protocol."""
+        return self._alloc.views
+
+    def slot_info(self, h: Handle) -> SlotInfo:
+        """Who owns the record and whether the next snapshot copies it (for tools, not the hot path)."""
+        self._check(h)
+        idx = self._own[h[0]]
+        owner = next((o.name for o in self.owners() if o.index == idx), None)
+        return SlotInfo(owner, bool(self._dirty[h[0]]), bool(self._pinned[h[0]]))
 
     def valid(self, h: Handle) -> bool:
         """True while `h` still names a live allocation."""
         slot, gen = h
-        return 0 <= slot < self.capacity and self._s32[8 * slot + 1] == gen \
-            and self._s8[32 * slot + 18] == fmt.SLOT_ALLOCATED
+        return 0 <= slot < self.capacity and self._gen[slot] == gen and self._state[slot] == fmt.SLOT_ALLOCATED
 
     def __len__(self) -> int:
         return self._alloc.used()
@@ -302,7 +320,7 @@ class Table:
             self._dirty[slot] = 1
         else:
             p = self._view(slot)
-            with _WriteSection(self._s32, self._s8, slot, p):
+            with _WriteSection(self._seq, self._dirty, slot, p):
                 setattr(p, name, value)
 
     def record(self, h: Handle) -> RecordBase:
@@ -310,42 +328,42 @@ class Table:
         slot, gen = h
         if not 0 <= slot < self.capacity:
             raise self._out_of_range(slot)
-        if self._s32[8 * slot + 1] != gen:
+        if self._gen[slot] != gen:
             raise self._stale(h)
         if not self.readonly:
-            if self._s16[16 * slot + 8] != self._owner or not self._owner:
+            if self._own[slot] != self._owner or not self._owner:
                 raise self._refused(h)
-            self._s8[32 * slot + 21] = 1
+            self._pinned[slot] = 1
         return self._view(slot)
 
     def write(self, h: Handle) -> _WriteSection:
         """`with t.write(h) as p:` a seqlock write section over the live view."""
         slot, gen = h
         try:
-            ok = self._s32[8 * slot + 1] == gen and slot >= 0 and self._s16[16 * slot + 8] == self._owner
+            ok = self._gen[slot] == gen and slot >= 0 and self._own[slot] == self._owner
         except IndexError:
             raise self._out_of_range(slot) from None
         if not ok or not self._owner:
             raise self._refused(h)
-        if self._s32[8 * slot] & 1:
+        if self._seq[slot] & 1:
             raise StatedError(f"table {self.name!r} slot {slot}: already inside a write section (write "
                               f"sections do not nest)")
         ws = self._sections.get(slot)
         if ws is None:          # one reusable section object per slot: no allocation per write
-            ws = self._sections[slot] = _WriteSection(self._s32, self._s8, slot, self._view(slot))
+            ws = self._sections[slot] = _WriteSection(self._seq, self._dirty, slot, self._view(slot))
         return ws
 
     def read(self, h: Handle) -> RecordBase:
         """A consistent copy of the whole record (never torn). Raises StaleHandle, TornRecord."""
         slot, gen = h
-        s32 = self._s32
+        seq = self._seq
         try:
-            s1 = s32[8 * slot]
+            s1 = seq[slot]
         except IndexError:
             raise self._out_of_range(slot) from None
         if not s1 & 1 and slot >= 0:
             r = self._cls.from_buffer_copy(self._rec, slot * self.record_size)
-            if s32[8 * slot] == s1 and s32[8 * slot + 1] == gen:
+            if seq[slot] == s1 and self._gen[slot] == gen:
                 return r
         return self._read_slow(h)
 
@@ -353,17 +371,17 @@ class Table:
         slot, gen = h
         if slot < 0:
             raise self._out_of_range(slot)
-        s32, rs = self._s32, self.record_size
+        seq, generation, rs = self._seq, self._gen, self.record_size
         deadline = None
         spins = 0
         while True:
-            s1 = s32[8 * slot]
-            if s32[8 * slot + 1] != gen:
+            s1 = seq[slot]
+            if generation[slot] != gen:
                 raise self._stale(h)
             if not s1 & 1:
                 r = self._cls.from_buffer_copy(self._rec, slot * rs)
-                if s32[8 * slot] == s1:
-                    if s32[8 * slot + 1] != gen:
+                if seq[slot] == s1:
+                    if generation[slot] != gen:
                         raise self._stale(h)
                     return r
             spins += 1
@@ -373,9 +391,9 @@ class Table:
                     deadline = now + self.read_timeout
                 elif now > deadline:
                     if not self.readonly:
-                        self._alloc._h64[fmt.COUNTER_OFF["torn_reads"] // 8] += 1
+                        self._alloc.views.bump("torn_reads")
                     raise TornRecord(f"table {self.name!r} slot {slot}: its writer has been mid-write for over "
-                                     f"{self.read_timeout}s (owner #{self._s16[16 * slot + 8]} probably died "
+                                     f"{self.read_timeout}s (owner #{self._own[slot]} probably died "
                                      f"inside a write section); the daemon or the owner's next attach settles it")
                 time.sleep(0)
 
@@ -413,7 +431,7 @@ class Table:
         slot, gen = h
         if not 0 <= slot < self.capacity:
             raise self._out_of_range(slot)
-        if self._s32[8 * slot + 1] != gen:
+        if self._gen[slot] != gen:
             raise self._stale(h)
 
     # ---- errors (off the hot path) -------------------------------------------------------------------
@@ -425,9 +443,9 @@ class Table:
 
     def _stale(self, h: Handle) -> StaleHandle:
         slot, gen = h
-        now = self._s32[8 * slot + 1]
+        now = self._gen[slot]
         return StaleHandle(f"table {self.name!r}: handle (slot {slot}, generation {gen}) is stale; the slot was "
-                           f"freed{' and reused' if self._s8[32 * slot + 18] else ''} (generation now {now}). "
+                           f"freed{' and reused' if self._state[slot] else ''} (generation now {now}). "
                            f"Look the entity up again")
 
     def _cannot_write(self, what: str) -> StatedError:
@@ -439,9 +457,9 @@ class Table:
         slot, gen = h
         if self.readonly or not self._owner:
             return self._cannot_write("write")
-        if self._s32[8 * slot + 1] != gen:
+        if self._gen[slot] != gen:
             return self._stale(h)
-        return NotOwner(f"table {self.name!r}: slot {slot} belongs to owner #{self._s16[16 * slot + 8]}, "
+        return NotOwner(f"table {self.name!r}: slot {slot} belongs to owner #{self._own[slot]}, "
                         f"not to {self.owner!r} (#{self._owner}); only a slot's owner writes it")
 
 

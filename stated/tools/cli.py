@@ -251,11 +251,9 @@ def cmd_get(args) -> int:
             print(f"stated get: table {args.table!r} has no record for entity {args.entity}", file=sys.stderr)
             return EXIT_ERROR
         rec = t.read(h)
-        # the slot's owner index and dirty mark: Table has no public accessor for them (yet)
-        owner_idx = t._s16[16 * h.slot + 8]
-        owner = next((o.name for o in t.owners() if o.index == owner_idx), None)
+        info = t.slot_info(h)
         out = {"table": args.table, "entity": args.entity, "slot": h.slot, "generation": h.generation,
-               "owner": owner, "dirty": bool(t._dirty[h.slot]),
+               "owner": info.owner, "dirty": info.dirty,
                "record": {k: _jsonable(v) for k, v in rec.to_dict().items()}}
     print(json.dumps(out, indent=None if args.compact else 2))
     return EXIT_OK

@@ -46,14 +46,11 @@ def _dirty(key: int) -> int | None:
     except StatedError:
         return None
     try:
-        r = seg.header.regions
-        cap = seg.header.capacity
-        s8 = seg.buf[r.slots_offset:r.slots_offset + cap * fmt.SLOT_SIZE]
+        views = fmt.SegmentViews(seg.buf, seg.header)
         try:
-            marks = int.from_bytes(s8[20::32].tobytes(), "little") | int.from_bytes(s8[21::32].tobytes(), "little")
-            return cap - marks.to_bytes(cap, "little").count(0)
+            return views.marked_slots()
         finally:
-            s8.release()
+            views.release()
     finally:
         seg.detach()
 
