@@ -33,15 +33,14 @@ import time
 import timeit
 from dataclasses import dataclass, field
 
+import sysv_ipc  # noqa: E402
 from _common import ROOT, exit_on_signals, human, pick_keys, remove_raw_key
 
-import sysv_ipc  # noqa: E402
-
 import stated  # noqa: E402
+from stated.errors import TableFull  # noqa: E402
 from stated.format import config as config_mod  # noqa: E402
 from stated.format import segment as fmt  # noqa: E402
-from stated import segment  # noqa: E402
-from stated.errors import TableFull  # noqa: E402
+from stated.shm import segment  # noqa: E402
 
 try:
     import redis as redis_mod

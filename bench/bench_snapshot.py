@@ -22,9 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import sysv_ipc  # noqa: E402
 
 from stated.format import config as config_mod  # noqa: E402
-from stated import segment  # noqa: E402
 from stated.persist import saver as persist
 from stated.persist import snapshot as snap  # noqa: E402
+from stated.shm import segment  # noqa: E402
 from stated.shm.allocator import Allocator  # noqa: E402
 from stated.shm.table import Table  # noqa: E402
 

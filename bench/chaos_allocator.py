@@ -31,10 +31,10 @@ import traceback
 from _common import ROOT, exit_on_signals, pick_keys
 
 import stated  # noqa: E402
+from stated.errors import TableFull  # noqa: E402
 from stated.format import config as config_mod  # noqa: E402
 from stated.format import segment as fmt  # noqa: E402
-from stated import segment  # noqa: E402
-from stated.errors import TableFull  # noqa: E402
+from stated.shm import segment  # noqa: E402
 
 # progress block shared with the child (anonymous MAP_SHARED mmap, inherited across fork):
 # u32 phase, u32 in_write, u64 ops, then an error message
@@ -206,7 +206,7 @@ def main() -> int:
         if created:
             segment.destroy(key)
     print(f"kills: {kills} in {elapsed:.1f} s = {kills / elapsed:.0f} kills/s; full fill/drain cycles: {fills}")
-    print(f"where the kills landed: " + ", ".join(f"{PHASE_NAMES[k]} {v}" for k, v in phases.items() if v)
+    print("where the kills landed: " + ", ".join(f"{PHASE_NAMES[k]} {v}" for k, v in phases.items() if v)
           + f"; inside a write section (seq odd) {in_write}; mean alloc/free ops per child {ops_total / kills:.1f}")
     print(f"counters: lock_repairs {c['lock_repairs']}, settled_slots {c['settled_slots']}, "
           f"owner_takeovers {c['owner_takeovers']}, allocations {c['allocations']}, frees {c['frees']}, "

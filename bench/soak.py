@@ -63,8 +63,8 @@ from typing import NamedTuple
 from _common import ROOT, exit_on_signals, key_in_use, pick_keys
 
 import stated
-from stated.format import config as config_mod
 from stated.daemon import control
+from stated.format import config as config_mod
 from stated.format import segment as fmt
 from stated.persist import snapshot as snap_mod
 from stated.shm.allocator import Handle
@@ -666,7 +666,7 @@ class Soak:
     def finish(self) -> None:
         """Stop the zones (SIGTERM, exit 0), check everything, then a last remove-and-restore."""
         docs = {}
-        for z, p in list(self.workers.items()):
+        for p in list(self.workers.values()):
             os.kill(p.pid, signal.SIGTERM)
         for z, p in list(self.workers.items()):
             try:

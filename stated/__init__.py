@@ -6,9 +6,30 @@
     with players.write(h) as p:
         p.name = "alice"; p.hp = 90
 """
+from .errors import (
+           ConfigError,
+           CorruptSegment,
+           DaemonError,
+           DuplicateEntity,
+           ForeignSegment,
+           InstallError,
+           LayoutMismatch,
+           LockTimeout,
+           NotOwner,
+           OwnerBusy,
+           OwnersExhausted,
+           ReadOnlyTable,
+           SchemaError,
+           SegmentExists,
+           SegmentNotFound,
+           SlotOutOfRange,
+           StaleHandle,
+           StatedError,
+           TableFull,
+           TornRecord,
+           UnsupportedVersion,
+)
 from .shm.allocator import Handle
-from .errors import ConfigError, CorruptSegment, DaemonError, DuplicateEntity, ForeignSegment, LayoutMismatch, LockTimeout, NotOwner, OwnerBusy, OwnersExhausted, ReadOnlyTable, SchemaError, SegmentExists, SegmentNotFound, SlotOutOfRange, StaleHandle, StatedError, TableFull, TornRecord, UnsupportedVersion
-from .errors import InstallError
 from .shm.segment import PermissionDenied
 from .shm.table import Table, attach
 

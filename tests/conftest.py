@@ -8,20 +8,18 @@ the session fails if any of them, or any child process, is left behind.
 from __future__ import annotations
 
 import itertools
-import sys
 import os
 import signal
-import textwrap
+import sys
 import time
 from pathlib import Path
 
 import pytest
 import sysv_ipc
 
-from stated.format import config as config_mod
-from stated.shm import segment
-from stated.format.schema import parse_fields
 from stated.format import layout as layout_mod
+from stated.format.schema import parse_fields
+from stated.shm import segment
 
 _counter = itertools.count(1)
 _handed: set[int] = set()

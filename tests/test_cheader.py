@@ -15,16 +15,15 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import PLAYER_FIELDS
 
 import stated
-from stated.tools import cheader
 from stated.format import config as config_mod
-from stated.format import segment as fmt
 from stated.format import layout as layout_mod
-from stated.shm import segment
+from stated.format import segment as fmt
 from stated.format.schema import parse_fields
-
-from conftest import PLAYER_FIELDS
+from stated.shm import segment
+from stated.tools import cheader
 
 GCC = shutil.which("gcc")
 pytestmark = pytest.mark.skipif(GCC is None, reason="gcc is not installed; the C header tests need a C compiler")

@@ -2,8 +2,8 @@ import os
 
 import pytest
 
-from stated.format import config as config_mod
 from stated.errors import ConfigError
+from stated.format import config as config_mod
 
 
 def test_shipped_config_loads():
@@ -66,7 +66,8 @@ def test_relative_paths_follow_the_config_file(tmp_path):
 
 
 def test_derived_keys_are_stable_and_distinct(tmp_path):
-    cfg, _ = _load(tmp_path, '[tables.a]\ncapacity = 1\nfields = ["x: u8"]\n[tables.b]\ncapacity = 1\nfields = ["x: u8"]')
+    cfg, _ = _load(tmp_path, '[tables.a]\ncapacity = 1\nfields = ["x: u8"]\n'
+                             '[tables.b]\ncapacity = 1\nfields = ["x: u8"]')
     assert cfg.tables["a"].key != cfg.tables["b"].key
     assert cfg.tables["a"].key == config_mod.derive_key(0x53540000, "a")
 

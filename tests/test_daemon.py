@@ -1,16 +1,14 @@
 """`stated run` as a real process: creates, adopts after SIGKILL, refuses foreign segments."""
 import json
-import os
 import subprocess
 import sys
 import time
 
 import pytest
 import sysv_ipc
+from test_table import kill9, spawn
 
 import stated
-
-from test_table import WORKERS, kill9, spawn
 
 STATED = [sys.executable, "-m", "stated"]
 

@@ -10,14 +10,13 @@ import urllib.request
 
 import pytest
 import sysv_ipc
+from conftest import STATED_CMD, DaemonProc, run_as_nobody
 
 import stated
+from stated.daemon.lifecycle import Daemon
 from stated.format import config as config_mod
 from stated.format import segment as fmt
 from stated.shm import segment
-from stated.daemon.lifecycle import Daemon
-
-from conftest import STATED_CMD, DaemonProc, player_layout, run_as_nobody
 
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a child as nobody")
 

@@ -29,8 +29,8 @@ import sysv_ipc
 from prometheus_client.parser import text_string_to_metric_families
 
 import stated
-from stated.format import config as config_mod
 from stated.daemon import control
+from stated.format import config as config_mod
 
 STATED = [sys.executable, "-m", "stated"]
 WORKERS = os.path.join(os.path.dirname(__file__), "workers.py")
@@ -150,7 +150,7 @@ def _closed_by_peer(s: socket.socket) -> bool:
     s.settimeout(0.05)
     try:
         return s.recv(1) == b""
-    except socket.timeout:
+    except TimeoutError:
         return False
     except ConnectionError:
         return True
@@ -359,8 +359,8 @@ def test_invalid_config_exits_78(write_config, new_key, procs, tmp_path):
 
 
 def test_exit_codes_match_the_cli():
-    from stated.tools import cli
     from stated.daemon import lifecycle as daemon
+    from stated.tools import cli
     assert cli.EXIT_CONFIG == daemon.EXIT_CONFIG == EX_CONFIG
     assert len({cli.EXIT_OK, cli.EXIT_ERROR, cli.EXIT_USAGE, cli.EXIT_NOT_RUNNING, cli.EXIT_CONFIG}) == 5
 
@@ -465,7 +465,7 @@ class FullNotifySocket:
             self.sock.settimeout(max(0.01, deadline - time.monotonic()))
             try:
                 m = self.sock.recv(4096).decode()
-            except socket.timeout:
+            except TimeoutError:
                 break
             if m != "X=1":
                 seen.append(m)
@@ -503,8 +503,8 @@ def test_ready_reloading_stopping_survive_a_full_notify_queue(write_config, proc
 
 
 def test_unit_descriptor_limit_fits_and_config_errors_do_not_restart():
-    from stated.format.config import DaemonConfig
     from stated.daemon.conns import fit_limit
+    from stated.format.config import DaemonConfig
     unit = Path(__file__).resolve().parent.parent / "systemd" / "stated.service"
     settings = dict(ln.split("=", 1) for ln in unit.read_text().splitlines()
                     if "=" in ln and not ln.lstrip().startswith(("#", ";")))

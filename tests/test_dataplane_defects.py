@@ -1,9 +1,6 @@
 """Regression tests for data-plane defects found by reading the code and scribbling on live
 segments (issue 8, items 1-4, 7, 13). Each failed on the code before its fix."""
 import os
-import signal
-import subprocess
-import sys
 import time
 
 import pytest

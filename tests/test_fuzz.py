@@ -21,12 +21,12 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from stated.format import config as config_mod
 from stated.daemon import control
-from stated.format import layout as layout_mod
 from stated.errors import ConfigError, SchemaError
+from stated.format import config as config_mod
+from stated.format import layout as layout_mod
+from stated.format.schema import SCALARS, from_wire, parse_field
 from stated.shm.records import default_record, record_class
-from stated.format.schema import SCALARS, parse_field, from_wire
 
 
 def FUZZ(n: int) -> settings:
@@ -266,7 +266,7 @@ def check_config(text: str) -> None:
     assert 0 <= int(port) <= 65535 and port.isascii()
     assert d.mode & 0o600 == 0o600 and not d.mode & ~0o770
     keys = set()
-    for name, tc in cfg.tables.items():
+    for _name, tc in cfg.tables.items():
         assert 1 <= tc.key <= 0x7FFFFFFF and tc.key not in keys and 1 <= tc.capacity <= 1 << 26
         keys.add(tc.key)
         assert tc.dead_owner in ("keep", "release")

@@ -14,22 +14,20 @@ import zlib
 import msgpack
 import pytest
 import sysv_ipc
+from conftest import player_layout
 from hypothesis import event, example, given
-from hypothesis.control import currently_in_test_context
 from hypothesis import strategies as st
+from hypothesis.control import currently_in_test_context
+from test_fuzz import FUZZ, bounded, defaults, names, nested, types, wire_schema
 
 import stated
-from stated.format import segment as fmt
-from stated.format import layout as layout_mod
-from stated.daemon import provision
-from stated.shm import segment
-from stated.daemon import status
-from stated.format.config import DaemonConfig, TableConfig
+from stated.daemon import provision, status
 from stated.errors import CorruptSegment, StatedError
+from stated.format import layout as layout_mod
+from stated.format import segment as fmt
+from stated.format.config import DaemonConfig, TableConfig
 from stated.format.schema import Field
-
-from conftest import player_layout
-from test_fuzz import FUZZ, bounded, defaults, names, nested, types, wire_schema
+from stated.shm import segment
 
 CAP = 8
 # byte offset and struct code of each field of the immutable header

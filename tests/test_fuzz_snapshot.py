@@ -14,21 +14,20 @@ from pathlib import Path
 
 import msgpack
 import pytest
+from conftest import player_layout
 from hypothesis import event, example, given
 from hypothesis import strategies as st
+from test_fuzz import FUZZ, bounded, nested, wire_schema
 
 import stated
-from stated.format import segment as fmt
-from stated.format import layout as layout_mod
-from stated.persist import saver as persist
-from stated.shm import segment
-from stated.persist import snapshot as snap
-from stated.format.config import DaemonConfig, TableConfig
 from stated.errors import StatedError
+from stated.format import layout as layout_mod
+from stated.format import segment as fmt
+from stated.format.config import DaemonConfig, TableConfig
 from stated.format.schema import from_wire, to_wire
-
-from conftest import player_layout
-from test_fuzz import FUZZ, bounded, nested, wire_schema
+from stated.persist import saver as persist
+from stated.persist import snapshot as snap
+from stated.shm import segment
 
 LAY = player_layout(["id: u64", "name: str[8]", "hp: i32 = 100", "x: f32", "inv: u16[3]"])
 CAP = 16

@@ -22,7 +22,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import copy_checkout
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,7 +56,8 @@ def test_readme_and_deploy_doc_agree():
 
 def test_readme_lines_are_what_the_test_runs():
     lines = install_lines(README.read_text())
-    assert [ln for ln in lines if ln.startswith("systemctl")] == ["systemctl daemon-reload && systemctl enable --now stated"]
+    assert [ln for ln in lines if ln.startswith("systemctl")] == \
+        ["systemctl daemon-reload && systemctl enable --now stated"]
     assert not any(ln.startswith(("sudo ", "pip ")) for ln in lines), "root shell, no sudo; pip only in the venv"
     assert unit("ExecStart").split()[0] == "/usr/local/bin/stated"
 
@@ -129,7 +129,7 @@ def test_readme_install_steps_in_a_scratch_root(tmp_path):
                            timeout=30)
     if probe.returncode:
         pytest.skip(f"cannot create a mount namespace here: {probe.stderr.decode().strip()}")
-    src = copy_checkout(tmp_path / "src")
+    copy_checkout(tmp_path / "src")
     script = tmp_path / "install.sh"
     script.write_text(_script(tmp_path, install_lines(README.read_text())))
     res = subprocess.run(["unshare", "--mount", "--ipc", "--pid", "--fork", "--kill-child", "--mount-proc",

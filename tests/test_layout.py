@@ -1,10 +1,10 @@
 import ctypes
 
-from stated.format import layout
-from stated.shm.records import record_class
-from stated.format.schema import parse_fields
-
 from conftest import PLAYER_FIELDS
+
+from stated.format import layout
+from stated.format.schema import parse_fields
+from stated.shm.records import record_class
 
 
 def test_players_layout_is_c_compatible():

@@ -3,15 +3,14 @@ import subprocess
 import sys
 
 import pytest
+from conftest import PLAYER_FIELDS
 
 import stated
-from stated.format import config as config_mod
 from stated.daemon import provision
-from stated.shm import segment
 from stated.errors import LayoutMismatch
+from stated.format import config as config_mod
 from stated.persist.saver import MigrationRefused
-
-from conftest import PLAYER_FIELDS
+from stated.shm import segment
 
 STATED = [sys.executable, "-m", "stated"]
 
@@ -131,7 +130,7 @@ def test_migrating_from_a_snapshot_after_a_reboot(write_config):
     seg.detach()
     assert how == "restored" and n == len(before)
     with stated.attach(key=tc.key, readonly=True) as ro:
-        for e, (h, old) in before.items():
+        for _e, (h, old) in before.items():
             r = ro.read(h)
             assert (r.name, r.hp, r.level, r.mana) == (old["name"], old["hp"], old["level"], 50)
 
@@ -154,8 +153,9 @@ def test_dropping_a_field_named_like_capacity_is_allowed_with_allow_lossy(write_
 
 
 def test_lossy_changes_are_structured():
-    from stated.persist import migrate
     from conftest import player_layout
+
+    from stated.persist import migrate
     old = player_layout(PLAYER_FIELDS + ["capacity_left: u8"])
     new = player_layout([f.replace("hp: i32", "hp: i16") for f in PLAYER_FIELDS])
     changes = migrate.lossy_changes(old, new, 200, 100, 150)

@@ -18,10 +18,9 @@ from pathlib import Path
 import pytest
 
 import stated
-from stated.tools import cli
-from stated.daemon import logs
-from stated.daemon import service
+from stated.daemon import logs, service
 from stated.format.config import load as load_config
+from stated.tools import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "stated.service"
@@ -56,7 +55,7 @@ class Notify:
             self.sock.settimeout(max(0.01, deadline - time.monotonic()))
             try:
                 self.got.append(self.sock.recv(4096).decode())
-            except socket.timeout:
+            except TimeoutError:
                 break
         raise AssertionError(f"no {line!r}; got {self.got}")
 
@@ -156,7 +155,7 @@ def test_extending_timeout_sends_until_the_body_ends(notify):
     try:
         while True:
             notify.got.append(notify.sock.recv(4096).decode())
-    except socket.timeout:
+    except TimeoutError:
         pass
     assert len(notify.got) >= 4, notify.got
     assert set(notify.got) == {"EXTEND_TIMEOUT_USEC=7500000"}
@@ -180,7 +179,7 @@ def test_daemon_extends_timeouts_at_start_and_stop(write_config, notify, procs):
     try:
         while True:
             rest.append(notify.sock.recv(4096).decode())
-    except (socket.timeout, BlockingIOError):
+    except (TimeoutError, BlockingIOError):
         pass
     after_stop = notify.got[next(i for i, m in enumerate(notify.got) if "STOPPING=1" in m.split("\n")):] + rest
     assert any(m.startswith("EXTEND_TIMEOUT_USEC=") for m in after_stop), after_stop

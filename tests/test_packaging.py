@@ -14,7 +14,6 @@ from email.parser import Parser
 from pathlib import Path
 
 import pytest
-
 from conftest import copy_checkout
 
 import stated

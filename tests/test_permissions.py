@@ -8,15 +8,12 @@ import os
 import pwd
 import socket
 import stat
-import subprocess
-import sys
 
 import pytest
+from conftest import player_layout
 
 import stated
 from stated.shm import segment
-
-from conftest import player_layout
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create an unprivileged child")
 
@@ -105,10 +102,12 @@ def test_group_member_with_read_write_mode(table):
 
 
 def test_daemon_files_and_socket_refuse_outsiders(write_config, procs, tmp_path, request):
-    from test_service import NotifySocket, ctl, start
-    from stated.format import config as config_mod
     import shutil
     import tempfile
+
+    from test_service import NotifySocket, ctl, start
+
+    from stated.format import config as config_mod
     sockdir = tempfile.mkdtemp(prefix="stated-perm-", dir="/tmp")    # reachable by nobody: the socket decides
     os.chmod(sockdir, 0o755)
     request.addfinalizer(lambda: shutil.rmtree(sockdir, ignore_errors=True))

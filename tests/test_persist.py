@@ -8,13 +8,12 @@ import time
 
 import pytest
 import sysv_ipc
-
-import stated
-from stated.persist import snapshot as snap
-from stated.format import config as config_mod
-
 from test_service import NotifySocket, ctl, start
 from test_table import kill9, spawn
+
+import stated
+from stated.format import config as config_mod
+from stated.persist import snapshot as snap
 
 STATED = [sys.executable, "-m", "stated"]
 
@@ -88,13 +87,13 @@ def test_sigkill_during_snapshots_never_breaks_the_previous(write_config, notify
     sdir = config_mod.load(cfg).daemon.state_dir / "players"
     rnd = random.Random(3)
     kills = 0
-    for i in range(12):
+    for _i in range(12):
         time.sleep(rnd.uniform(0.05, 0.6))
         kill9(d)
         kills += 1
         chain, warnings = snap.chain(sdir)
         assert chain, warnings          # a valid snapshot always survives
-        for p, h, *_ in chain:
+        for p, _h, *_ in chain:
             assert not p.name.startswith(".")
         d = start(procs, cfg, notify)
     assert kills == 12
@@ -181,9 +180,10 @@ def _image(key):
 def test_restore_force_saves_the_live_table_in_its_own_layout(write_config, new_key, tmp_path):
     """The safety snapshot of a live segment whose layout differs from the config's is taken with
     the segment's layout (as live migration does), so it restores to exactly what was there."""
+    from conftest import PLAYER_FIELDS
+
     from stated.persist import saver as persist
     from stated.shm import segment
-    from conftest import PLAYER_FIELDS
     key = new_key()
     new_fields = PLAYER_FIELDS + ["mana: i32 = 50"]
     cfg_new = write_config({"players": {"capacity": 50, "key": key, "fields": new_fields}}, name="new.toml")
@@ -223,13 +223,14 @@ def test_restore_force_saves_the_live_table_in_its_own_layout(write_config, new_
 
 
 def test_restore_refuses_before_touching_the_live_table_when_the_file_does_not_fit(write_config, new_key):
-    from stated.shm import segment
     from conftest import PLAYER_FIELDS
+
+    from stated.shm import segment
     key = new_key()
     cfg_a = write_config({"players": {"capacity": 50, "key": key, "fields": PLAYER_FIELDS + ["mana: i32"]}},
                          name="a.toml")
     cfg_b = write_config({"players": {"capacity": 50, "key": key}}, name="b.toml")
-    a, b = config_mod.load(cfg_a), config_mod.load(cfg_b)
+    a, _b = config_mod.load(cfg_a), config_mod.load(cfg_b)
     seg = segment.create(key, 50, a.tables["players"].layout, mode=0o660)
     seg.detach()
     _fill(key, 5, 100)

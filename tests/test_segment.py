@@ -2,13 +2,12 @@ import struct
 
 import pytest
 import sysv_ipc
+from conftest import player_layout
 
 import stated
+from stated.errors import CorruptSegment, ForeignSegment, LayoutMismatch, SegmentExists, SegmentNotFound
 from stated.format import segment as fmt
 from stated.shm import segment
-from stated.errors import CorruptSegment, ForeignSegment, LayoutMismatch, SegmentExists, SegmentNotFound
-
-from conftest import player_layout
 
 
 def test_create_then_open_validates(make_segment):

@@ -10,12 +10,11 @@ import urllib.request
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from test_allocator import _child_tagged_churn, _fork
+from test_table import kill9, spawn
 
 import stated
 from stated.daemon import control
-
-from test_allocator import _child_tagged_churn, _fork
-from test_table import kill9, spawn
 
 STATED = [sys.executable, "-m", "stated"]
 
@@ -39,7 +38,7 @@ class NotifySocket:
             self.sock.settimeout(max(0.01, deadline - time.monotonic()))
             try:
                 m = self.sock.recv(4096).decode()
-            except socket.timeout:
+            except TimeoutError:
                 break
             if text in m.split("\n"):
                 return m
@@ -248,8 +247,8 @@ def test_malformed_control_frames_never_crash_the_daemon(write_config, notify, p
 
 
 def test_kernel_limits_refused_with_the_sysctl_to_set(write_config, tmp_path):
-    from stated.daemon.lifecycle import Daemon
     from stated.daemon.kernel import KernelLimitError, check
+    from stated.daemon.lifecycle import Daemon
     from stated.format import config as config_mod
     cfg = config_mod.load(write_config({"players": {"capacity": 1000}}))
     root = tmp_path / "sys"
@@ -275,9 +274,9 @@ def test_kernel_limits_refused_with_the_sysctl_to_set(write_config, tmp_path):
 
 
 def test_tables_larger_than_memory_refused(write_config, tmp_path):
-    from stated.format import config as config_mod
-    from stated.errors import ConfigError
     from stated.daemon.kernel import KernelLimitError, check, segment_size
+    from stated.errors import ConfigError
+    from stated.format import config as config_mod
     cfg = config_mod.load(write_config({"players": {"capacity": 1000}, "world": {"capacity": 1000}}))
     size = segment_size(cfg.tables["players"])
     root = tmp_path / "sys"

@@ -6,12 +6,12 @@ from pathlib import Path
 import pytest
 
 import stated
+from stated.errors import UnsafePath
 from stated.format import config as config_mod
 from stated.persist import saver as persist
-from stated.shm import segment
 from stated.persist import snapshot as snap
+from stated.shm import segment
 from stated.shm.allocator import Allocator
-from stated.errors import UnsafePath
 
 
 @pytest.fixture
@@ -202,7 +202,7 @@ def test_disk_full(env, tmp_path):
 def test_prune_keeps_newest_fulls_and_their_deltas(env):
     tc, dc, saver, t = env
     fill(t, 3)
-    for i in range(5):
+    for _i in range(5):
         saver.save("full")
         saver.save("delta")
     kinds = [(seq, kind) for seq, kind, _ in snap.list_files(saver.dir)]
@@ -448,8 +448,9 @@ def read_frames(path: Path) -> list:
 
 def write_frames(path: Path, frames: list) -> None:
     """Write frames with valid checksums: only the contents lie."""
-    import msgpack
     import zlib
+
+    import msgpack
     out = [snap.PREAMBLE.pack(snap.MAGIC, snap.VERSION, 0)]
     for f in frames:
         body = msgpack.packb(f, use_bin_type=True)
@@ -517,8 +518,8 @@ def test_semantically_wrong_newest_full_is_skipped_like_a_bad_checksum(env, what
 
 
 def test_delta_whose_layout_differs_from_its_full_ends_the_chain(env):
-    from stated.format.schema import parse_fields, to_wire
     from stated.format import layout as layout_mod
+    from stated.format.schema import parse_fields, to_wire
     tc, dc, saver, t = env
     hs = fill(t, 10)
     saver.save("full")
@@ -615,6 +616,7 @@ def test_an_entity_moving_during_a_save_is_written_once(write_config):
     """Entity E is copied at slot A, then (mid-pass) freed there and allocated at slot B, which is
     copied later: the file would name E twice. The writer copies A again after the pass instead."""
     import time
+
     from stated.format.schema import to_wire
     cfg = config_mod.load(write_config({"players": {"capacity": 5000}}))
     tc, dc = cfg.tables["players"], cfg.daemon

@@ -22,8 +22,8 @@ import pytest
 from conftest import PLAYER_FIELDS, _in_use
 
 import stated
-from stated.format import config as config_mod
 from stated.daemon import control
+from stated.format import config as config_mod
 
 ROOT = Path(__file__).resolve().parent.parent
 SOAK = ROOT / "bench" / "soak.py"

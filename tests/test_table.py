@@ -6,9 +6,7 @@ import time
 import pytest
 
 import stated
-from stated.shm import segment
-from stated.errors import (NotOwner, OwnerBusy, ReadOnlyTable, SlotOutOfRange, StaleHandle, TableFull,
-                           TornRecord)
+from stated.errors import NotOwner, OwnerBusy, ReadOnlyTable, SlotOutOfRange, StaleHandle, TableFull, TornRecord
 
 WORKERS = os.path.join(os.path.dirname(__file__), "workers.py")
 

@@ -14,13 +14,14 @@ import socket
 import stat
 import struct
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import msgpack
 
-from .conns import ConnectionLimiter
 from ..errors import ConfigError, DaemonError, StatedError
+from .conns import ConnectionLimiter
 
 log = logging.getLogger("stated.control")
 
@@ -103,7 +104,7 @@ async def serve(path: Path, mode: int, handlers: dict[str, Handler], group_gid: 
                     reply = {"ok": False, "error": str(e)}
                 writer.write(encode(reply))
                 await asyncio.wait_for(writer.drain(), timeout=idle_timeout)
-        except (asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError):
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
             pass
         except Exception:   # noqa: BLE001 - one bad client must not take the daemon down
             log.exception("control request failed")

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..format import segment as fmt
-from ..format import layout as layout_mod
-from ..format.config import Config
 from ..errors import KernelLimitError
+from ..format import layout as layout_mod
+from ..format import segment as fmt
+from ..format.config import Config
 
 __all__ = ["KernelLimitError", "check", "segment_size", "mem_total"]
 

@@ -26,26 +26,28 @@ import os
 import resource
 import signal
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import sysv_ipc
 
 from .. import __version__
-from . import control, instance, kernel, provision
+from ..errors import ConfigError, KernelLimitError, StatedError
 from ..format import config as config_mod
 from ..format import segment as fmt
-from ..shm.allocator import Allocator
 from ..format.config import Config, TableConfig
-from .conns import fit_limit
-from ..errors import ConfigError, KernelLimitError, StatedError
-from .metrics import DaemonMetrics, serve as serve_metrics
-from .notify import Notifier
-from ..shm.owners import DEAD, UNKNOWN, Liveness, Owner
 from ..persist.saver import Saver
-from ..shm.segment import Segment, Trust
-from .service import extending_timeout
 from ..persist.snapshot import SnapshotFailed
+from ..shm.allocator import Allocator
+from ..shm.owners import DEAD, UNKNOWN, Liveness, Owner
+from ..shm.segment import Segment, Trust
+from . import control, instance, kernel, provision
+from .conns import fit_limit
+from .metrics import DaemonMetrics
+from .metrics import serve as serve_metrics
+from .notify import Notifier
+from .service import extending_timeout
 
 log = logging.getLogger("stated.daemon")
 
@@ -79,7 +81,7 @@ class TableState:
     seg: Segment
     alloc: Allocator
     how: str                      # created / adopted / restored
-    saver: "Saver | None" = None
+    saver: Saver | None = None
     dirty: int = 0
     lost: int = 0                 # times its segment was removed from its key under us
     down: bool = False            # removed and not recreated yet
@@ -275,7 +277,7 @@ class Daemon:
         for srv in self._servers:
             try:
                 await asyncio.wait_for(srv.wait_closed(), timeout=1.0)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         self._servers.clear()
         if self.cfg is not None:     # only the socket we bound: never another daemon's, never an operator's file

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Iterator
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -18,8 +19,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from .. import __version__
 from ..format import segment as fmt
-from .service import register_process_metrics
 from .conns import ConnectionLimiter
+from .service import register_process_metrics
 
 if TYPE_CHECKING:
     from .lifecycle import Daemon
@@ -32,7 +33,7 @@ MAX_REQUEST = 8192
 class TableCollector:
     """Reads every table's counters from shared memory when Prometheus scrapes."""
 
-    def __init__(self, daemon: "Daemon"):
+    def __init__(self, daemon: Daemon):
         self.daemon = daemon
 
     def collect(self) -> Iterator[Metric]:
@@ -111,7 +112,7 @@ class TableCollector:
 class DaemonMetrics:
     """The daemon's own registry: the table collector plus pass timings."""
 
-    def __init__(self, daemon: "Daemon"):
+    def __init__(self, daemon: Daemon):
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(TableCollector(daemon))
         register_process_metrics(self.registry)          # process_start_time_seconds: restarts
@@ -163,7 +164,7 @@ async def serve(metrics: DaemonMetrics, host: str, port: int, *, max_connections
                    f"Connection: close\r\n\r\n").encode()
             writer.write(hdr if method == "HEAD" else hdr + body)
             await asyncio.wait_for(writer.drain(), timeout=idle_timeout)
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError, ConnectionError,
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError,
                 UnicodeDecodeError, ValueError):
             pass
         except Exception:   # noqa: BLE001 - a scrape must never take the daemon down

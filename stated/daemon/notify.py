@@ -18,7 +18,7 @@ import logging
 import os
 import socket
 import struct
-from typing import Mapping
+from collections.abc import Mapping
 
 log = logging.getLogger("stated.notify")
 

@@ -11,10 +11,10 @@ import logging
 
 import sysv_ipc
 
-from ..format import segment as fmt
-from ..shm import segment
-from ..format.config import DaemonConfig, TableConfig
 from ..errors import CorruptSegment, LayoutMismatch, SegmentNotFound
+from ..format import segment as fmt
+from ..format.config import DaemonConfig, TableConfig
+from ..shm import segment
 from ..shm.owners import Liveness
 from ..shm.segment import Segment
 
@@ -29,7 +29,8 @@ def ensure(tc: TableConfig, dc: DaemonConfig, *, migrate: bool = False, allow_lo
     one is restored from the newest valid snapshot chain (or created empty).
     Raises CorruptSegment, LayoutMismatch, SegmentExists.
     """
-    from ..persist import saver as persist, snapshot
+    from ..persist import saver as persist
+    from ..persist import snapshot
     trust = segment.Trust.daemon(dc.mode)
     try:
         try:

@@ -5,10 +5,10 @@ from typing import Any
 
 import sysv_ipc
 
-from ..format import segment as fmt
-from ..shm import segment
-from ..format.config import Config
 from ..errors import StatedError
+from ..format import segment as fmt
+from ..format.config import Config
+from ..shm import segment
 from ..shm.owners import Liveness, read_owners
 
 

@@ -12,13 +12,14 @@ import re
 import stat
 import tomllib
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
-from . import layout as layout_mod
 from ..errors import ConfigError, SchemaError
+from . import layout as layout_mod
 from .schema import parse_fields
 
 BUILTIN = "<built-in default>"

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import msgpack
 
-from . import layout as layout_mod
 from ..errors import CorruptSegment, SchemaError, UnsupportedVersion
+from . import layout as layout_mod
 from .schema import from_wire
 
 MAGIC = b"STATEDSG"

@@ -14,12 +14,13 @@ strings/arrays, kind changes; with it, values are clamped or truncated.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from ..format.layout import Layout
-from ..shm.records import default_record, record_class
 from ..format.schema import Field, int_range
+from ..shm.records import default_record, record_class
 
 log = logging.getLogger("stated.migrate")
 

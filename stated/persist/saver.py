@@ -15,14 +15,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..format import segment as fmt
-from ..shm import segment
-from . import snapshot as snap
-from ..shm.allocator import Allocator
-from ..format.config import DaemonConfig, TableConfig
 from ..errors import LayoutMismatch, MigrationRefused, RestoreError, SegmentNotFound, StatedError
+from ..format import segment as fmt
+from ..format.config import DaemonConfig, TableConfig
 from ..format.schema import to_wire
+from ..shm import segment
+from ..shm.allocator import Allocator
 from ..shm.segment import Segment
+from . import snapshot as snap
 
 log = logging.getLogger("stated.persist")
 
@@ -200,7 +200,7 @@ class Saver:
         if len(fulls) <= self.dc.snapshots_keep:
             return
         oldest_kept = fulls[-self.dc.snapshots_keep]
-        for seq, kind, name in files:
+        for seq, _kind, name in files:
             if seq < oldest_kept:
                 try:
                     sd.unlink(name)

@@ -35,14 +35,15 @@ import struct
 import time
 import zlib
 from array import array
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import msgpack
 
-from ..format import segment as fmt
-from ..format import layout as layout_mod
 from ..errors import CorruptSnapshot, SnapshotFailed, StatedError, UnsafePath
+from ..format import layout as layout_mod
+from ..format import segment as fmt
 from ..format.schema import from_wire
 
 __all__ = ["CorruptSnapshot", "SnapshotFailed", "UnsafePath", "Capture", "SnapshotDir", "read_file",
@@ -185,7 +186,7 @@ class SnapshotDir:
 
     @classmethod
     def open(cls, path: Path, *, mode: int = 0o660, gid: int | None = None, create: bool = False,
-             euid: int | None = None, proc_root: str = "/proc") -> "SnapshotDir":
+             euid: int | None = None, proc_root: str = "/proc") -> SnapshotDir:
         """state_dir/<table>: both levels checked (see check_dir); with `create`, made with the
         configured mode and group whatever the umask (missing parents of state_dir with that mode, less
         the umask).
@@ -203,7 +204,7 @@ class SnapshotDir:
         return cls(path, tfd, proc_root)
 
     @classmethod
-    def open_given(cls, path: Path) -> "SnapshotDir":
+    def open_given(cls, path: Path) -> SnapshotDir:
         """A directory an operator named (`stated restore --from DIR/FILE`): no ownership checks, but its
         files are still opened without following symlinks and only as regular files."""
         return cls(Path(path), os.open(Path(path), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
@@ -213,7 +214,7 @@ class SnapshotDir:
             os.close(self.fd)
             self.fd = -1
 
-    def __enter__(self) -> "SnapshotDir":
+    def __enter__(self) -> SnapshotDir:
         return self
 
     def __exit__(self, *exc) -> None:

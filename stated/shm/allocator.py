@@ -28,12 +28,34 @@ from collections import Counter
 from itertools import compress
 from typing import NamedTuple
 
-from ..errors import (CorruptSegment, DuplicateEntity, NotOwner, OwnerBusy, OwnersExhausted, SlotOutOfRange,
-                      StaleHandle, TableFull)
+from ..errors import (
+    CorruptSegment,
+    DuplicateEntity,
+    NotOwner,
+    OwnerBusy,
+    OwnersExhausted,
+    SlotOutOfRange,
+    StaleHandle,
+    TableFull,
+)
 from ..format import segment as fmt
-from ..format.segment import (C, Q_INTENT_COUNT, Q_INTENT_COUNT2, Q_INTENT_ENTITY, U32, U64, W_FREE_TOP,
-                              W_INDEX_COUNT, W_INDEX_SEQ, W_INTENT_OP, W_INTENT_OWNER, W_INTENT_PID,
-                              W_INTENT_SLOT, W_USED, SegmentViews)
+from ..format.segment import (
+    Q_INTENT_COUNT,
+    Q_INTENT_COUNT2,
+    Q_INTENT_ENTITY,
+    U32,
+    U64,
+    W_FREE_TOP,
+    W_INDEX_COUNT,
+    W_INDEX_SEQ,
+    W_INTENT_OP,
+    W_INTENT_OWNER,
+    W_INTENT_PID,
+    W_INTENT_SLOT,
+    W_USED,
+    C,
+    SegmentViews,
+)
 from ._compat import require_semtimedop
 from .index import EntityIndex, Inconsistent
 from .lock import TableLock

@@ -21,7 +21,7 @@ import time
 import sysv_ipc
 
 from ..errors import LockTimeout, SegmentNotFound, StatedError
-from ..format.segment import C, U64, W_HOLDER, SegmentViews
+from ..format.segment import U64, W_HOLDER, C, SegmentViews
 from .owners import Liveness
 from .segment import Trust, open_semaphore
 

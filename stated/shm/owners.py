@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
-from ..format import segment as fmt
 from ..errors import StatedError
+from ..format import segment as fmt
 
 ALIVE, DEAD, UNKNOWN = "alive", "dead", "unknown"
 START_UNKNOWN = -1      # start_time() of a process that exists but whose /proc entry cannot be read

@@ -177,9 +177,9 @@ def dead_class(cls: type[RecordBase], error: type[Exception], message: str) -> t
 
     def refuse(self, *args):
         raise error(message)
-    return type(cls.__name__ + "_dead", (cls,), {"__getattribute__": refuse, "__setattr__": refuse,
-                                                 "__bytes__": refuse, "__repr__": lambda self: f"<dead {cls.__name__} view>",
-                                                 "__slots__": ()})
+    ns = {"__getattribute__": refuse, "__setattr__": refuse, "__bytes__": refuse, "__slots__": (),
+          "__repr__": lambda self: f"<dead {cls.__name__} view>"}
+    return type(cls.__name__ + "_dead", (cls,), ns)
 
 
 def default_record(cls: type[RecordBase]) -> bytes:

@@ -10,9 +10,9 @@ from __future__ import annotations
 import ctypes
 import errno
 import grp
-import os
 import logging
 import mmap
+import os
 import struct
 import time
 import zlib
@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import sysv_ipc
 
-from ..format import segment as fmt
 from ..errors import CorruptSegment, ForeignSegment, LayoutMismatch, SegmentExists, SegmentNotFound, StatedError
+from ..format import segment as fmt
 from ..format.layout import Layout
 
 log = logging.getLogger("stated.segment")
@@ -47,12 +47,12 @@ class Trust:
     mode: int = 0o770
 
     @classmethod
-    def daemon(cls, mode: int) -> "Trust":
+    def daemon(cls, mode: int) -> Trust:
         """The daemon adopts only its own user's (or root's) objects, no wider than configured."""
         return cls(frozenset({0, os.geteuid()}), mode)
 
     @classmethod
-    def worker(cls, mode: int = 0o770, state_dir: str | os.PathLike | None = None) -> "Trust":
+    def worker(cls, mode: int = 0o770, state_dir: str | os.PathLike | None = None) -> Trust:
         """A worker trusts root, itself and the daemon's user: the owner of the daemon's state_dir
         (a directory outsiders cannot create in its place)."""
         uids = {0, os.geteuid()}
@@ -64,7 +64,7 @@ class Trust:
         return cls(frozenset(uids), mode)
 
 
-def check_provenance(obj: "sysv_ipc.SharedMemory | sysv_ipc.Semaphore", key: int, trust: Trust) -> None:
+def check_provenance(obj: sysv_ipc.SharedMemory | sysv_ipc.Semaphore, key: int, trust: Trust) -> None:
     """Refuse (ForeignSegment) an object created by an untrusted uid or with too wide a mode."""
     what, flag = ("segment", "m") if isinstance(obj, sysv_ipc.SharedMemory) else ("semaphore", "s")
     cuid, perm = obj.cuid, obj.mode & 0o777

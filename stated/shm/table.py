@@ -20,16 +20,16 @@ import time
 import weakref
 from typing import Any, NamedTuple
 
+from ..errors import NotOwner, ReadOnlyTable, SlotOutOfRange, StaleHandle, StatedError, TornRecord
 from ..format import config as config_mod
 from ..format import segment as fmt
+from ..format.schema import check_value
 from ..format.segment import U32
+from . import segment as segment_mod
 from .allocator import Allocator, Handle
-from ..errors import NotOwner, ReadOnlyTable, SlotOutOfRange, StaleHandle, StatedError, TornRecord
 from .owners import Liveness, Owner
 from .records import RecordBase, dead_class, default_record, readonly_class, record_class
-from ..format.schema import check_value
 from .segment import Segment
-from . import segment as segment_mod
 
 log = logging.getLogger("stated.table")
 
@@ -41,7 +41,7 @@ __all__ = ["attach", "Table", "Handle"]
 
 def attach(name: str | None = None, *, key: int | None = None, owner: str | None = None,
            config: str | None = None, readonly: bool = False, lock_timeout: float | None = None,
-           read_timeout: float = 0.1, proc_root: str = "/proc") -> "Table":
+           read_timeout: float = 0.1, proc_root: str = "/proc") -> Table:
     """Attach to a table by name (through the config) or by key (schema from the header).
 
     `owner` names this worker ("zone-3"); it is required to allocate or write, and a
@@ -201,7 +201,7 @@ class Table:
         self._seg = None
         object.__setattr__(self, "__class__", _ClosedTable)
 
-    def __enter__(self) -> "Table":
+    def __enter__(self) -> Table:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -204,7 +204,7 @@ def _common() -> list[str]:
     a(" * schema blob at [schema_offset, schema_offset + schema_size). */")
     full = list(hdr) + [("header_crc", "uint32_t", 0, fmt.OFF_CRC), ("state", "uint32_t", 0, fmt.OFF_STATE)]
     lines = ["struct stated_segment_header {"]
-    for name, ctype, count, off in full:
+    for name, ctype, count, _off in full:
         lines.append(f"    {_decl(name, ctype, count)}")
     lines.append("    struct stated_allocator alloc;")
     lines.append(f"    uint64_t counters[{n_counter_slots}];")

@@ -17,11 +17,11 @@ import sys
 from pathlib import Path
 
 from .. import __version__
+from ..daemon import logs
+from ..errors import ConfigError, InstallError, StatedError
 from ..format import config as config_mod
 from ..format import segment as fmt
-from ..daemon import logs
 from ..shm import segment
-from ..errors import ConfigError, InstallError, StatedError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_RUNNING = 0, 1, 2, 3
 EXIT_CONFIG = 78        # EX_CONFIG (sysexits.h): the unit's RestartPreventExitStatus=
@@ -52,9 +52,9 @@ def _config(args) -> config_mod.Config:
 
 
 def cmd_run(args) -> int:
-    from ..shm._compat import require_semtimedop
     from ..daemon.lifecycle import Daemon
     from ..daemon.service import protect_core_dumps
+    from ..shm._compat import require_semtimedop
     path = args.config or config_mod.default_path()
     try:
         cfg = config_mod.load(path)          # for log_format; the daemon loads it again (and on reload)

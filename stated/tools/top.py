@@ -12,14 +12,14 @@ from __future__ import annotations
 import curses
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
-from ..format import segment as fmt
-from ..shm import segment
-from ..format.config import Config
-from ..errors import StatedError
 from ..daemon.status import table_status
+from ..errors import StatedError
+from ..format import segment as fmt
+from ..format.config import Config
+from ..shm import segment
 
 # The columns first (they fit in 80 columns); the rest follow on wider terminals.
 COLUMNS = ("TABLE", "USED", "CAPACITY", "FILL", "ALLOC/s", "FREE/s", "DIRTY", "OWNERS", "REPAIRS", "ORPHANED",
@@ -81,7 +81,7 @@ def render(rows: list[Row], prev: dict[str, Row], dt: float) -> list[str]:
             continue
         p = prev.get(r.table)
 
-        def rate(name: str) -> str:
+        def rate(name: str, r: Row = r, p: Row | None = p) -> str:
             if p is None or p.error or dt <= 0:
                 return "-"
             return f"{max(0, r.counters.get(name, 0) - p.counters.get(name, 0)) / dt:.0f}"
