@@ -172,7 +172,7 @@ def test_dead_owner_grace_ignores_wall_clock_steps(write_config):
     cfg = write_config({"players": {"capacity": 10, "dead_owner": "release", "dead_owner_grace": 30}})
     wall = [time.time()]
     mono = [1000.0]
-    dmn = Daemon(str(cfg), wall=lambda: wall[0], monotonic=lambda: mono[0])
+    dmn = Daemon(config_mod.load(cfg), wall=lambda: wall[0], monotonic=lambda: mono[0])
     dmn.startup()
     try:
         with stated.attach("players", owner="zone-1", config=str(cfg)) as t:

@@ -270,7 +270,7 @@ def test_kernel_limits_refused_with_the_sysctl_to_set(write_config, tmp_path):
         check(cfg, root)
     (root / "kernel" / "shmmni").write_text("4096\n")
     check(cfg, root)
-    assert Daemon(None, sysctl_root=str(root)).sysctl_root == str(root)
+    assert Daemon(config_mod.load(None), sysctl_root=str(root)).sysctl_root == str(root)
 
 
 def test_tables_larger_than_memory_refused(write_config, tmp_path):

@@ -41,7 +41,7 @@ class ConnectionLimiter:
     def __init__(self, name: str, limit: int, idle_timeout: float, clock=time.monotonic):
         self.name, self.limit, self.idle_timeout = name, max(1, limit), idle_timeout
         self.clock = clock
-        self._idle_since: dict[asyncio.BaseTransport, float | None] = {}   # None while serving a request
+        self._idle_since: dict[asyncio.WriteTransport, float | None] = {}   # None while serving a request
         self.evicted = 0
         self.refused = 0
         self._warned = float("-inf")
@@ -49,7 +49,7 @@ class ConnectionLimiter:
     def __len__(self) -> int:
         return len(self._idle_since)
 
-    def admit(self, transport: asyncio.BaseTransport) -> bool:
+    def admit(self, transport: asyncio.WriteTransport) -> bool:
         """Register a new connection; False (and the connection is aborted) when every slot is busy."""
         if len(self._idle_since) >= self.limit:
             idle = [(since, i, t) for i, (t, since) in enumerate(self._idle_since.items()) if since is not None]
@@ -65,15 +65,15 @@ class ConnectionLimiter:
         self._idle_since[transport] = self.clock()
         return True
 
-    def busy(self, transport: asyncio.BaseTransport) -> None:
+    def busy(self, transport: asyncio.WriteTransport) -> None:
         if transport in self._idle_since:
             self._idle_since[transport] = None
 
-    def idle(self, transport: asyncio.BaseTransport) -> None:
+    def idle(self, transport: asyncio.WriteTransport) -> None:
         if transport in self._idle_since:
             self._idle_since[transport] = self.clock()
 
-    def done(self, transport: asyncio.BaseTransport) -> None:
+    def done(self, transport: asyncio.WriteTransport) -> None:
         self._idle_since.pop(transport, None)
 
     def _warn(self) -> None:

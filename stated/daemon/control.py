@@ -50,7 +50,7 @@ def decode_request(body: bytes, ops: set[str]) -> dict:
 
 
 async def serve(path: Path, mode: int, handlers: dict[str, Handler], group_gid: int | None = None, *,
-                max_connections: int = 64, idle_timeout: float = 10.0) -> asyncio.AbstractServer:
+                max_connections: int = 64, idle_timeout: float = 10.0) -> asyncio.Server:
     """Listen on `path` (mode applied before anyone can connect).
 
     Refuses (DaemonError) if a daemon answers there, and (ConfigError) if something other than a
@@ -96,10 +96,10 @@ async def serve(path: Path, mode: int, handlers: dict[str, Handler], group_gid: 
                 body = await asyncio.wait_for(reader.readexactly(n), timeout=idle_timeout)
                 try:
                     req = decode_request(body, ops)
-                    reply = handlers[req["op"]](req)
-                    if asyncio.iscoroutine(reply):
-                        reply = await reply
-                    reply = {"ok": True, **reply}
+                    answer: Any = handlers[req["op"]](req)
+                    if asyncio.iscoroutine(answer):
+                        answer = await answer
+                    reply = {"ok": True, **answer}
                 except (ValueError, StatedError) as e:
                     reply = {"ok": False, "error": str(e)}
                 writer.write(encode(reply))

@@ -12,6 +12,7 @@ from ..errors import KernelLimitError
 from ..format import layout as layout_mod
 from ..format import segment as fmt
 from ..format.config import Config
+from ..format.units import human_bytes
 
 __all__ = ["KernelLimitError", "check", "segment_size", "mem_total"]
 
@@ -42,14 +43,6 @@ def mem_total(meminfo: str | Path = "/proc/meminfo") -> int | None:
     return None
 
 
-def _human(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
 def check(cfg: Config, sysctl_root: str | Path = "/proc/sys", page: int = fmt.PAGE,
           meminfo: str | Path = "/proc/meminfo") -> None:
     """Raise KernelLimitError naming the sysctl and the value to set, or the table that cannot fit in memory."""
@@ -75,11 +68,11 @@ def check(cfg: Config, sysctl_root: str | Path = "/proc/sys", page: int = fmt.PA
     if total is not None:
         for name, size in sizes.items():
             if size > total:
-                raise KernelLimitError(f"table {name!r} needs a {_human(size)} segment but this machine has "
-                                       f"{_human(total)} of memory: lower its capacity or its record size")
+                raise KernelLimitError(f"table {name!r} needs a {human_bytes(size)} segment but this machine has "
+                                       f"{human_bytes(total)} of memory: lower its capacity or its record size")
         if sum(sizes.values()) > total:
-            raise KernelLimitError(f"the tables need {_human(sum(sizes.values()))} of shared memory together but "
-                                   f"this machine has {_human(total)}: lower their capacities")
+            raise KernelLimitError(f"the tables need {human_bytes(sum(sizes.values()))} of shared memory together but "
+                                   f"this machine has {human_bytes(total)}: lower their capacities")
     shmmni = _read(root, "shmmni")
     if shmmni is not None and len(sizes) > shmmni:
         raise KernelLimitError(f"{len(sizes)} tables need {len(sizes)} segments but kernel.shmmni is {shmmni}: "

@@ -26,7 +26,7 @@ import os
 import resource
 import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,10 +90,16 @@ class TableState:
 
 
 class Daemon:
-    def __init__(self, config_path: str | None, *, env: Mapping[str, str] | None = None,
-                 proc_root: str = "/proc", sysctl_root: str = "/proc/sys", wall=time.time,
-                 monotonic=time.monotonic, migrate: bool = False, allow_lossy: bool = False, force: bool = False):
-        self.config_path = config_path
+    """The daemon of one loaded config. OS inputs (environment for systemd notify, /proc, /proc/sys,
+    clocks) come in through the constructor so tests run the real code on their own resources."""
+
+    def __init__(self, cfg: Config, *, env: Mapping[str, str] | None = None,
+                 proc_root: str = "/proc", sysctl_root: str = "/proc/sys", wall: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] = time.monotonic, migrate: bool = False, allow_lossy: bool = False,
+                 force: bool = False):
+        self.cfg = cfg
+        # what reload() reads again (None: the built-in default)
+        self.config_path: str | None = None if cfg.path == config_mod.BUILTIN else cfg.path
         self.migrate, self.allow_lossy, self.force = migrate, allow_lossy, force
         self.sysctl_root = sysctl_root
         self.meminfo = f"{proc_root}/meminfo"
@@ -104,7 +110,6 @@ class Daemon:
         self.monotonic = monotonic     # durations (dead-owner grace): immune to wall-clock steps
         self.liveness = Liveness(proc_root)
         self.notifier = Notifier(env)
-        self.cfg: Config | None = None
         self.metrics = DaemonMetrics(self)
         self.tables: dict[str, TableState] = {}
         self.broken: dict[str, str] = {}      # tables not served, with the reason (status, metrics)
@@ -131,7 +136,7 @@ class Daemon:
         self.nofile = raise_nofile_limit()
         try:
             import uvloop
-            loop = uvloop.new_event_loop()
+            loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
         except ImportError:   # pragma: no cover - uvloop is a dependency; asyncio keeps us alive without it
             log.warning("uvloop unavailable; using asyncio's default loop")
             loop = asyncio.new_event_loop()
@@ -141,14 +146,13 @@ class Daemon:
             loop.close()
 
     def startup(self) -> None:
-        """Load config, check paths and the kernel, lock the state_dir, bring every table up.
+        """Check paths and the kernel, lock the state_dir, bring every table up.
 
         Raises ConfigError (nothing was created: exit 78) or another StatedError: do not start.
         """
-        cfg = config_mod.load(self.config_path)
+        cfg = self.cfg
         config_mod.preflight(cfg)
         kernel.check(cfg, self.sysctl_root, meminfo=self.meminfo)
-        self.cfg = cfg
         if os.geteuid() == 0:
             log.warning("running as root: in production run stated as the 'stated' user through "
                         "systemd/stated.service (User=stated), with workers in group 'stated'")
@@ -163,7 +167,6 @@ class Daemon:
 
     def _make_state_dir(self) -> None:
         """Create state_dir if missing: mode from the config (x bits added), its group, whatever the umask."""
-        assert self.cfg is not None
         d = self.cfg.daemon
         if os.path.isdir(d.state_dir):
             return
@@ -176,7 +179,6 @@ class Daemon:
         """Bring one table up. A table that cannot be (foreign or damaged segment, bad snapshot,
         layout change without --migrate) is logged and recorded in `broken`, and the others are
         served: one broken table must not take the rest down. Reload retries it."""
-        assert self.cfg is not None
         try:
             seg, how, restored = provision.ensure(tc, self.cfg.daemon, migrate=self.migrate,
                                                   allow_lossy=self.allow_lossy, force=self.force)
@@ -196,7 +198,6 @@ class Daemon:
         return True
 
     async def _listen(self) -> None:
-        assert self.cfg is not None
         d = self.cfg.daemon
         conns = fit_limit(d.max_connections, self.nofile)
         if conns < d.max_connections:
@@ -209,7 +210,7 @@ class Daemon:
         self.metrics_port = srv.sockets[0].getsockname()[1]
         log.info("metrics on http://%s:%d/metrics", host, self.metrics_port)
         gid = grp.getgrnam(d.group).gr_gid if d.group else None
-        handlers = {"ping": lambda req: {"pid": os.getpid()}, "status": self._op_status,
+        handlers: dict[str, control.Handler] = {"ping": lambda req: {"pid": os.getpid()}, "status": self._op_status,
                     "reload": self._op_reload, "reap": self._op_reap, "snapshot": self._op_snapshot}
         self._servers.append(await control.serve(d.control_socket, d.mode, handlers, gid, max_connections=conns,
                                                  idle_timeout=d.idle_timeout))
@@ -299,7 +300,6 @@ class Daemon:
         A table whose key, capacity or layout changed keeps running as before (restart
         with --migrate for that); listener addresses need a restart.
         """
-        assert self.cfg is not None
         self.notifier.reloading()
         try:
             new = config_mod.load(self.config_path)
@@ -358,7 +358,6 @@ class Daemon:
         mid-update, audit the allocator state against the slot table (rebuilding what is derivable),
         refresh the dirty count. A table whose state cannot be rebuilt is logged; the other tables are
         not affected."""
-        assert self.cfg is not None
         for name, ts in list(self.tables.items()):
             if ts.down or not self.segment_on_key(ts):
                 try:
@@ -409,7 +408,6 @@ class Daemon:
         Workers still attached to the removed copy keep running on it; whatever they change after the
         snapshot is lost when they restart and attach to the new segment, which the log says.
         """
-        assert self.cfg is not None
         tc = ts.tc
         if not ts.down:
             ts.down, ts.saved_after_loss = True, False
@@ -434,7 +432,6 @@ class Daemon:
         self._recreate(ts)
 
     def _recreate(self, ts: TableState) -> None:
-        assert self.cfg is not None
         tc, dc = ts.tc, self.cfg.daemon
         # provision.ensure adopts a valid stated segment that appeared on the key (a `stated restore`?),
         # refuses anybody else's, and otherwise restores from the newest snapshot: the one just taken.
@@ -594,12 +591,11 @@ class Daemon:
         rows = [table_status(name, ts.tc.key, ts.tc.capacity, self.liveness) for name, ts in self.tables.items()]
         for r in rows:
             r["dirty"] = self.tables[r["table"]].dirty
-        assert self.cfg is not None
         for name, why in self.broken.items():
             tc = self.cfg.tables.get(name)
             rows.append({"table": name, "key": tc.key if tc else 0, "error": f"not served: {why}"})
         return {"daemon": {"pid": os.getpid(), "version": __version__, "uptime": self.wall() - self.started_at,
-                           "metrics_port": self.metrics_port, "config": self.cfg.path if self.cfg else None},
+                           "metrics_port": self.metrics_port, "config": self.cfg.path},
                 "tables": rows}
 
     def _op_reload(self, req: dict) -> dict:

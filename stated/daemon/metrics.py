@@ -135,7 +135,7 @@ class DaemonMetrics:
 
 
 async def serve(metrics: DaemonMetrics, host: str, port: int, *, max_connections: int = 64,
-                idle_timeout: float = 10.0) -> asyncio.AbstractServer:
+                idle_timeout: float = 10.0) -> asyncio.Server:
     """A minimal HTTP/1.0 server on the event loop: GET /metrics, GET / (a pointer), else 404.
 
     At most `max_connections` clients (the longest-idle is closed to make room, see conns.py); the

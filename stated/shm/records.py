@@ -30,7 +30,7 @@ from typing import Any
 from ..format.layout import Layout
 from ..format.schema import Field, check_value, int_range
 
-_CTYPES = {
+_CTYPES: dict[str, Any] = {
     "i8": ctypes.c_int8, "u8": ctypes.c_uint8, "i16": ctypes.c_int16, "u16": ctypes.c_uint16,
     "i32": ctypes.c_int32, "u32": ctypes.c_uint32, "i64": ctypes.c_int64, "u64": ctypes.c_uint64,
     "f32": ctypes.c_float, "f64": ctypes.c_double, "bool": ctypes.c_bool,
@@ -156,6 +156,12 @@ class FrozenArray(tuple):
         raise ReadOnlyTable("cannot set an array element: the table was attached readonly=True")
 
 
+def _frozen_array_property(raw: str, decl: str) -> property:
+    def get(self: RecordBase) -> FrozenArray:
+        return FrozenArray(getattr(self, raw))
+    return property(get, doc=decl)
+
+
 def readonly_class(cls: type[RecordBase]) -> type[RecordBase]:
     """A subclass for read-only attaches: reads as fast, every write raises."""
     from ..errors import ReadOnlyTable
@@ -166,7 +172,7 @@ def readonly_class(cls: type[RecordBase]) -> type[RecordBase]:
     for fl in cls._layout.fields:
         if fl.field.array:
             raw = f"_raw_{fl.name}"
-            ns[fl.name] = property(lambda self, raw=raw: FrozenArray(getattr(self, raw)), doc=fl.field.decl)
+            ns[fl.name] = _frozen_array_property(raw, fl.field.decl)
     return type(cls.__name__ + "_ro", (cls,), ns)
 
 

@@ -99,12 +99,11 @@ class _WriteSection:
         self._seq[slot] = (self._seq[slot] + 1) & U32
         return self._view
 
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> bool:
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         slot = self._slot
         if slot >= 0:
             self._seq[slot] = (self._seq[slot] + 1) & U32
             self._dirty[slot] = 1
-        return False
 
     def disarm(self) -> None:
         self._slot = -1
@@ -121,6 +120,7 @@ class Table:
         self.capacity, self.layout = h.capacity, h.layout
         self.read_timeout = read_timeout
         self._seg = seg
+        self._closed = False
         self._alloc = Allocator(seg, table=name, lock_timeout=lock_timeout, liveness=liveness, trust=trust)
         sv = self._alloc.views      # the format's named columns: sv.seq[slot], sv.generation[slot], ...
         self._seq, self._gen, self._own, self._state = sv.seq, sv.generation, sv.owner, sv.state
@@ -150,7 +150,7 @@ class Table:
             else:
                 v = self._casts.get(f.code)
                 if v is None:
-                    v = self._casts[f.code] = self._rec.cast(f.code)
+                    v = self._casts[f.code] = self._rec.cast(f.code)  # type: ignore[call-overload]
                 # a strided view: element [slot] is this field of record `slot`
                 col = v[fl.offset // f.size::rs // f.size]
                 self._cols.append(col)
@@ -169,7 +169,7 @@ class Table:
         taken from one) is still referenced, the mapping is swapped for private zero pages rather
         than unmapped: a live ctypes object over unmapped memory would SIGSEGV on its next use.
         """
-        if self._seg is None:
+        if self._closed:
             return
         if self._owner and not self.readonly:
             try:
@@ -187,18 +187,18 @@ class Table:
         for ws in self._sections.values():
             ws.disarm()
         self._sections.clear()
-        for v in self._cols:
-            v.release()
+        for col in self._cols:
+            col.release()
         self._cols.clear()
         self._getcol.clear()
-        for v in self._casts.values():
-            v.release()
+        for cast in self._casts.values():
+            cast.release()
         self._casts.clear()
         self._acc.clear()
         self._alloc.release_views()
         if views_alive or not self._seg.detach():
             self._seg.detach_under_views()
-        self._seg = None
+        self._closed = True
         object.__setattr__(self, "__class__", _ClosedTable)
 
     def __enter__(self) -> Table:
@@ -406,8 +406,8 @@ class Table:
             else:
                 v = self._cls.from_buffer(self._rec, off)
             self._views[slot] = v
-            views = self._all_views
-            views[id(v)] = weakref.ref(v, lambda _, k=id(v): views.pop(k, None))
+            views, key = self._all_views, id(v)
+            views[key] = weakref.ref(v, lambda _ref: views.pop(key, None))
         return v
 
     # ---- introspection --------------------------------------------------------------------------
@@ -470,7 +470,7 @@ class _ClosedTable(Table):
     released buffers (which would raise ValueError, or worse, read unmapped memory)."""
 
     _ALLOWED = frozenset({"close", "name", "key", "readonly", "owner", "capacity", "layout", "record_size",
-                          "_seg", "__class__", "__repr__", "__enter__", "__exit__", "__dict__"})
+                          "_seg", "_closed", "__class__", "__repr__", "__enter__", "__exit__", "__dict__"})
 
     def __getattribute__(self, k: str) -> Any:
         if k in _ClosedTable._ALLOWED:

@@ -21,6 +21,7 @@ from ..daemon import logs
 from ..errors import ConfigError, InstallError, StatedError
 from ..format import config as config_mod
 from ..format import segment as fmt
+from ..format.units import human_bytes, human_seconds
 from ..shm import segment
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_RUNNING = 0, 1, 2, 3
@@ -28,23 +29,6 @@ EXIT_CONFIG = 78        # EX_CONFIG (sysexits.h): the unit's RestartPreventExitS
 DIST = "stated-shm"     # the distribution's name on PyPI; the package and the command are `stated`
 
 log = logging.getLogger("stated.cli")
-
-
-def human_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
-def human_seconds(s: float) -> str:
-    s = int(s)
-    if s < 120:
-        return f"{s}s"
-    if s < 7200:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
 def _config(args) -> config_mod.Config:
@@ -57,14 +41,14 @@ def cmd_run(args) -> int:
     from ..shm._compat import require_semtimedop
     path = args.config or config_mod.default_path()
     try:
-        cfg = config_mod.load(path)          # for log_format; the daemon loads it again (and on reload)
+        cfg = config_mod.load(path)          # the daemon is built from it (and reload() reads the path again)
         require_semtimedop()
     except (ConfigError, InstallError) as e:
         log.error("start-up refused: %s", e)
         return EXIT_CONFIG
     logs.configure(logging.DEBUG if args.verbose else logging.INFO, cfg.daemon.log_format)
     protect_core_dumps()                     # no player data in a core file, however we were started
-    return Daemon(path, migrate=args.migrate, allow_lossy=args.allow_lossy, force=args.force).run()
+    return Daemon(cfg, migrate=args.migrate, allow_lossy=args.allow_lossy, force=args.force).run()
 
 
 def cmd_migrate(args) -> int:
