@@ -4,9 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-slow bench clean
+.PHONY: run test test-slow bench clean native
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# sysv_ipc from source: the PyPI wheel lacks semtimedop (lock timeouts). --force-reinstall
@@ -19,14 +19,18 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/stated run
 
-test: $(STAMP)
+# the native core's extension, rebuilt in place when its C sources changed (a no-op otherwise)
+native: $(STAMP)
+	$(BIN)/python setup.py -q build_ext --inplace 2>&1 | grep -v BetaConfiguration | grep -v 'warnings.warn(msg' || true
+
+test: $(STAMP) native
 	bash .ci/system-deps
 	$(BIN)/python -m pytest -q
 
-test-slow: $(STAMP)
+test-slow: $(STAMP) native
 	$(BIN)/python -m pytest -q -m slow
 
-bench: $(STAMP)
+bench: $(STAMP) native
 	$(BIN)/python bench/bench_dataplane.py
 
 clean:
