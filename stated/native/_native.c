@@ -517,6 +517,12 @@ static PyObject *Core_read(CoreObject *self, PyObject *const *args, Py_ssize_t n
         Py_DECREF(obj);
         return NULL;
     }
+    if (b.len < (Py_ssize_t)self->t.record_size) {
+        PyErr_Format(PyExc_ValueError, "read into %zd bytes: records are %u bytes", b.len, self->t.record_size);
+        PyBuffer_Release(&b);
+        Py_DECREF(obj);
+        return NULL;
+    }
     int rc = stated_read(&self->t, h, b.buf, (size_t)b.len);
     PyBuffer_Release(&b);
     if (rc) {
