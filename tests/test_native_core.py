@@ -7,6 +7,7 @@ from __future__ import annotations
 import ctypes
 import os
 import random
+import select
 import shutil
 import signal
 import subprocess
@@ -481,13 +482,15 @@ def test_swapped_semaphore_waits_for_the_live_holder(make_segment, procs):
 
 
 # ---- SIGKILL tortures ------------------------------------------------------------------------------------
-def _ext_churn(key: int, owner: str, seed: int) -> None:
+def _ext_churn(key: int, owner: str, seed: int, ready_w: int = -1) -> None:
     """Forked child, until killed: the extension allocates (entities), tags records in sections, frees."""
     rnd = random.Random(seed)
     a = Attached(key, owner, lock_timeout=10)
     c = a.core
     me = os.getpid()
     mine = [(h, False) for h in c.handles(c.owner)]
+    if ready_w >= 0:
+        os.write(ready_w, b"e")
     while True:
         if len(mine) < 40 and rnd.random() < 0.55:
             try:
@@ -508,12 +511,14 @@ def _ext_churn(key: int, owner: str, seed: int) -> None:
             c.free(h)
 
 
-def _py_churn(key: int, owner: str, seed: int) -> None:
+def _py_churn(key: int, owner: str, seed: int, ready_w: int = -1) -> None:
     """Forked child, until killed: the pure-Python allocator doing the same."""
     rnd = random.Random(seed)
     t = stated.attach(key=key, owner=owner, lock_timeout=10)
     me = os.getpid()
     mine = [(h, False) for h in t.owned()]
+    if ready_w >= 0:
+        os.write(ready_w, b"p")
     while True:
         if len(mine) < 40 and rnd.random() < 0.55:
             try:
@@ -582,12 +587,26 @@ def _mixed_rounds(key: int, rounds: int, churn_exe: Path, procs, seed: int) -> d
     killed = {"py": 0, "ext": 0, "c": 0}
     with stated.attach(key=key, owner="checker", lock_timeout=5) as checker, Attached(key) as ac:
         for i in range(rounds):
-            kids = {"py": _fork(_py_churn, key, "py", rnd.randrange(1 << 30)),
-                    "ext": _fork(_ext_churn, key, "ext", rnd.randrange(1 << 30))}
+            # every other round the kills wait until all three are inside their loops (most kills of a
+            # free-running round land in start-up: fork, attach, exec)
+            in_loop = i % 2 == 0
+            r, w = os.pipe()
+            kids = {"py": _fork(_py_churn, key, "py", rnd.randrange(1 << 30), w),
+                    "ext": _fork(_ext_churn, key, "ext", rnd.randrange(1 << 30), w)}
             cproc = subprocess.Popen([str(churn_exe), hex(key), "c", str(rnd.randrange(1 << 30))],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             procs.extend([*kids.values(), cproc])
-            time.sleep(rnd.uniform(0.005, 0.03))
+            os.close(w)
+            if in_loop:
+                got = b""
+                while len(got) < 2:                       # bounded: a worker may die before its loop
+                    assert select.select([r], [], [], 20)[0], f"workers not in their loops after 20 s ({got})"
+                    got += os.read(r, 2)
+                assert cproc.stdout.readline() == b"ready\n"
+                time.sleep(rnd.uniform(0, 0.006))
+            else:
+                time.sleep(rnd.uniform(0.005, 0.03))
+            os.close(r)
             order = list(kids.items()) + [("c", cproc)]
             rnd.shuffle(order)
             for kind, p in order:
@@ -623,7 +642,8 @@ def test_mixed_sigkill_torture(make_segment, procs, cbin):
     SIGKILLed: 0 violations (verify() == [] after every round, no slot ever held twice, every free
     slot allocatable), repairs counted."""
     key = make_segment(capacity=64)
-    got = _mixed_rounds(key, 45, cbin["churn"], procs, seed=7)
+    got = _mixed_rounds(key, 60, cbin["churn"], procs, seed=7)
+    print(got)
     assert got["counters"]["lock_repairs"] > 0, got
 
 
@@ -631,6 +651,7 @@ def test_mixed_sigkill_torture(make_segment, procs, cbin):
 def test_mixed_sigkill_torture_long(make_segment, procs, cbin):
     key = make_segment(capacity=64)
     got = _mixed_rounds(key, 600, cbin["churn"], procs, seed=20261202)
+    print(got)
     assert got["counters"]["lock_repairs"] > 10, got
 
 
