@@ -718,3 +718,37 @@ def test_seqlock_python_writer_c_reader_never_torn(make_segment, procs, cbin):
     assert out.returncode == 0, out.stderr
     got = dict(kv.split("=") for kv in out.stdout.split())
     assert int(got["torn"]) == 0 and int(got["reads"]) > 100 and int(got["distinct"]) > 10, got
+
+
+# ---- examples/c_worker.c: a C worker allocates, writes and frees ----------------------------------------
+@pytest.mark.skipif(not HAVE_CC, reason="no C compiler")
+def test_example_c_worker_plays_with_python(tmp_path, write_config, procs):
+    cc = shutil.which("gcc") or shutil.which("clang")
+    cfg = config_mod.load(write_config(tables={"players": {"capacity": 50}}))
+    tc = cfg.table("players")
+    segment.create(tc.key, tc.capacity, tc.layout, mode=0o600).detach()
+    (tmp_path / "stated_tables.h").write_text(cheader.generate([(n, t.key, t.layout) for n, t in cfg.tables.items()]))
+    exe = tmp_path / "c_worker"
+    r = subprocess.run([cc, *STRICT, "-I", str(tmp_path), "-o", str(exe), str(ROOT / "examples" / "c_worker.c")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    with stated.attach(key=tc.key, owner="py") as t:
+        t.alloc(entity=5)
+        out = subprocess.run([str(exe), "--play", "c-zone", "6"], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        lines = out.stdout.splitlines()
+        assert lines[0].endswith("entity=1000000 name=c-player-0 level=10 hp=100")
+        assert lines[5].endswith("entity=1000005 name=c-player-5 level=15 hp=95") and lines[6] == "used=4"
+        for i in range(6):
+            h = t.lookup(1_000_000 + i)
+            if i % 2:
+                assert h is None
+                continue
+            p = t.read(h)
+            assert (p.name, p.level, p.hp, p.gold) == (f"c-player-{i}", 10 + i, 100 - i, 1000 * i)
+        owner = next(o for o in t.owners() if o.name == "c-zone")
+        assert owner.state == fmt.OWNER_DETACHED and owner.slots == 3
+        assert t.verify() == [] and t.counters()["allocations"] == 7
+        again = subprocess.run([str(exe), "--play", "c-zone", "2"], capture_output=True, text=True, timeout=60)
+        assert again.returncode == 0 and again.stdout.splitlines()[-1] == "used=4", again.stdout + again.stderr
+        assert t.read(t.lookup(1_000_000)).hp == 100 - 0 and t.verify() == []

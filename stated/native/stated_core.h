@@ -324,20 +324,37 @@ static int stated__sleep(stated_table *t, int64_t ns)
     return 0;
 }
 
-/* ---- liveness: pid + start time (/proc/<pid>/stat field 22); a zombie is dead ---------------- */
-/* 1: alive, *start set; 0: dead (no such process, or a zombie, or an unreadable stat line);
- * -1: the process exists but /proc could not tell its start time (never called dead for that) */
+/* ---- liveness: pid + start time (/proc/<pid>/stat field 22) ----------------------------------
+ * A process is called dead only with proof: kill(pid, 0) fails with ESRCH, /proc shows a zombie,
+ * or the start time differs from the one recorded (a recycled pid). Anything that only stops us
+ * from reading /proc (EMFILE, EACCES, hidepid) is "unknown", which every caller treats as alive:
+ * freeing a live worker's slots is far worse than keeping a dead one's a little longer. The same
+ * rules as stated/owners.py (Liveness). */
+#define STATED__PID_MAX_LIMIT (1u << 22)    /* Linux never hands out a pid at or above this */
+
+/* kill(pid, 0): 1 exists (EPERM: under another uid), 0 gone (ESRCH), -1 cannot tell */
+static int stated__pid_exists(uint32_t pid)
+{
+    if (kill((pid_t)pid, 0) == 0 || errno == EPERM)
+        return 1;
+    return errno == ESRCH ? 0 : -1;
+}
+
+/* 1: alive, *start set; 0: dead (proven); -1: unknown (never called dead for that) */
 static int stated__proc_start(const stated_table *t, uint32_t pid, uint64_t *start)
 {
-    if (pid == 0u || pid > 0x7FFFFFFFu)
+    if (pid == 0u || pid >= STATED__PID_MAX_LIMIT)    /* owner entries are shared memory: any u32 can be there */
+        return 0;
+    if (stated__pid_exists(pid) == 0)
         return 0;
     char path[192];
     snprintf(path, sizeof path, "%s/%u/stat", t->proc_root, pid);
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0) {
-        if (errno == ENOENT || errno == ESRCH || errno == ENOTDIR)
+        /* ENOENT/ESRCH: it exited just now, or /proc hides it (hidepid): ask kill(2) again */
+        if ((errno == ENOENT || errno == ESRCH) && stated__pid_exists(pid) == 0)
             return 0;
-        return (kill((pid_t)pid, 0) == 0 || errno == EPERM) ? -1 : 0;
+        return -1;
     }
     char buf[1024];
     size_t len = 0;
@@ -358,7 +375,7 @@ static int stated__proc_start(const stated_table *t, uint32_t pid, uint64_t *sta
         if (buf[i] == ')')
             p = buf + i;
     if (p == NULL || p[1] != ' ')
-        return 0;
+        return -1;
     p += 2;
     /* fields after comm: [0] state ... [19] starttime */
     char *fields[20];
@@ -372,8 +389,10 @@ static int stated__proc_start(const stated_table *t, uint32_t pid, uint64_t *sta
         while (*p && *p != ' ' && *p != '\n')
             p++;
     }
-    if (nf < 20 || fields[0][0] == 'Z' || fields[0][0] == 'X')
-        return 0;
+    if (nf < 20 || fields[19][0] < '0' || fields[19][0] > '9')
+        return -1;
+    if (fields[0][0] == 'Z' || fields[0][0] == 'X')
+        return 0;                          /* exited, not yet reaped by its parent */
     uint64_t v = 0;
     for (const char *q = fields[19]; *q >= '0' && *q <= '9'; q++)
         v = v * 10u + (uint64_t)(*q - '0');
@@ -382,14 +401,15 @@ static int stated__proc_start(const stated_table *t, uint32_t pid, uint64_t *sta
     return 1;
 }
 
-/* the process exists and is not a zombie (for a holder or an intent setter) */
+/* not proven dead (for a lock holder or an intent setter, recorded without a start time); a
+ * zombie is dead: it exited, and SEM_UNDO gave its lock back at exit */
 static int stated__pid_alive(const stated_table *t, uint32_t pid)
 {
     uint64_t st;
     return stated__proc_start(t, pid, &st) != 0;
 }
 
-/* (pid, start_time) is a live process */
+/* (pid, start_time) is not proven dead */
 static int stated__alive(const stated_table *t, uint32_t pid, uint64_t start_time)
 {
     uint64_t st = 0;
