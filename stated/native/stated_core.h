@@ -236,6 +236,18 @@ _Static_assert(sizeof(key_t) == sizeof(stated_key_t) && (key_t)-1 < 0, "stated_k
 
 #define STATED__INCONSISTENT (-1000)     /* internal: shared state disagrees with the slot table */
 #define STATED__POLL_NS 500000          /* 0.5 ms: the poll interval of docs/format.md */
+#define STATED__SPINS 400               /* ~10-40 us of spinning before a lock wait sleeps */
+
+static inline void stated__cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__) || defined(__arm__)
+    __asm__ __volatile__("yield" ::: "memory");
+#else
+    __atomic_signal_fence(__ATOMIC_SEQ_CST);
+#endif
+}
 
 /* Atomic access to shared words. RELAXED where the lock (semop + the holder_pid CAS, both full
  * barriers between lock holders) or a seqlock fence orders the access; ACQUIRE/RELEASE at the
@@ -548,8 +560,24 @@ int stated_acquire(stated_table *t)
     const int64_t deadline = t0 + t->lock_timeout_ns;
     /* Fast path: no timespec, no GIL drop. SEM_UNDO: the kernel gives the lock back if we die. */
     struct sembuf sb = {0, -1, SEM_UNDO | IPC_NOWAIT};
+    int spun = 0;
     while (semop(t->semid, &sb, 1) != 0) {
         int e = errno;
+        if (e == EAGAIN && !spun) {
+            /* Held: critical sections last well under a microsecond, while sleeping in semtimedop
+             * costs a wake-up (a context switch, an IPI) per hand-over. Spin a little first, reading
+             * holder_pid (no syscall) and retrying the non-blocking semop when it looks free. */
+            spun = 1;
+            int got = 0;
+            for (int i = 0; i < STATED__SPINS && !got; i++) {
+                stated__cpu_relax();
+                if (S_LD(&A(t)->holder_pid) == 0u && semop(t->semid, &sb, 1) == 0)
+                    got = 1;
+            }
+            if (got)
+                break;
+            continue;
+        }
         if (e == EAGAIN) {                   /* held by someone: wait with what is left of the deadline */
             int64_t left = deadline - stated__now_ns();
             if (left <= 0)
