@@ -57,7 +57,9 @@ int main(int argc, char **argv)
         }
     printf("ready\n");
     fflush(stdout);
-    unsigned char buf[4096];
+    unsigned char *buf = malloc(t.record_size);
+    if (!buf)
+        return 4;
     for (;;) {
         if (n < MAX_MINE && next_rand() % 100u < 55u) {
             stated_handle h;
@@ -86,7 +88,7 @@ int main(int argc, char **argv)
         } else if (n) {
             int i = (int)(next_rand() % (uint64_t)n);
             if (tagged[i]) {
-                if ((rc = stated_read(&t, mine[i], buf, sizeof buf)) != 0)
+                if ((rc = stated_read(&t, mine[i], buf, t.record_size)) != 0)
                     die(&t, 4, "read", rc);
                 uint64_t got;
                 memcpy(&got, buf, sizeof got);
