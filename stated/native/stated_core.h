@@ -1474,7 +1474,9 @@ int stated_copy_slot(stated_table *t, uint32_t slot, void *out, size_t size, sta
         int64_t now = stated__now_ns();
         if (!deadline)
             deadline = now + (int64_t)(wait_s * 1e9);
-        if (now > deadline && seq2 == seq) {      /* stuck odd: its writer died mid-section */
+        /* stuck odd: its writer died mid-section. A writer that never leaves a gap between its
+         * sections is given up on too, after twice the wait: every wait is bounded. */
+        if ((now > deadline && seq2 == seq) || now > deadline + (int64_t)(wait_s * 1e9)) {
             c->torn = 1;
             return 0;
         }
