@@ -782,3 +782,21 @@ def test_example_c_worker_plays_with_python(tmp_path, write_config, procs):
         again = subprocess.run([str(exe), "--play", "c-zone", "2"], capture_output=True, text=True, timeout=60)
         assert again.returncode == 0 and again.stdout.splitlines()[-1] == "used=4", again.stdout + again.stderr
         assert t.read(t.lookup(1_000_000)).hp == 100 - 0 and t.verify() == []
+
+
+def test_foreign_semaphore_is_refused_never_waited_on(make_segment):
+    """Provenance: a semaphore planted on the table's key (here: world-writable) is refused, both at
+    attach and when a removed semaphore is looked up again during a lock wait."""
+    key = make_segment(capacity=4)
+    with Attached(key, "w") as a:
+        sysv_ipc.Semaphore(key).remove()
+        sysv_ipc.Semaphore(key, sysv_ipc.IPC_CREX, 0o666, 1)
+        with pytest.raises(stated.ForeignSegment, match="ipcrm -s"):
+            a.core.alloc()                                # EIDRM -> semget again -> provenance
+        assert a.core.verify(lock=False) == []
+        seg = segment.open(key)
+        try:
+            with pytest.raises(stated.ForeignSegment):
+                _native.Core(seg.buf, key)
+        finally:
+            seg.detach()
