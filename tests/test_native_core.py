@@ -615,6 +615,7 @@ def test_native_sigkill_torture(make_segment, procs):
 def _mixed_rounds(key: int, rounds: int, churn_exe: Path, procs, seed: int) -> dict:
     rnd = random.Random(seed)
     killed = {"py": 0, "ext": 0, "c": 0}
+    in_mutation = {"py": 0, "ext": 0, "c": 0}       # killed with its intent mark set: repaired by another
     with stated.attach(key=key, owner="checker", lock_timeout=5) as checker, Attached(key) as ac:
         for i in range(rounds):
             # every other round the kills wait until all three are inside their loops (most kills of a
@@ -638,6 +639,7 @@ def _mixed_rounds(key: int, rounds: int, churn_exe: Path, procs, seed: int) -> d
                 time.sleep(rnd.uniform(0.005, 0.03))
             os.close(r)
             order = list(kids.items()) + [("c", cproc)]
+            pids = {(p if isinstance(p, int) else p.pid): kind for kind, p in order}
             rnd.shuffle(order)
             for kind, p in order:
                 pid = p if isinstance(p, int) else p.pid
@@ -653,7 +655,11 @@ def _mixed_rounds(key: int, rounds: int, churn_exe: Path, procs, seed: int) -> d
                 procs.remove(p)
                 killed[kind] += 1
                 time.sleep(rnd.uniform(0, 0.004))
-            _check_table(key, checker, ac.core)
+            buf = checker._seg.buf
+            op, ipid = _u32(buf, fmt.A_INTENT_OP), _u32(buf, fmt.A_INTENT_PID)
+            if op and ipid in pids:
+                in_mutation[pids[ipid]] += 1
+            _check_table(key, checker, ac.core)            # takes the lock: repairs what the kill left
             if i % 10 == 9:
                 _fill_and_drain(checker)
                 _check_table(key, checker, ac.core)
@@ -664,7 +670,7 @@ def _mixed_rounds(key: int, rounds: int, churn_exe: Path, procs, seed: int) -> d
                     t.free(h)
         assert len(checker) == 0
         _check_table(key, checker, ac.core)
-    return dict(counters=counters, killed=killed)
+    return dict(counters=counters, killed=killed, in_mutation=in_mutation)
 
 
 def test_mixed_sigkill_torture(make_segment, procs, cbin):
@@ -683,6 +689,7 @@ def test_mixed_sigkill_torture_long(make_segment, procs, cbin):
     got = _mixed_rounds(key, 600, cbin["churn"], procs, seed=20261202)
     print(got)
     assert got["counters"]["lock_repairs"] > 10, got
+    assert all(n > 0 for n in got["in_mutation"].values()), got     # each kind was killed mid-mutation
 
 
 # ---- two-process seqlock stress --------------------------------------------------------------------------
