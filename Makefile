@@ -8,7 +8,8 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml setup.py
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
+	# setuptools >= 77 in the venv too: `make native` rebuilds the extension with it (PEP 639 metadata)
+	$(BIN)/pip install -q --upgrade pip 'setuptools>=77'
 	# sysv_ipc from source: the PyPI wheel lacks semtimedop (lock timeouts). --force-reinstall
 	# replaces a wheel that may already be installed.
 	$(BIN)/pip install -q --force-reinstall --no-deps --no-binary sysv_ipc sysv_ipc
@@ -21,7 +22,8 @@ run: $(STAMP)
 
 # the native core's extension, rebuilt in place when its C sources changed (a no-op otherwise)
 native: $(STAMP)
-	$(BIN)/python setup.py -q build_ext --inplace 2>&1 | grep -v BetaConfiguration | grep -v 'warnings.warn(msg' || true
+	@$(BIN)/python setup.py -q build_ext --inplace > $(VENV)/native-build.log 2>&1 \
+	  || { cat $(VENV)/native-build.log; echo "native: building stated.shm._native failed" >&2; exit 1; }
 
 test: $(STAMP) native
 	bash .ci/system-deps

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The native core (stated._native and a C worker) side by side with the raw baselines of
+"""The native core (stated.shm._native and a C worker) side by side with the raw baselines of
 bench_dataplane.py, in one run: the numbers of the extension's own calls, before Table delegates to it.
 
     .venv/bin/python bench/bench_native.py [--quick] [--json PATH] [--no-redis]
@@ -35,11 +35,10 @@ from bench_dataplane import (CAPACITY, ENTITY_BASE, FILL, LOCK_TIMEOUT, RECORD_S
 
 import sysv_ipc  # noqa: E402
 
-from stated import _native  # noqa: E402
-from stated import config as config_mod  # noqa: E402
-from stated import segment  # noqa: E402
-from stated.allocator import Handle  # noqa: E402
-from stated.records import default_record, record_class  # noqa: E402
+from stated.format import config as config_mod  # noqa: E402
+from stated.shm import _native, segment  # noqa: E402
+from stated.shm.allocator import Handle  # noqa: E402
+from stated.shm.records import default_record, record_class  # noqa: E402
 
 
 def open_core(key: int, owner: str | None):

@@ -1,5 +1,5 @@
 """The native core (stated/native/stated_core.h): its C build under gcc and clang, its C unit tests
-(also under ASan + UBSan), the CPython extension stated._native against the Python allocator on the
+(also under ASan + UBSan), the CPython extension stated.shm._native against the Python allocator on the
 same real segments, the SIGKILL tortures (native alone, and Python + extension + C processes mixed in
 one table), and a two-process seqlock stress in both directions."""
 from __future__ import annotations
@@ -19,9 +19,12 @@ import pytest
 import sysv_ipc
 
 import stated
-from stated import _native, cheader, config as config_mod, format as fmt, segment
-from stated.allocator import Handle
-from stated.records import default_record, record_class
+from stated.format import config as config_mod
+from stated.format import segment as fmt
+from stated.shm import _native, segment
+from stated.shm.allocator import Handle
+from stated.shm.records import default_record, record_class
+from stated.tools import cheader
 
 from conftest import PLAYER_FIELDS, player_layout
 

@@ -1,4 +1,4 @@
-/* stated._native: the CPython face of the native core (stated_core.h). See the module docstring
+/* stated.shm._native: the CPython face of the native core (stated_core.h). See the module docstring
  * below (MODULE_DOC) for the API the Python package calls. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>       /* first: it defines _GNU_SOURCE, which the core needs */
@@ -703,7 +703,7 @@ static PyGetSetDef Section_getset[] = {
 
 static PyTypeObject SectionType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "stated._native.Section",
+    .tp_name = "stated.shm._native.Section",
     .tp_basicsize = sizeof(SectionObject),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .tp_doc = "A write section over one slot (Core.section): with s as view: ...",
@@ -1091,7 +1091,7 @@ static PyMethodDef Core_methods[] = {
 
 static PyTypeObject CoreType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "stated._native.Core",
+    .tp_name = "stated.shm._native.Core",
     .tp_basicsize = sizeof(CoreObject),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_doc = "One attached table over the native core; see the module docstring.",
@@ -1118,7 +1118,7 @@ static PyMethodDef module_methods[] = {
 };
 
 static struct PyModuleDef native_module = {
-    PyModuleDef_HEAD_INIT, "stated._native", MODULE_DOC, -1, module_methods, NULL, NULL, NULL, NULL,
+    PyModuleDef_HEAD_INIT, "stated.shm._native", MODULE_DOC, -1, module_methods, NULL, NULL, NULL, NULL,
 };
 
 PyMODINIT_FUNC PyInit__native(void)

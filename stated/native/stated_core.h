@@ -1,5 +1,5 @@
 /* stated_core.h: the native core of stated's data plane, one C11 implementation shared by the
- * CPython extension (stated._native) and by C/C++ game workers.
+ * CPython extension (stated.shm._native) and by C/C++ game workers.
  *
  * stb-style: every translation unit may include this header for the declarations; exactly one
  * defines STATED_IMPLEMENTATION before including it, and that one compiles the core:
