@@ -4,11 +4,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-slow bench clean
+.PHONY: run test test-slow bench clean native
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
+	# setuptools >= 77 in the venv too: `make native` rebuilds the extension with it (PEP 639 metadata)
+	$(BIN)/pip install -q --upgrade pip 'setuptools>=77'
 	# sysv_ipc from source: the PyPI wheel lacks semtimedop (lock timeouts). --force-reinstall
 	# replaces a wheel that may already be installed.
 	$(BIN)/pip install -q --force-reinstall --no-deps --no-binary sysv_ipc sysv_ipc
@@ -19,14 +20,19 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/stated run
 
-test: $(STAMP)
+# the native core's extension, rebuilt in place when its C sources changed (a no-op otherwise)
+native: $(STAMP)
+	@$(BIN)/python setup.py -q build_ext --inplace > $(VENV)/native-build.log 2>&1 \
+	  || { cat $(VENV)/native-build.log; echo "native: building stated.shm._native failed" >&2; exit 1; }
+
+test: $(STAMP) native
 	bash .ci/system-deps
 	$(BIN)/python -m pytest -q
 
-test-slow: $(STAMP)
+test-slow: $(STAMP) native
 	$(BIN)/python -m pytest -q -m slow
 
-bench: $(STAMP)
+bench: $(STAMP) native
 	$(BIN)/python bench/bench_dataplane.py
 
 clean:

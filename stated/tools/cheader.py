@@ -19,12 +19,14 @@ from __future__ import annotations
 import hashlib
 import re
 import struct
+from pathlib import Path
 
 from ..format import segment as fmt
 from ..format.layout import Layout
 from ..format.schema import SCALARS
+from ..shm.records import default_record, record_class
 
-__all__ = ["generate"]
+__all__ = ["generate", "format_header", "core_parts"]
 
 # struct-module codes used by format.py -> (C type, size)
 _CODES = {"B": ("uint8_t", 1), "H": ("uint16_t", 2), "I": ("uint32_t", 4), "Q": ("uint64_t", 8),
@@ -53,6 +55,23 @@ ERRORS = [
     ("TORN", "could not get a consistent copy (a writer is mid-write or died mid-write)"),
     ("RANGE", "slot index outside [0, capacity)"),
     ("NOT_FOUND", "no such entity"),
+    # the native core (stated/native/stated_core.h); never renumber: codes are an ABI
+    ("FULL", "table is full: every slot is allocated"),
+    ("DUPLICATE", "entity already has a slot"),
+    ("STALE", "stale handle: the slot was freed (and maybe reused)"),
+    ("NOT_OWNER", "the slot belongs to another owner (or no owner name was given)"),
+    ("OWNER_BUSY", "a live process already holds this owner name"),
+    ("OWNERS_EXHAUSTED", "every owner entry is taken by owners that still hold slots"),
+    ("LOCK_TIMEOUT", "allocator lock not obtained within the lock timeout"),
+    ("CORRUPT", "allocator state still inconsistent after a rebuild (corrupt segment)"),
+    ("READONLY", "attached read-only"),
+    ("NO_SEGMENT", "no segment or semaphore at the key (is the daemon running?)"),
+    ("FOREIGN", "segment or semaphore created by an untrusted user or with too wide a mode"),
+    ("PERMISSION", "permission denied (run in the daemon's group)"),
+    ("SYSTEM", "system call failed (see errno)"),
+    ("INVAL", "invalid argument"),
+    ("INTERRUPTED", "interrupted by a signal"),
+    ("NESTED", "already inside a write section (write sections do not nest)"),
 ]
 
 
@@ -268,9 +287,10 @@ _COMMON_CODE = r"""
  *    a writer that dies mid-section leaves seq odd until the owner re-attaches or
  *    the slot is freed (Python readers then raise TornRecord).
  * 5. Allocation, free, owner claims and the entity index belong to the allocator:
- *    go through the Python API (stated.attach(...).alloc()), or implement the
- *    allocator protocol in docs/format.md exactly (table semaphore at the same key,
- *    SEM_UNDO, bounded wait, intent mark, repair). This header never allocates.
+ *    use the native core at the end of this header (stated_open, stated_alloc,
+ *    stated_free, stated_lookup, ...: compiled in the one translation unit that
+ *    defines STATED_IMPLEMENTATION), or the Python API. Never mutate allocator state
+ *    (slot states, free stack, index, owners) by hand.
  * 6. Reading: stated_read_begin()/stated_read_retry() around a copy give a consistent
  *    record (see stated_read_record for the full loop with generation and state
  *    checks). Fields written by Python through live views (table.record(h)) are plain
@@ -489,10 +509,11 @@ static inline uint64_t stated_index_home(uint64_t entity, uint64_t index_capacit
     return (entity * STATED_HASH_MUL) >> (64u - bits);
 }
 
-/* Lock-free entity lookup (the index seqlock of docs/format.md). 0 and *slot (and
+/* Lock-free entity lookup over a mapped segment (the index seqlock of docs/format.md), for
+ * readers that do not use the core's stated_lookup(stated_table *, ...). 0 and *slot (and
  * *generation) when found, STATED_ERR_NOT_FOUND, or STATED_ERR_TORN when the index kept
- * changing for max_tries attempts (Python then takes the lock; C may simply retry). */
-static inline int stated_lookup(void *base, uint64_t entity, uint32_t *slot, uint32_t *generation,
+ * changing for max_tries attempts (the core then takes the lock; a reader may simply retry). */
+static inline int stated_index_lookup(void *base, uint64_t entity, uint32_t *slot, uint32_t *generation,
                                 uint32_t max_tries)
 {
     const struct stated_segment_header *h = (const struct stated_segment_header *)base;
@@ -570,6 +591,18 @@ static inline int stated_@T@_check(const void *base)
     return STATED_OK;
 }
 
+/* Attach this table with the native core (key, layout hash and field defaults compiled in);
+ * owner NULL: read-only observer. See stated_open_ex. */
+static inline int stated_open_@T@(const char *owner, stated_table *t)
+{
+    stated_options o;
+    stated_options_init(&o);
+    o.name = "@T@";
+    o.layout_hash = STATED_@U@_LAYOUT_HASH;
+    o.init = stated_@T@_defaults();
+    return stated_open_ex((stated_key_t)STATED_@U@_KEY, owner, &o, t);
+}
+
 /* consistent copy of one record; see stated_read_record */
 static inline int stated_@T@_read(void *base, uint32_t slot, struct stated_@T@ *out, uint32_t *generation,
                                   uint32_t max_tries)
@@ -621,15 +654,25 @@ def _table(name: str, key: int, lay: Layout) -> list[str]:
     L.append("};")
     L += _asserts(tag, fields, lay.record_size)
     L.append(f"_Static_assert(sizeof(struct {tag}) == STATED_{U}_RECORD_SIZE, \"record size\");")
+    L += ["", "/* the bytes of a fresh record: every field at its default (what alloc writes) */",
+          f"static inline const void *stated_{name}_defaults(void)", "{",
+          f"    static const unsigned char d[{lay.record_size}] = {{"]
+    L += _c_bytes(default_record(record_class(lay, name)))
+    L += ["    };", "    return d;", "}"]
     L += _TABLE_CODE.replace("@T@", name).replace("@U@", U).rstrip("\n").split("\n")
     L += ["", f"#endif /* {guard} */", ""]
     return L
 
 
 def _defined(text: str) -> set[tuple[str, str]]:
-    """(namespace, identifier) pairs a chunk of generated C defines: struct tags, functions, macros."""
-    out = {("tag", m) for m in re.findall(r"^struct (\w+) \{", text, re.M)}
+    """(namespace, identifier) pairs a chunk of generated C defines: struct tags, typedefs,
+    functions (static inline, and the core's extern declarations), macros."""
+    out = {("tag", m) for m in re.findall(r"^(?:typedef )?struct (\w+) \{", text, re.M)}
     out |= {("ident", m) for m in re.findall(r"^static inline [^(]*?\b(\w+)\(", text, re.M)}
+    out |= {("ident", m) for m in re.findall(r"^(?!static|typedef|#)[A-Za-z_][\w *]*?\b(stated_\w+)\(", text, re.M)}
+    out |= {("ident", m) for m in re.findall(r"^\} (\w+);", text, re.M)}
+    out |= {("ident", m) for m in re.findall(r"^typedef [^;(]*?\b(\w+);", text, re.M)}
+    out |= {("ident", m) for m in re.findall(r"^typedef [^;(]*\(\*(\w+)\)", text, re.M)}
     out |= {("ident", m) for m in re.findall(r"^#define (\w+)", text, re.M)}
     return out
 
@@ -642,6 +685,8 @@ def _check_names(tables) -> None:
         return {n for n in _defined(text) if n[1] not in guards}
 
     owner = {n: "the segment format" for n in defined(_common())}
+    for n in defined(core_parts()[0].split("\n")):
+        owner.setdefault(n, "the native core")
     for name, key, lay in tables:
         for n in defined(_table(name, key, lay)):
             if n in owner:
@@ -684,11 +729,86 @@ def generate(tables: list[tuple[str, int, Layout]]) -> str:
         "#include <string.h>",
         "",
     ]
-    common = _common()
-    errs = "\n".join(f"    case STATED_ERR_{n}: return \"{msg}\";" for n, msg in ERRORS)
-    common = [ln if ln != "@ERRORS@" else errs for ln in common]
-    body = top + common + [""]
+    decl, impl = core_parts()
+    body = top + _common_lines() + ["", decl.rstrip("\n"), ""]
     for name, key, lay in tables:
         body += _table(name, key, lay)
+    body += _registry(digest, tables)
+    body += ["", impl.rstrip("\n"), ""]
     body.append(f"#endif /* {guard} */")
     return "\n".join(body) + "\n"
+
+
+_FORMAT_TOP = """/* stated_format.h: the stated segment format (version {v}) for C: structs with every offset
+ * pinned by _Static_assert, constants, validation and seqlock helpers. The native core
+ * (stated_core.h, next to this file) builds on it.
+ *
+ * GENERATED by stated.tools.cheader.format_header() from stated/format/segment.py; do not edit. After a
+ * change to either regenerate it with
+ *     python -c "from stated.tools import cheader; print(cheader.format_header(), end='')" > stated/native/stated_format.h
+ * (tests/test_native_core.py fails while it is out of date). */
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+"""
+
+
+def _common_lines() -> list[str]:
+    errs = "\n".join(f"    case STATED_ERR_{n}: return \"{msg}\";" for n, msg in ERRORS)
+    return [ln if ln != "@ERRORS@" else errs for ln in _common()]
+
+
+def format_header() -> str:
+    """stated/native/stated_format.h: the format part of every generated header, on its own, for
+    building the native core without a config (the CPython extension, C tests)."""
+    return _FORMAT_TOP.format(v=fmt.FORMAT_VERSION) + "\n" + "\n".join(_common_lines()) + "\n"
+
+
+CORE_PATH = Path(__file__).resolve().parent.parent / "native" / "stated_core.h"
+_CORE_MARK = "/* ==== STATED_IMPLEMENTATION ==== */"
+
+
+def core_parts() -> tuple[str, str]:
+    """(declarations, implementation) of the native core, split at its implementation marker:
+    a generated header puts the declarations before the tables and the implementation after
+    their registry."""
+    text = CORE_PATH.read_text()
+    decl, mark, impl = text.partition(_CORE_MARK)
+    if not mark:
+        raise RuntimeError(f"{CORE_PATH} lacks the line {_CORE_MARK!r}")
+    # in a generated header the format part precedes the core: drop the core's own include of it
+    own = '#ifndef STATED_COMMON_FORMAT_1_H\n#include "stated_format.h"\n#endif\n'
+    if own not in decl:
+        raise RuntimeError(f"{CORE_PATH}: the include of stated_format.h is not where cheader expects it")
+    return decl.replace(own, ""), mark + impl
+
+
+def _c_bytes(data: bytes, indent: str = "        ") -> list[str]:
+    if not any(data):
+        return [indent + "0"]
+    return [indent + ", ".join(f"0x{b:02x}" for b in data[i:i + 16]) + ","
+            for i in range(0, len(data), 16)]
+
+
+def _registry(digest: str, tables) -> list[str]:
+    """stated_known_table_<digest>(key, &info): what stated_open(key, ...) checks and initialises
+    records with, for the tables of this header; the first header that compiles the core provides it."""
+    fn = f"stated_known_table_{digest}"
+    L = ["/* ---- the tables of this header, for stated_open(key, ...) ---------------------------------- */",
+         f"static inline int {fn}(uint32_t key, stated_table_info *info)", "{"]
+    for name, _key, lay in tables:
+        U = name.upper()
+        L += [f"    if (key == (uint32_t)STATED_{U}_KEY) {{",
+              f"        info->name = \"{name}\";",
+              "        info->key = key;",
+              f"        info->layout_hash = STATED_{U}_LAYOUT_HASH;",
+              f"        info->record_size = STATED_{U}_RECORD_SIZE;",
+              f"        info->defaults = stated_{name}_defaults();",
+              "        return 1;",
+              "    }"]
+    L += ["    (void)key;", "    (void)info;", "    return 0;", "}",
+          "#if defined(STATED_IMPLEMENTATION) && !defined(STATED_KNOWN_TABLE_FN)",
+          f"#define STATED_KNOWN_TABLE_FN {fn}",
+          "#endif"]
+    return L

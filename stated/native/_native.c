@@ -1,0 +1,1148 @@
+/* stated.shm._native: the CPython face of the native core (stated_core.h). See the module docstring
+ * below (MODULE_DOC) for the API the Python package calls. */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>       /* first: it defines _GNU_SOURCE, which the core needs */
+
+#define STATED_IMPLEMENTATION
+#include "stated_core.h"
+
+#include <limits.h>
+
+PyDoc_STRVAR(MODULE_DOC,
+"The native data plane of stated: one C11 implementation (stated/native/stated_core.h) of the\n"
+"table lock, intent marks and repair, alloc/free/reap, the entity index, owner claims, the record\n"
+"seqlock and the dirty/pinned scans, shared with C workers (`stated header`). docs/format.md is\n"
+"the specification; this module only adapts it to Python.\n"
+"\n"
+"Core(buffer, key, *, table=None, readonly=False, semid=-1, lock_timeout=2.0, read_timeout=0.1,\n"
+"     init=None, handle=None, pid=0, proc_root='/proc', trust_uids=None, trust_mode=0,\n"
+"     layout_hash=0, require_ready=False)\n"
+"    One attached table. `buffer` is the whole segment (memoryview of the SysV shm: writable,\n"
+"    or read-only with readonly=True); the header is validated again here (structure, crc, size;\n"
+"    the state word only with require_ready; the layout hash when non-zero). The Core holds a\n"
+"    buffer export until close(). `semid` is the table's semaphore (-1: semget(key) with the\n"
+"    provenance check of `trust_uids`/`trust_mode`; ignored for readonly). `init` is the record\n"
+"    initialiser (bytes of record_size: field defaults), `handle` a tuple subclass to build\n"
+"    handles with (stated's Handle; default plain tuples). `pid` and `proc_root` may be injected\n"
+"    (tests). Not thread-safe: one Core per thread; and not across fork() (the pid is taken\n"
+"    once: a child makes its own Core).\n"
+"\n"
+"  owner (int, read/write): this worker's owner index (claim_owner sets it; 0 = none).\n"
+"  capacity, record_size, key, semid, pid, readonly, closed (read-only attributes).\n"
+"  claim_owner(name) -> int           attach as owner `name` (OwnerBusy, OwnersExhausted)\n"
+"  set_owner_state(index, state, only_pid=0) -> bool\n"
+"  reap_owner(index) -> int           free every slot of a non-attached owner\n"
+"  alloc(entity=None) -> handle       TableFull, DuplicateEntity, NotOwner, LockTimeout\n"
+"  free(handle, force=False)          StaleHandle, NotOwner, SlotOutOfRange\n"
+"  lookup(entity) -> handle | None    lock-free (falls back to the lock under churn)\n"
+"  valid(handle) -> bool;  entity(handle) -> int | None\n"
+"  read(handle, into) -> into         consistent copy (never torn) into a writable buffer of at\n"
+"                                     least record_size bytes (bytearray, ctypes object); `into`\n"
+"                                     may be a ctypes type: a new instance is made. StaleHandle,\n"
+"                                     TornRecord (after read_timeout)\n"
+"  read_bytes(handle) -> bytes\n"
+"  write_begin(handle) / write_end(handle)   a write section (seq odd/even, dirty at the end);\n"
+"                                     write_begin checks owner and generation and refuses nesting\n"
+"  section(slot, view) -> Section     a reusable `with` object: __enter__ makes seq odd and\n"
+"                                     returns `view`, __exit__ makes it even and marks dirty;\n"
+"                                     disarm() (after the slot was freed) makes both no-ops\n"
+"  mark_dirty(handle)                 after plain stores outside a section\n"
+"  changed_slots(clear=True) -> list  slots dirty or pinned (a delta snapshot's set), their dirty\n"
+"                                     marks cleared (atomic exchange) before they are listed\n"
+"  allocated_slots(clear_dirty=False) -> list   (a full snapshot: every dirty mark cleared first)\n"
+"  owned_slots(owner) -> list;  handles(owner=0) -> list of handles (0: every allocated slot)\n"
+"  copy_slot(slot, wait=0.05) -> (generation, state, flags, owner, entity, bytes, torn)\n"
+"  acquire(); release(); repair(); reopen_semaphore(); intent_pending() -> bool\n"
+"  verify(lock=True) -> list[str]     every invariant ([] = consistent)\n"
+"  audit() -> list[str]               the daemon's check: problems found (and rebuilt)\n"
+"  counters() -> tuple                the u64 counters in format.COUNTERS order\n"
+"  used() -> int;  close()\n"
+"\n"
+"Errors are stated's exceptions (stated.errors, looked up by name): LockTimeout, TableFull,\n"
+"DuplicateEntity, StaleHandle, SlotOutOfRange, NotOwner, OwnerBusy, OwnersExhausted,\n"
+"ReadOnlyTable, TornRecord, CorruptSegment/UnsupportedVersion/LayoutMismatch (header),\n"
+"SegmentNotFound, ForeignSegment, StatedError (anything else); ValueError for bad arguments.\n"
+"Blocking waits (semtimedop, polls) release the GIL; a signal during a wait runs the Python\n"
+"handler, and an exception it raises aborts the wait (the lock is not kept).");
+
+/* ---- errors -------------------------------------------------------------------------------- */
+static PyObject *E_Stated, *E_Corrupt, *E_Version, *E_Layout, *E_Full, *E_Duplicate, *E_Stale, *E_Range,
+    *E_NotOwner, *E_OwnerBusy, *E_OwnersExhausted, *E_ReadOnly, *E_LockTimeout, *E_Torn, *E_NotFound,
+    *E_Foreign;
+static PyObject *logger;
+static PyObject *empty_tuple;
+
+static int load_errors(void)
+{
+    PyObject *m = PyImport_ImportModule("stated.errors");
+    if (!m)
+        return -1;
+    struct {
+        PyObject **slot;
+        const char *name;
+    } names[] = {
+        {&E_Stated, "StatedError"}, {&E_Corrupt, "CorruptSegment"}, {&E_Version, "UnsupportedVersion"},
+        {&E_Layout, "LayoutMismatch"}, {&E_Full, "TableFull"}, {&E_Duplicate, "DuplicateEntity"},
+        {&E_Stale, "StaleHandle"}, {&E_Range, "SlotOutOfRange"}, {&E_NotOwner, "NotOwner"},
+        {&E_OwnerBusy, "OwnerBusy"}, {&E_OwnersExhausted, "OwnersExhausted"}, {&E_ReadOnly, "ReadOnlyTable"},
+        {&E_LockTimeout, "LockTimeout"}, {&E_Torn, "TornRecord"}, {&E_NotFound, "SegmentNotFound"},
+        {&E_Foreign, "ForeignSegment"},
+    };
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
+        *names[i].slot = PyObject_GetAttrString(m, names[i].name);
+        if (!*names[i].slot) {
+            Py_DECREF(m);
+            return -1;
+        }
+    }
+    Py_DECREF(m);
+    return 0;
+}
+
+static PyObject *error_class(int rc)
+{
+    switch (rc) {
+    case STATED_ERR_MAGIC: case STATED_ERR_RECORD_SIZE: case STATED_ERR_SIZE: case STATED_ERR_CRC:
+    case STATED_ERR_REGIONS: case STATED_ERR_STATE: case STATED_ERR_CORRUPT:
+        return E_Corrupt;
+    case STATED_ERR_VERSION: return E_Version;
+    case STATED_ERR_LAYOUT: return E_Layout;
+    case STATED_ERR_FREE: case STATED_ERR_STALE: return E_Stale;
+    case STATED_ERR_TORN: return E_Torn;
+    case STATED_ERR_RANGE: return E_Range;
+    case STATED_ERR_FULL: return E_Full;
+    case STATED_ERR_DUPLICATE: return E_Duplicate;
+    case STATED_ERR_NOT_OWNER: return E_NotOwner;
+    case STATED_ERR_OWNER_BUSY: return E_OwnerBusy;
+    case STATED_ERR_OWNERS_EXHAUSTED: return E_OwnersExhausted;
+    case STATED_ERR_LOCK_TIMEOUT: return E_LockTimeout;
+    case STATED_ERR_READONLY: return E_ReadOnly;
+    case STATED_ERR_NO_SEGMENT: return E_NotFound;
+    case STATED_ERR_FOREIGN: return E_Foreign;
+    case STATED_ERR_INVAL: return PyExc_ValueError;
+    default: return E_Stated;
+    }
+}
+
+/* ---- the Core object ------------------------------------------------------------------------- */
+typedef struct {
+    PyObject_HEAD
+    stated_table t;
+    Py_buffer view;
+    int have_view;
+    int busy;                       /* a call that may drop the GIL is running: close() must wait */
+    PyTypeObject *handle_type;      /* tuple subclass, or NULL: plain tuples */
+    PyObject *init;                 /* bytes kept alive for t.init */
+    PyThreadState *ts;
+} CoreObject;
+
+static PyObject *raise_rc(CoreObject *self, int rc)
+{
+    if (rc == STATED_ERR_INTERRUPTED && PyErr_Occurred())
+        return NULL;                /* the signal handler's exception */
+    PyErr_SetString(error_class(rc), self->t.errmsg[0] ? self->t.errmsg : stated_strerror(rc));
+    return NULL;
+}
+
+static void hook_block_begin(void *ctx)
+{
+    CoreObject *self = (CoreObject *)ctx;
+    self->ts = PyEval_SaveThread();
+}
+
+static void hook_block_end(void *ctx)
+{
+    CoreObject *self = (CoreObject *)ctx;
+    PyEval_RestoreThread(self->ts);
+    self->ts = NULL;
+}
+
+static int hook_interrupted(void *ctx)
+{
+    (void)ctx;
+    return PyErr_CheckSignals() != 0;
+}
+
+static void hook_log(void *ctx, int level, const char *message)
+{
+    (void)ctx;
+    if (!logger)
+        return;
+    PyObject *et, *ev, *tb;
+    PyErr_Fetch(&et, &ev, &tb);
+    const char *meth = level >= STATED_LOG_ERROR ? "error" : level >= STATED_LOG_WARNING ? "warning" : "info";
+    PyObject *r = PyObject_CallMethod(logger, meth, "s", message);
+    if (!r)
+        PyErr_Clear();              /* logging must never turn into an error of the operation */
+    Py_XDECREF(r);
+    PyErr_Restore(et, ev, tb);
+}
+
+#define CHECK_OPEN(self)                                                                               \
+    do {                                                                                               \
+        if (!(self)->have_view) {                                                                      \
+            PyErr_Format(E_Stated, "table '%s' is closed; attach again", (self)->t.name);             \
+            return NULL;                                                                               \
+        }                                                                                              \
+    } while (0)
+
+static PyObject *make_handle(CoreObject *self, uint32_t slot, uint32_t gen)
+{
+    PyObject *s = PyLong_FromUnsignedLong(slot);
+    PyObject *g = PyLong_FromUnsignedLong(gen);
+    if (!s || !g) {
+        Py_XDECREF(s);
+        Py_XDECREF(g);
+        return NULL;
+    }
+    PyObject *h = self->handle_type ? self->handle_type->tp_alloc(self->handle_type, 2) : PyTuple_New(2);
+    if (!h) {
+        Py_DECREF(s);
+        Py_DECREF(g);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(h, 0, s);
+    PyTuple_SET_ITEM(h, 1, g);
+    return h;
+}
+
+/* a (slot, generation) pair: SlotOutOfRange outside the table, StaleHandle for a generation
+ * that cannot be one (it can never match) */
+static int parse_handle(CoreObject *self, PyObject *h, stated_handle *out)
+{
+    if (!PyTuple_Check(h) || PyTuple_GET_SIZE(h) != 2) {
+        PyErr_SetString(PyExc_TypeError, "a handle is a (slot, generation) pair");
+        return -1;
+    }
+    int overflow = 0;
+    long long slot = PyLong_AsLongLongAndOverflow(PyTuple_GET_ITEM(h, 0), &overflow);
+    if (slot == -1 && PyErr_Occurred())
+        return -1;
+    if (overflow || slot < 0 || slot >= (long long)self->t.capacity) {
+        PyObject *r = PyObject_Repr(PyTuple_GET_ITEM(h, 0));
+        PyErr_Format(E_Range, "table '%s': slot %S is outside [0, %u)", self->t.name, r ? r : Py_None,
+                     self->t.capacity);
+        Py_XDECREF(r);
+        return -1;
+    }
+    long long gen = PyLong_AsLongLongAndOverflow(PyTuple_GET_ITEM(h, 1), &overflow);
+    if (gen == -1 && PyErr_Occurred())
+        return -1;
+    if (overflow || gen < 0 || gen > (long long)UINT32_MAX) {
+        PyErr_Format(E_Stale, "table '%s': handle (slot %lld, generation %S) is stale: no slot has that generation",
+                     self->t.name, slot, PyTuple_GET_ITEM(h, 1));
+        return -1;
+    }
+    out->slot = (uint32_t)slot;
+    out->generation = (uint32_t)gen;
+    return 0;
+}
+
+static int parse_u64(PyObject *o, uint64_t *v, int *in_range)
+{
+    if (!PyLong_Check(o)) {
+        PyErr_Format(PyExc_TypeError, "entity ids are ints, not %s", Py_TYPE(o)->tp_name);
+        return -1;
+    }
+    int overflow = 0;
+    long long x = PyLong_AsLongLongAndOverflow(o, &overflow);
+    if (x == -1 && PyErr_Occurred())
+        return -1;
+    if (!overflow) {
+        *in_range = x >= 0;
+        *v = (uint64_t)x;
+        return 0;
+    }
+    if (overflow < 0) {
+        *in_range = 0;
+        return 0;
+    }
+    unsigned long long u = PyLong_AsUnsignedLongLong(o);
+    if (u == (unsigned long long)-1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        *in_range = 0;
+        return 0;
+    }
+    *in_range = 1;
+    *v = u;
+    return 0;
+}
+
+static int Core_init(CoreObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"buffer", "key", "table", "readonly", "semid", "lock_timeout", "read_timeout",
+                             "init", "handle", "pid", "proc_root", "trust_uids", "trust_mode", "layout_hash",
+                             "require_ready", NULL};
+    PyObject *buffer, *init = Py_None, *handle = Py_None, *trust = Py_None;
+    long long key;
+    const char *table = NULL, *proc_root = NULL;
+    int readonly = 0, semid = -1, require_ready = 0;
+    double lock_timeout = 2.0, read_timeout = 0.1;
+    unsigned int pid = 0, trust_mode = 0;
+    unsigned long long layout_hash = 0;
+    if (self->have_view) {
+        PyErr_SetString(PyExc_TypeError, "Core is already initialised");
+        return -1;
+    }
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OL|$zpiddOOIzOIKp", kwlist, &buffer, &key, &table, &readonly,
+                                     &semid, &lock_timeout, &read_timeout, &init, &handle, &pid, &proc_root,
+                                     &trust, &trust_mode, &layout_hash, &require_ready))
+        return -1;
+    if (key < INT_MIN || key > (long long)UINT32_MAX) {
+        PyErr_Format(PyExc_ValueError, "key %lld does not fit a 32-bit key_t", key);
+        return -1;
+    }
+    stated_options o;
+    stated_options_init(&o);
+    o.name = table;
+    o.readonly = readonly;
+    o.lock_timeout = lock_timeout;
+    o.read_timeout = read_timeout;
+    o.pid = pid;
+    o.proc_root = proc_root;
+    o.trust_mode = trust_mode;
+    o.layout_hash = layout_hash;
+    o.require_ready = require_ready;
+    o.hooks.ctx = self;
+    o.hooks.block_begin = hook_block_begin;
+    o.hooks.block_end = hook_block_end;
+    o.hooks.interrupted = hook_interrupted;
+    o.hooks.log = hook_log;
+    if (trust != Py_None) {
+        PyObject *seq = PySequence_Fast(trust, "trust_uids must be a sequence of uids");
+        if (!seq)
+            return -1;
+        Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+        if (n < 1 || n > 8) {
+            Py_DECREF(seq);
+            PyErr_SetString(PyExc_ValueError, "trust_uids holds 1 to 8 uids");
+            return -1;
+        }
+        for (Py_ssize_t i = 0; i < n; i++) {
+            unsigned long u = PyLong_AsUnsignedLong(PySequence_Fast_GET_ITEM(seq, i));
+            if (u == (unsigned long)-1 && PyErr_Occurred()) {
+                Py_DECREF(seq);
+                return -1;
+            }
+            o.trust_uids[i] = (uint32_t)u;
+        }
+        o.n_trust_uids = (unsigned)n;
+        Py_DECREF(seq);
+    }
+    if (handle != Py_None) {
+        if (!PyType_Check(handle) || !PyType_IsSubtype((PyTypeObject *)handle, &PyTuple_Type)) {
+            PyErr_SetString(PyExc_TypeError, "handle must be a tuple subclass (stated's Handle)");
+            return -1;
+        }
+        Py_INCREF(handle);
+        self->handle_type = (PyTypeObject *)handle;
+    }
+    if (PyObject_GetBuffer(buffer, &self->view, readonly ? PyBUF_SIMPLE : PyBUF_WRITABLE) != 0)
+        return -1;
+    self->have_view = 1;
+    int rc = stated_attach(&self->t, self->view.buf, (size_t)self->view.len, (stated_key_t)key, readonly ? -1 : semid,
+                           &o);
+    if (rc) {
+        raise_rc(self, rc);
+        PyBuffer_Release(&self->view);
+        self->have_view = 0;
+        return -1;
+    }
+    if (init != Py_None) {
+        if (!PyBytes_Check(init) || PyBytes_GET_SIZE(init) != (Py_ssize_t)self->t.record_size) {
+            PyErr_Format(PyExc_ValueError, "init must be bytes of the record size (%u)", self->t.record_size);
+            PyBuffer_Release(&self->view);
+            self->have_view = 0;
+            return -1;
+        }
+        Py_INCREF(init);
+        self->init = init;
+        self->t.init = (const unsigned char *)PyBytes_AS_STRING(init);
+    }
+    return 0;
+}
+
+static void Core_release_all(CoreObject *self)
+{
+    if (self->have_view) {
+        PyBuffer_Release(&self->view);
+        self->have_view = 0;
+    }
+    self->t.base = NULL;
+}
+
+static void Core_dealloc(CoreObject *self)
+{
+    Core_release_all(self);
+    Py_XDECREF(self->handle_type);
+    Py_XDECREF(self->init);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *Core_close(CoreObject *self, PyObject *Py_UNUSED(ignored))
+{
+    if (self->busy) {
+        PyErr_SetString(E_Stated, "cannot close a table while another thread is inside one of its calls");
+        return NULL;
+    }
+    Core_release_all(self);
+    Py_RETURN_NONE;
+}
+
+/* ---- allocation ------------------------------------------------------------------------------------ */
+static PyObject *Core_alloc(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    CHECK_OPEN(self);
+    if (nargs > 1) {
+        PyErr_SetString(PyExc_TypeError, "alloc(entity=None)");
+        return NULL;
+    }
+    uint64_t entity = 0;
+    int has = nargs == 1 && args[0] != Py_None;
+    if (has) {
+        int ok = 0;
+        if (parse_u64(args[0], &entity, &ok) < 0)
+            return NULL;
+        if (!ok) {
+            PyErr_Format(PyExc_ValueError, "entity ids are u64; %S is out of range", args[0]);
+            return NULL;
+        }
+    }
+    stated_handle h;
+    self->busy++;
+    int rc = stated_alloc_ex(&self->t, has ? &entity : NULL, NULL, &h);
+    self->busy--;
+    if (rc)
+        return raise_rc(self, rc);
+    return make_handle(self, h.slot, h.generation);
+}
+
+static PyObject *Core_free(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    CHECK_OPEN(self);
+    if (nargs < 1 || nargs > 2) {
+        PyErr_SetString(PyExc_TypeError, "free(handle, force=False)");
+        return NULL;
+    }
+    stated_handle h;
+    if (parse_handle(self, args[0], &h) < 0)
+        return NULL;
+    int force = nargs == 2 ? PyObject_IsTrue(args[1]) : 0;
+    if (force < 0)
+        return NULL;
+    self->busy++;
+    int rc = stated_free_ex(&self->t, h, force);
+    self->busy--;
+    if (rc)
+        return raise_rc(self, rc);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Core_lookup(CoreObject *self, PyObject *arg)
+{
+    CHECK_OPEN(self);
+    uint64_t entity;
+    int ok = 0;
+    if (parse_u64(arg, &entity, &ok) < 0)
+        return NULL;
+    if (!ok)
+        Py_RETURN_NONE;
+    stated_handle h;
+    self->busy++;
+    int rc = stated_lookup(&self->t, entity, &h);
+    self->busy--;
+    if (rc == STATED_ERR_NOT_FOUND)
+        Py_RETURN_NONE;
+    if (rc)
+        return raise_rc(self, rc);
+    return make_handle(self, h.slot, h.generation);
+}
+
+static PyObject *Core_valid(CoreObject *self, PyObject *arg)
+{
+    CHECK_OPEN(self);
+    if (!PyTuple_Check(arg) || PyTuple_GET_SIZE(arg) != 2) {
+        PyErr_SetString(PyExc_TypeError, "a handle is a (slot, generation) pair");
+        return NULL;
+    }
+    int overflow = 0;
+    long long slot = PyLong_AsLongLongAndOverflow(PyTuple_GET_ITEM(arg, 0), &overflow);
+    long long gen = PyLong_AsLongLongAndOverflow(PyTuple_GET_ITEM(arg, 1), &overflow);
+    if (PyErr_Occurred())
+        return NULL;
+    if (overflow || slot < 0 || gen < 0 || gen > (long long)UINT32_MAX || slot >= (long long)self->t.capacity)
+        Py_RETURN_FALSE;
+    stated_handle h = {(uint32_t)slot, (uint32_t)gen};
+    return PyBool_FromLong(stated_valid(&self->t, h));
+}
+
+static PyObject *Core_entity(CoreObject *self, PyObject *arg)
+{
+    CHECK_OPEN(self);
+    stated_handle h;
+    if (parse_handle(self, arg, &h) < 0)
+        return NULL;
+    const struct stated_slot *s = &self->t.slots[h.slot];
+    if (__atomic_load_n(&s->generation, __ATOMIC_ACQUIRE) != h.generation) {
+        PyErr_Format(E_Stale, "table '%s': handle (slot %u, generation %u) is stale; look the entity up again",
+                     self->t.name, h.slot, h.generation);
+        return NULL;
+    }
+    if (!(__atomic_load_n(&s->flags, __ATOMIC_RELAXED) & STATED_FLAG_HAS_ENTITY))
+        Py_RETURN_NONE;
+    return PyLong_FromUnsignedLongLong(__atomic_load_n(&s->entity, __ATOMIC_RELAXED));
+}
+
+/* ---- records --------------------------------------------------------------------------------------- */
+static PyObject *Core_read(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    CHECK_OPEN(self);
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "read(handle, into)");
+        return NULL;
+    }
+    stated_handle h;
+    if (parse_handle(self, args[0], &h) < 0)
+        return NULL;
+    PyObject *obj;
+    if (PyType_Check(args[1])) {
+        PyTypeObject *tp = (PyTypeObject *)args[1];
+        obj = tp->tp_new(tp, empty_tuple, NULL);
+        if (!obj)
+            return NULL;
+    } else {
+        obj = Py_NewRef(args[1]);
+    }
+    Py_buffer b;
+    if (PyObject_GetBuffer(obj, &b, PyBUF_WRITABLE) != 0) {
+        Py_DECREF(obj);
+        return NULL;
+    }
+    if (b.len < (Py_ssize_t)self->t.record_size) {
+        PyErr_Format(PyExc_ValueError, "read into %zd bytes: records are %u bytes", b.len, self->t.record_size);
+        PyBuffer_Release(&b);
+        Py_DECREF(obj);
+        return NULL;
+    }
+    int rc = stated_read(&self->t, h, b.buf, (size_t)b.len);
+    PyBuffer_Release(&b);
+    if (rc) {
+        Py_DECREF(obj);
+        return raise_rc(self, rc);
+    }
+    return obj;
+}
+
+static PyObject *Core_read_bytes(CoreObject *self, PyObject *arg)
+{
+    CHECK_OPEN(self);
+    stated_handle h;
+    if (parse_handle(self, arg, &h) < 0)
+        return NULL;
+    PyObject *out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)self->t.record_size);
+    if (!out)
+        return NULL;
+    int rc = stated_read(&self->t, h, PyBytes_AS_STRING(out), self->t.record_size);
+    if (rc) {
+        Py_DECREF(out);
+        return raise_rc(self, rc);
+    }
+    return out;
+}
+
+static PyObject *Core_write_begin(CoreObject *self, PyObject *arg)
+{
+    CHECK_OPEN(self);
+    stated_handle h;
+    if (parse_handle(self, arg, &h) < 0)
+        return NULL;
+    int rc = stated_begin(&self->t, h, NULL);
+    if (rc)
+        return raise_rc(self, rc);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Core_write_end(CoreObject *self, PyObject *arg)
+{
+    CHECK_OPEN(self);
+    stated_handle h;
+    if (parse_handle(self, arg, &h) < 0)
+        return NULL;
+    int rc = stated_end(&self->t, h);
+    if (rc)
+        return raise_rc(self, rc);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Core_mark_dirty(CoreObject *self, PyObject *arg)
+{
+    CHECK_OPEN(self);
+    stated_handle h;
+    if (parse_handle(self, arg, &h) < 0)
+        return NULL;
+    int rc = stated_mark_dirty_h(&self->t, h);
+    if (rc)
+        return raise_rc(self, rc);
+    Py_RETURN_NONE;
+}
+
+/* ---- Section: a reusable `with` object over one slot's seqlock ------------------------------------- */
+typedef struct {
+    PyObject_HEAD
+    CoreObject *core;
+    Py_ssize_t slot;                /* -1: disarmed */
+    PyObject *view;
+} SectionObject;
+
+static PyTypeObject SectionType;
+
+static PyObject *Core_section(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    CHECK_OPEN(self);
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "section(slot, view)");
+        return NULL;
+    }
+    Py_ssize_t slot = PyLong_AsSsize_t(args[0]);
+    if (slot == -1 && PyErr_Occurred())
+        return NULL;
+    if (slot < 0 || slot >= (Py_ssize_t)self->t.capacity) {
+        PyErr_Format(E_Range, "table '%s': slot %zd is outside [0, %u)", self->t.name, slot, self->t.capacity);
+        return NULL;
+    }
+    if (self->t.readonly) {
+        PyErr_Format(E_ReadOnly, "table '%s' is attached readonly; cannot write", self->t.name);
+        return NULL;
+    }
+    SectionObject *s = PyObject_GC_New(SectionObject, &SectionType);
+    if (!s)
+        return NULL;
+    s->core = (CoreObject *)Py_NewRef((PyObject *)self);
+    s->slot = slot;
+    s->view = Py_NewRef(args[1]);
+    PyObject_GC_Track(s);
+    return (PyObject *)s;
+}
+
+static PyObject *Section_enter(SectionObject *self, PyObject *Py_UNUSED(ignored))
+{
+    if (self->slot < 0) {
+        PyErr_SetString(E_Stale, "this write section's slot was freed; look the entity up again");
+        return NULL;
+    }
+    if (!self->core->have_view) {
+        PyErr_Format(E_Stated, "table '%s' is closed; attach again", self->core->t.name);
+        return NULL;
+    }
+    struct stated_slot *s = &self->core->t.slots[self->slot];
+    uint32_t seq = __atomic_load_n(&s->seq, __ATOMIC_RELAXED);
+    __atomic_store_n(&s->seq, seq + 1u, __ATOMIC_RELAXED);
+    /* odd seq before any field store the body makes (ctypes stores included): see stated_begin */
+    __atomic_thread_fence(__ATOMIC_RELEASE);
+    return Py_NewRef(self->view);
+}
+
+static PyObject *Section_exit(SectionObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)args;
+    (void)nargs;
+    if (self->slot >= 0 && self->core->have_view) {
+        struct stated_slot *s = &self->core->t.slots[self->slot];
+        uint32_t seq = __atomic_load_n(&s->seq, __ATOMIC_RELAXED);
+        __atomic_store_n(&s->seq, seq + 1u, __ATOMIC_RELEASE);   /* the body's stores before the even seq */
+        __atomic_store_n(&s->dirty, (uint8_t)1, __ATOMIC_RELEASE);
+    }
+    Py_RETURN_FALSE;
+}
+
+static PyObject *Section_disarm(SectionObject *self, PyObject *Py_UNUSED(ignored))
+{
+    self->slot = -1;
+    Py_RETURN_NONE;
+}
+
+static int Section_traverse(SectionObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->core);
+    Py_VISIT(self->view);
+    return 0;
+}
+
+static int Section_clear(SectionObject *self)
+{
+    Py_CLEAR(self->core);
+    Py_CLEAR(self->view);
+    self->slot = -1;
+    return 0;
+}
+
+static void Section_dealloc(SectionObject *self)
+{
+    PyObject_GC_UnTrack(self);
+    Section_clear(self);
+    PyObject_GC_Del(self);
+}
+
+static PyObject *Section_get_slot(SectionObject *self, void *closure)
+{
+    (void)closure;
+    return PyLong_FromSsize_t(self->slot);
+}
+
+static PyMethodDef Section_methods[] = {
+    {"__enter__", (PyCFunction)Section_enter, METH_NOARGS, "seq odd; returns the view"},
+    {"__exit__", (PyCFunction)(void (*)(void))Section_exit, METH_FASTCALL, "seq even, slot dirty"},
+    {"disarm", (PyCFunction)Section_disarm, METH_NOARGS, "the slot was freed: enter raises, exit does nothing"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef Section_getset[] = {
+    {"slot", (getter)Section_get_slot, NULL, "the slot (-1 once disarmed)", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject SectionType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "stated.shm._native.Section",
+    .tp_basicsize = sizeof(SectionObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "A write section over one slot (Core.section): with s as view: ...",
+    .tp_dealloc = (destructor)Section_dealloc,
+    .tp_traverse = (traverseproc)Section_traverse,
+    .tp_clear = (inquiry)Section_clear,
+    .tp_methods = Section_methods,
+    .tp_getset = Section_getset,
+};
+
+/* ---- owners -------------------------------------------------------------------------------------------- */
+static PyObject *Core_claim_owner(CoreObject *self, PyObject *arg)
+{
+    CHECK_OPEN(self);
+    if (!PyUnicode_Check(arg)) {
+        PyErr_SetString(PyExc_TypeError, "owner names are str");
+        return NULL;
+    }
+    Py_ssize_t n;
+    const char *name = PyUnicode_AsUTF8AndSize(arg, &n);
+    if (!name)
+        return NULL;
+    if (n < 1 || n > STATED_OWNER_NAME_MAX || (Py_ssize_t)strlen(name) != n) {
+        PyErr_Format(PyExc_ValueError, "owner names are 1 to 32 bytes of UTF-8 without NUL, got %R", arg);
+        return NULL;
+    }
+    uint32_t idx = 0;
+    self->busy++;
+    int rc = stated_claim_owner(&self->t, name, &idx);
+    self->busy--;
+    if (rc)
+        return raise_rc(self, rc);
+    return PyLong_FromUnsignedLong(idx);
+}
+
+static PyObject *Core_set_owner_state(CoreObject *self, PyObject *args)
+{
+    CHECK_OPEN(self);
+    unsigned int idx, state, only_pid = 0;
+    if (!PyArg_ParseTuple(args, "II|I", &idx, &state, &only_pid))
+        return NULL;
+    self->busy++;
+    int rc = stated_set_owner_state(&self->t, idx, state, only_pid);
+    self->busy--;
+    if (rc < 0)
+        return raise_rc(self, rc);
+    return PyBool_FromLong(rc);
+}
+
+static PyObject *Core_reap_owner(CoreObject *self, PyObject *arg)
+{
+    CHECK_OPEN(self);
+    unsigned long idx = PyLong_AsUnsignedLong(arg);
+    if (idx == (unsigned long)-1 && PyErr_Occurred())
+        return NULL;
+    self->busy++;
+    int64_t n = stated_reap_owner(&self->t, (uint32_t)(idx > UINT32_MAX ? 0 : idx));
+    self->busy--;
+    if (n < 0)
+        return raise_rc(self, (int)n);
+    return PyLong_FromLongLong(n);
+}
+
+/* ---- lock, repair, checks ---------------------------------------------------------------------------------- */
+static PyObject *Core_acquire(CoreObject *self, PyObject *Py_UNUSED(ignored))
+{
+    CHECK_OPEN(self);
+    self->busy++;
+    int rc = stated_acquire(&self->t);
+    self->busy--;
+    if (rc)
+        return raise_rc(self, rc);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Core_release(CoreObject *self, PyObject *Py_UNUSED(ignored))
+{
+    CHECK_OPEN(self);
+    stated_release(&self->t);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Core_repair(CoreObject *self, PyObject *Py_UNUSED(ignored))
+{
+    CHECK_OPEN(self);
+    self->busy++;
+    int rc = stated_repair(&self->t);
+    self->busy--;
+    if (rc)
+        return raise_rc(self, rc);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Core_reopen_semaphore(CoreObject *self, PyObject *Py_UNUSED(ignored))
+{
+    CHECK_OPEN(self);
+    self->busy++;
+    int rc = stated_reopen_semaphore(&self->t);
+    self->busy--;
+    if (rc)
+        return raise_rc(self, rc);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Core_intent_pending(CoreObject *self, PyObject *Py_UNUSED(ignored))
+{
+    CHECK_OPEN(self);
+    return PyBool_FromLong(stated_intent_pending(&self->t));
+}
+
+static void collect_problem(void *ctx, const char *problem)
+{
+    PyObject *list = (PyObject *)ctx;
+    if (PyErr_Occurred())
+        return;
+    PyObject *s = PyUnicode_DecodeUTF8(problem, (Py_ssize_t)strlen(problem), "replace");
+    if (s) {
+        PyList_Append(list, s);
+        Py_DECREF(s);
+    }
+}
+
+static PyObject *Core_verify(CoreObject *self, PyObject *args, PyObject *kw)
+{
+    CHECK_OPEN(self);
+    static char *kwlist[] = {"lock", NULL};
+    int lock = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|p", kwlist, &lock))
+        return NULL;
+    lock = lock && !self->t.readonly;
+    PyObject *out = PyList_New(0);
+    if (!out)
+        return NULL;
+    if (lock) {
+        self->busy++;
+        int rc = stated_acquire(&self->t);
+        self->busy--;
+        if (rc) {
+            Py_DECREF(out);
+            return raise_rc(self, rc);
+        }
+    }
+    int rc = stated_verify(&self->t, collect_problem, out);
+    if (lock)
+        stated_release(&self->t);
+    if (rc < 0) {
+        Py_DECREF(out);
+        return raise_rc(self, rc);
+    }
+    if (PyErr_Occurred()) {
+        Py_DECREF(out);
+        return NULL;
+    }
+    return out;
+}
+
+static PyObject *Core_audit(CoreObject *self, PyObject *Py_UNUSED(ignored))
+{
+    CHECK_OPEN(self);
+    PyObject *out = PyList_New(0);
+    if (!out)
+        return NULL;
+    self->busy++;
+    int rc = stated_audit(&self->t, collect_problem, out);
+    self->busy--;
+    if (rc < 0) {
+        Py_DECREF(out);
+        return raise_rc(self, rc);
+    }
+    if (PyErr_Occurred()) {
+        Py_DECREF(out);
+        return NULL;
+    }
+    return out;
+}
+
+/* ---- scans ------------------------------------------------------------------------------------------------- */
+typedef struct {
+    CoreObject *core;
+    PyObject *list;
+    int handles;
+} scan_ctx;
+
+static int scan_append(void *ctx, uint32_t slot)
+{
+    scan_ctx *c = (scan_ctx *)ctx;
+    PyObject *v;
+    if (c->handles)
+        v = make_handle(c->core, slot, __atomic_load_n(&c->core->t.slots[slot].generation, __ATOMIC_RELAXED));
+    else
+        v = PyLong_FromUnsignedLong(slot);
+    if (!v)
+        return -1;
+    int r = PyList_Append(c->list, v);
+    Py_DECREF(v);
+    return r < 0 ? -1 : 0;
+}
+
+static PyObject *run_scan(CoreObject *self, int kind, uint32_t owner, int handles)
+{
+    scan_ctx c = {self, PyList_New(0), handles};
+    if (!c.list)
+        return NULL;
+    int64_t n = stated_scan(&self->t, kind, owner, scan_append, &c);
+    if (n < 0) {
+        Py_DECREF(c.list);
+        if (n == -1 && PyErr_Occurred())
+            return NULL;
+        return raise_rc(self, (int)n);
+    }
+    return c.list;
+}
+
+static PyObject *Core_changed_slots(CoreObject *self, PyObject *args, PyObject *kw)
+{
+    CHECK_OPEN(self);
+    static char *kwlist[] = {"clear", NULL};
+    int clear = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|p", kwlist, &clear))
+        return NULL;
+    return run_scan(self, STATED_SCAN_CHANGED | (clear ? STATED_SCAN_CLEAR_DIRTY : 0), 0, 0);
+}
+
+static PyObject *Core_allocated_slots(CoreObject *self, PyObject *args, PyObject *kw)
+{
+    CHECK_OPEN(self);
+    static char *kwlist[] = {"clear_dirty", NULL};
+    int clear = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|p", kwlist, &clear))
+        return NULL;
+    return run_scan(self, STATED_SCAN_ALLOCATED | (clear ? STATED_SCAN_CLEAR_DIRTY : 0), 0, 0);
+}
+
+static PyObject *Core_owned_slots(CoreObject *self, PyObject *arg)
+{
+    CHECK_OPEN(self);
+    unsigned long owner = PyLong_AsUnsignedLong(arg);
+    if (owner == (unsigned long)-1 && PyErr_Occurred())
+        return NULL;
+    return run_scan(self, STATED_SCAN_OWNER, (uint32_t)owner, 0);
+}
+
+static PyObject *Core_handles(CoreObject *self, PyObject *args)
+{
+    CHECK_OPEN(self);
+    unsigned int owner = 0;
+    if (!PyArg_ParseTuple(args, "|I", &owner))
+        return NULL;
+    return run_scan(self, owner ? STATED_SCAN_OWNER : STATED_SCAN_ALLOCATED, owner, 1);
+}
+
+static PyObject *Core_copy_slot(CoreObject *self, PyObject *args)
+{
+    CHECK_OPEN(self);
+    unsigned int slot;
+    double wait = 0.05;
+    if (!PyArg_ParseTuple(args, "I|d", &slot, &wait))
+        return NULL;
+    PyObject *data = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)self->t.record_size);
+    if (!data)
+        return NULL;
+    stated_slot_copy c;
+    int rc = stated_copy_slot(&self->t, slot, PyBytes_AS_STRING(data), self->t.record_size, &c, wait);
+    if (rc) {
+        Py_DECREF(data);
+        return raise_rc(self, rc);
+    }
+    return Py_BuildValue("(kBBHKNO)", (unsigned long)c.generation, c.state, c.flags, c.owner,
+                         (unsigned long long)c.entity, data, c.torn ? Py_True : Py_False);
+}
+
+static PyObject *Core_counters(CoreObject *self, PyObject *Py_UNUSED(ignored))
+{
+    CHECK_OPEN(self);
+    PyObject *out = PyTuple_New(STATED_COUNTER_COUNT);
+    if (!out)
+        return NULL;
+    for (unsigned i = 0; i < STATED_COUNTER_COUNT; i++) {
+        PyObject *v = PyLong_FromUnsignedLongLong(__atomic_load_n(&self->t.hdr->counters[i], __ATOMIC_RELAXED));
+        if (!v) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(out, i, v);
+    }
+    return out;
+}
+
+static PyObject *Core_used(CoreObject *self, PyObject *Py_UNUSED(ignored))
+{
+    CHECK_OPEN(self);
+    return PyLong_FromUnsignedLong(__atomic_load_n(&self->t.hdr->alloc.used, __ATOMIC_RELAXED));
+}
+
+/* ---- attributes ------------------------------------------------------------------------------------------- */
+static PyObject *Core_get_owner(CoreObject *self, void *c)
+{
+    (void)c;
+    return PyLong_FromUnsignedLong(self->t.owner);
+}
+
+static int Core_set_owner(CoreObject *self, PyObject *v, void *c)
+{
+    (void)c;
+    if (!v) {
+        PyErr_SetString(PyExc_AttributeError, "cannot delete owner");
+        return -1;
+    }
+    unsigned long x = PyLong_AsUnsignedLong(v);
+    if (x == (unsigned long)-1 && PyErr_Occurred())
+        return -1;
+    if (x > STATED_OWNERS_CAPACITY) {
+        PyErr_Format(PyExc_ValueError, "owner indexes are 0..%u", STATED_OWNERS_CAPACITY);
+        return -1;
+    }
+    self->t.owner = (uint32_t)x;
+    return 0;
+}
+
+#define GETTER(fname, expr)                                          \
+    static PyObject *Core_get_##fname(CoreObject *self, void *c)     \
+    {                                                                \
+        (void)c;                                                     \
+        return expr;                                                 \
+    }
+GETTER(capacity, PyLong_FromUnsignedLong(self->t.capacity))
+GETTER(record_size, PyLong_FromUnsignedLong(self->t.record_size))
+GETTER(key, PyLong_FromLong((long)(uint32_t)self->t.key))
+GETTER(semid, PyLong_FromLong(self->t.semid))
+GETTER(pid, PyLong_FromUnsignedLong(self->t.pid))
+GETTER(readonly, PyBool_FromLong(self->t.readonly))
+GETTER(closed, PyBool_FromLong(!self->have_view))
+GETTER(table, PyUnicode_FromString(self->t.name))
+
+static PyGetSetDef Core_getset[] = {
+    {"owner", (getter)Core_get_owner, (setter)Core_set_owner, "this worker's owner index (0 = none)", NULL},
+    {"capacity", (getter)Core_get_capacity, NULL, NULL, NULL},
+    {"record_size", (getter)Core_get_record_size, NULL, NULL, NULL},
+    {"key", (getter)Core_get_key, NULL, NULL, NULL},
+    {"semid", (getter)Core_get_semid, NULL, NULL, NULL},
+    {"pid", (getter)Core_get_pid, NULL, NULL, NULL},
+    {"readonly", (getter)Core_get_readonly, NULL, NULL, NULL},
+    {"closed", (getter)Core_get_closed, NULL, NULL, NULL},
+    {"table", (getter)Core_get_table, NULL, NULL, NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+#define FAST(f) (PyCFunction)(void (*)(void))(f)
+static PyMethodDef Core_methods[] = {
+    {"alloc", FAST(Core_alloc), METH_FASTCALL, "alloc(entity=None) -> handle"},
+    {"free", FAST(Core_free), METH_FASTCALL, "free(handle, force=False)"},
+    {"lookup", (PyCFunction)Core_lookup, METH_O, "lookup(entity) -> handle | None"},
+    {"valid", (PyCFunction)Core_valid, METH_O, "valid(handle) -> bool"},
+    {"entity", (PyCFunction)Core_entity, METH_O, "entity(handle) -> int | None"},
+    {"read", FAST(Core_read), METH_FASTCALL, "read(handle, into) -> into: consistent copy"},
+    {"read_bytes", (PyCFunction)Core_read_bytes, METH_O, "read_bytes(handle) -> bytes: consistent copy"},
+    {"write_begin", (PyCFunction)Core_write_begin, METH_O, "write_begin(handle): seq odd"},
+    {"write_end", (PyCFunction)Core_write_end, METH_O, "write_end(handle): seq even, dirty"},
+    {"section", FAST(Core_section), METH_FASTCALL, "section(slot, view) -> Section"},
+    {"mark_dirty", (PyCFunction)Core_mark_dirty, METH_O, "mark_dirty(handle)"},
+    {"claim_owner", (PyCFunction)Core_claim_owner, METH_O, "claim_owner(name) -> owner index"},
+    {"set_owner_state", (PyCFunction)Core_set_owner_state, METH_VARARGS,
+     "set_owner_state(index, state, only_pid=0) -> bool"},
+    {"reap_owner", (PyCFunction)Core_reap_owner, METH_O, "reap_owner(index) -> slots freed"},
+    {"acquire", (PyCFunction)Core_acquire, METH_NOARGS, "take the table lock (settling or repairing first)"},
+    {"release", (PyCFunction)Core_release, METH_NOARGS, "give the table lock back"},
+    {"repair", (PyCFunction)Core_repair, METH_NOARGS, "rebuild derived state from the slot table (takes the lock)"},
+    {"reopen_semaphore", (PyCFunction)Core_reopen_semaphore, METH_NOARGS, "semget again (it was removed)"},
+    {"intent_pending", (PyCFunction)Core_intent_pending, METH_NOARGS, "an intent mark is set"},
+    {"verify", (PyCFunction)(void (*)(void))Core_verify, METH_VARARGS | METH_KEYWORDS, "verify(lock=True) -> problems"},
+    {"audit", (PyCFunction)Core_audit, METH_NOARGS, "audit() -> problems found (and rebuilt)"},
+    {"changed_slots", (PyCFunction)(void (*)(void))Core_changed_slots, METH_VARARGS | METH_KEYWORDS,
+     "changed_slots(clear=True) -> slots dirty or pinned"},
+    {"allocated_slots", (PyCFunction)(void (*)(void))Core_allocated_slots, METH_VARARGS | METH_KEYWORDS,
+     "allocated_slots(clear_dirty=False) -> slots"},
+    {"owned_slots", (PyCFunction)Core_owned_slots, METH_O, "owned_slots(owner) -> slots"},
+    {"handles", (PyCFunction)Core_handles, METH_VARARGS, "handles(owner=0) -> handles"},
+    {"copy_slot", (PyCFunction)Core_copy_slot, METH_VARARGS,
+     "copy_slot(slot, wait=0.05) -> (generation, state, flags, owner, entity, bytes, torn)"},
+    {"counters", (PyCFunction)Core_counters, METH_NOARGS, "counters in format.COUNTERS order"},
+    {"used", (PyCFunction)Core_used, METH_NOARGS, "allocated slots (the used word)"},
+    {"close", (PyCFunction)Core_close, METH_NOARGS, "release the buffer; every later call raises StatedError"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject CoreType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "stated.shm._native.Core",
+    .tp_basicsize = sizeof(CoreObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "One attached table over the native core; see the module docstring.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Core_init,
+    .tp_dealloc = (destructor)Core_dealloc,
+    .tp_methods = Core_methods,
+    .tp_getset = Core_getset,
+};
+
+/* ---- module --------------------------------------------------------------------------------------------- */
+static PyObject *mod_strerror(PyObject *m, PyObject *arg)
+{
+    (void)m;
+    long rc = PyLong_AsLong(arg);
+    if (rc == -1 && PyErr_Occurred())
+        return NULL;
+    return PyUnicode_FromString(stated_strerror((int)rc));
+}
+
+static PyMethodDef module_methods[] = {
+    {"strerror", mod_strerror, METH_O, "strerror(code) -> text of a STATED_ERR_* code"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef native_module = {
+    PyModuleDef_HEAD_INIT, "stated.shm._native", MODULE_DOC, -1, module_methods, NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__native(void)
+{
+    if (PyType_Ready(&CoreType) < 0 || PyType_Ready(&SectionType) < 0)
+        return NULL;
+    if (load_errors() < 0)
+        return NULL;
+    empty_tuple = PyTuple_New(0);
+    PyObject *logging = PyImport_ImportModule("logging");
+    if (!logging || !empty_tuple)
+        return NULL;
+    logger = PyObject_CallMethod(logging, "getLogger", "s", "stated.native");
+    Py_DECREF(logging);
+    if (!logger)
+        return NULL;
+    PyObject *m = PyModule_Create(&native_module);
+    if (!m)
+        return NULL;
+    if (PyModule_AddObjectRef(m, "Core", (PyObject *)&CoreType) < 0
+        || PyModule_AddObjectRef(m, "Section", (PyObject *)&SectionType) < 0
+        || PyModule_AddIntConstant(m, "COUNTER_COUNT", STATED_COUNTER_COUNT) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
