@@ -1,4 +1,5 @@
-"""Build of the native core's CPython extension (stated.shm._native, the data plane layer); everything else is in pyproject.toml.
+"""Build of the native core's CPython extension (stated.shm._native, the data plane layer);
+everything else is in pyproject.toml.
 
 The core is one C11 header (stated/native/stated_core.h, stb-style); _native.c compiles it with
 STATED_IMPLEMENTATION. A C compiler is already required at install (sysv_ipc builds from source).

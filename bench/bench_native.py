@@ -29,11 +29,23 @@ import sys
 import tempfile
 import time
 
-from _common import ROOT, exit_on_signals, human, pick_keys, remove_raw_key
-from bench_dataplane import (CAPACITY, ENTITY_BASE, FILL, LOCK_TIMEOUT, RECORD_STRUCT, Harness, NaiveStack,
-                             RawPlayer, Variant, check_raw_layout, compare, start_redis, stop_redis)
-
 import sysv_ipc  # noqa: E402
+from _common import ROOT, exit_on_signals, human, pick_keys, remove_raw_key
+from bench_dataplane import (
+    CAPACITY,
+    ENTITY_BASE,
+    FILL,
+    LOCK_TIMEOUT,
+    RECORD_STRUCT,
+    Harness,
+    NaiveStack,
+    RawPlayer,
+    Variant,
+    check_raw_layout,
+    compare,
+    start_redis,
+    stop_redis,
+)
 
 from stated.format import config as config_mod  # noqa: E402
 from stated.shm import _native, segment  # noqa: E402
@@ -227,7 +239,8 @@ def main() -> int:
         samples = {cfg: [] for cfg in configs}
         for _ in range(repeats):
             for kind, n in configs:
-                samples[(kind, n)].append(run_procs(kind, n, key, nkey if kind == "naive" else skey, duration, children))
+                sem = nkey if kind == "naive" else skey
+                samples[(kind, n)].append(run_procs(kind, n, key, sem, duration, children))
         labels = {"native-entity": "core.free(core.alloc(entity))", "native": "core.free(core.alloc())",
                   "naive": "naive stack pop+push (sysv_ipc, SEM_UNDO)",
                   "sem2": "2x sysv_ipc acquire(2.0)+release (SEM_UNDO)"}

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import sysv_ipc
+from conftest import PLAYER_FIELDS, player_layout
 
 import stated
 from stated.format import config as config_mod
@@ -25,8 +26,6 @@ from stated.shm import _native, segment
 from stated.shm.allocator import Handle
 from stated.shm.records import default_record, record_class
 from stated.tools import cheader
-
-from conftest import PLAYER_FIELDS, player_layout
 
 ROOT = Path(__file__).resolve().parent.parent
 NATIVE = ROOT / "stated" / "native"
@@ -307,7 +306,7 @@ def test_extension_rebuilds_scribbled_state(make_segment, scribble):
         elif scribble == "phantom":
             h = c.alloc(1)
             c.free(h)
-            home = t._alloc._home(999)
+            home = t._alloc.index.home(999)
             fmt.INDEX_ENTRY.pack_into(buf, r.index_offset + home * fmt.INDEX_ENTRY_SIZE, 999, h.slot + 1, 0)
             assert c.lookup(999) is None
             assert c.lookup(999) is None and c.alloc(999) == c.lookup(999)
