@@ -94,7 +94,7 @@ class Fixture:
             except CorruptSegment:
                 outcomes.append(False)
         with bounded(3, "table_status"):
-            st_ = status.table_status("fuzz", self.key, self.tc.capacity)
+            st_ = status.table_status("fuzz", self.key, self.tc.capacity).to_dict()
         assert isinstance(st_, dict)
         if "error" in st_:
             assert st_["error"].split(":")[0] in ("CorruptSegment", "UnsupportedVersion", "SegmentInitialising"), \

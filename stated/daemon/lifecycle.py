@@ -40,7 +40,7 @@ from ..format.config import Config, TableConfig
 from ..persist.saver import Saver
 from ..persist.snapshot import SnapshotFailed
 from ..shm.allocator import Allocator
-from ..shm.owners import DEAD, UNKNOWN, Liveness, Owner
+from ..shm.owners import DEAD, Liveness, Owner
 from ..shm.segment import Segment, Trust
 from . import control, instance, kernel, provision
 from .conns import fit_limit
@@ -48,6 +48,7 @@ from .metrics import DaemonMetrics
 from .metrics import serve as serve_metrics
 from .notify import Notifier
 from .service import extending_timeout
+from .status import TableStats, segment_stats
 
 log = logging.getLogger("stated.daemon")
 
@@ -110,7 +111,7 @@ class Daemon:
         self.monotonic = monotonic     # durations (dead-owner grace): immune to wall-clock steps
         self.liveness = Liveness(proc_root)
         self.notifier = Notifier(env)
-        self.metrics = DaemonMetrics(self)
+        self.metrics = DaemonMetrics(self.stats)
         self.tables: dict[str, TableState] = {}
         self.broken: dict[str, str] = {}      # tables not served, with the reason (status, metrics)
         self._gone_since: dict[tuple, float] = {}   # (table, owner entry) -> monotonic time first seen gone
@@ -555,30 +556,22 @@ class Daemon:
         ts.dirty = ts.alloc.views.marked_slots()
 
     # ---- numbers for metrics / status ----------------------------------------------------------
-    def table_numbers(self, ts: TableState) -> dict[str, Any]:
-        alive = dead = unknown = orphaned = 0
-        for o in ts.alloc.owners():
-            state = self.liveness.state(o.pid, o.start_time) if o.state == fmt.OWNER_ATTACHED else DEAD
-            if state == UNKNOWN:       # counted apart, and its slots are not orphaned: it may well be running
-                unknown += 1
-            elif state != DEAD:
-                alive += 1
-            elif o.slots:
-                dead += 1
-                orphaned += o.slots
-        used = ts.alloc.used()
-        try:
-            attached = ts.seg.shm.number_attached
-        except Exception:  # noqa: BLE001 - segment removed under us; report what we can
-            attached = 0
-        saver = ts.saver
-        return {"snapshot_time": saver.last_success if saver else None,
-                "snapshot_size": saver.last_size if saver else 0,
-                "capacity": ts.alloc.capacity, "used": used, "orphaned": min(orphaned, used),
-                "owners_alive": alive, "owners_dead": dead, "owners_unknown": unknown, "attached": attached,
-                "up": self.segment_on_key(ts), "lost": ts.lost,
-                "size_bytes": ts.seg.header.regions.total_size, "dirty": ts.dirty,
-                "counters": ts.alloc.counters()}
+    def table_stats(self, ts: TableState) -> TableStats:
+        """One served table's numbers (the same computation `stated status` does without a daemon),
+        plus what only the daemon knows: dirty count of the last pass, up, losses, last snapshot."""
+        st = segment_stats(ts.name, ts.seg, ts.alloc.views, self.liveness)
+        st.dirty, st.up, st.lost = ts.dirty, self.segment_on_key(ts), ts.lost
+        if ts.saver is not None:
+            st.snapshot_time, st.snapshot_size = ts.saver.last_success, ts.saver.last_size
+        return st
+
+    def stats(self) -> list[TableStats]:
+        """Every configured table: served ones with their numbers, broken ones with their error."""
+        out = [self.table_stats(ts) for ts in self.tables.values()]
+        for name, why in self.broken.items():
+            tc = self.cfg.tables.get(name)
+            out.append(TableStats(name, tc.key if tc else 0, error=f"not served: {why}", up=False))
+        return out
 
     def summary(self) -> str:
         used = sum(ts.alloc.used() for ts in self.tables.values())
@@ -587,13 +580,7 @@ class Daemon:
 
     # ---- control-socket ops ------------------------------------------------------------------------
     def _op_status(self, req: dict) -> dict:
-        from .status import table_status
-        rows = [table_status(name, ts.tc.key, ts.tc.capacity, self.liveness) for name, ts in self.tables.items()]
-        for r in rows:
-            r["dirty"] = self.tables[r["table"]].dirty
-        for name, why in self.broken.items():
-            tc = self.cfg.tables.get(name)
-            rows.append({"table": name, "key": tc.key if tc else 0, "error": f"not served: {why}"})
+        rows = [st.to_dict() for st in self.stats()]
         return {"daemon": {"pid": os.getpid(), "version": __version__, "uptime": self.wall() - self.started_at,
                            "metrics_port": self.metrics_port, "config": self.cfg.path},
                 "tables": rows}

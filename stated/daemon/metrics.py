@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -21,9 +20,7 @@ from .. import __version__
 from ..format import segment as fmt
 from .conns import ConnectionLimiter
 from .service import register_process_metrics
-
-if TYPE_CHECKING:
-    from .lifecycle import Daemon
+from .status import TableStats
 
 log = logging.getLogger("stated.metrics")
 
@@ -31,10 +28,14 @@ MAX_REQUEST = 8192
 
 
 class TableCollector:
-    """Reads every table's counters from shared memory when Prometheus scrapes."""
+    """Reports every table's numbers when Prometheus scrapes.
 
-    def __init__(self, daemon: Daemon):
-        self.daemon = daemon
+    `stats` is the injectable input (as prometheus_client's own collectors take theirs): the daemon
+    passes its `stats` method, which reads the shared counters at that moment (O(tables)).
+    """
+
+    def __init__(self, stats: Callable[[], list[TableStats]]):
+        self.stats = stats
 
     def collect(self) -> Iterator[Metric]:
         L = ["table"]
@@ -64,18 +65,22 @@ class TableCollector:
         up = GaugeMetricFamily("stated_table_up", "1 while the daemon serves the table and its segment is on "
                                "its key; 0 when it cannot serve it, or the segment was removed (ipcrm -M) and "
                                "is not recreated yet (see the daemon log and `stated status`)", labels=L)
-        for name in self.daemon.broken:
-            up.add_metric([name], 0)
         dirty = GaugeMetricFamily("stated_dirty_slots",
                                   "Slots changed since the last save (as of the last housekeeping pass)",
                                   labels=L)
-        for name, ts in self.daemon.tables.items():
-            snap = self.daemon.table_numbers(ts)
-            c = snap["counters"]
-            slots.add_metric([name, "free"], snap["capacity"] - snap["used"])
-            slots.add_metric([name, "allocated"], snap["used"] - snap["orphaned"])
-            slots.add_metric([name, "orphaned"], snap["orphaned"])
-            capacity.add_metric([name], snap["capacity"])
+        last = GaugeMetricFamily("stated_snapshot_last_success_timestamp_seconds",
+                                 "Unix time of the last snapshot written", labels=L)
+        snap_size = GaugeMetricFamily("stated_snapshot_size_bytes", "Size of the last snapshot file", labels=L)
+        for st in self.stats():
+            name = st.table
+            if st.error is not None:
+                up.add_metric([name], 0)
+                continue
+            c = st.counters
+            slots.add_metric([name, "free"], st.free)
+            slots.add_metric([name, "allocated"], st.used - st.orphaned)
+            slots.add_metric([name, "orphaned"], st.orphaned)
+            capacity.add_metric([name], st.capacity)
             allocs.add_metric([name], c["allocations"])
             frees.add_metric([name], c["frees"])
             fails.add_metric([name, "full"], c["alloc_failures_full"])
@@ -86,21 +91,18 @@ class TableCollector:
             torn.add_metric([name], c["torn_reads"])
             settled.add_metric([name], c["settled_slots"])
             rebuilds.add_metric([name], c["rebuilds"])
-            owners.add_metric([name, "alive"], snap["owners_alive"])
-            owners.add_metric([name, "dead"], snap["owners_dead"])
-            owners.add_metric([name, "unknown"], snap["owners_unknown"])
-            up.add_metric([name], 1 if snap["up"] else 0)
-            lost.add_metric([name], snap["lost"])
-            attached.add_metric([name], snap["attached"])
-            size.add_metric([name], snap["size_bytes"])
-            dirty.add_metric([name], snap["dirty"])
-        last = GaugeMetricFamily("stated_snapshot_last_success_timestamp_seconds",
-                                 "Unix time of the last snapshot written", labels=L)
-        snap_size = GaugeMetricFamily("stated_snapshot_size_bytes", "Size of the last snapshot file", labels=L)
-        for name, ts in self.daemon.tables.items():
-            if ts.saver is not None and ts.saver.last_success is not None:
-                last.add_metric([name], ts.saver.last_success)
-                snap_size.add_metric([name], ts.saver.last_size)
+            owners.add_metric([name, "alive"], st.owners_alive)
+            owners.add_metric([name, "dead"], st.owners_dead)
+            owners.add_metric([name, "detached"], st.owners_detached)
+            owners.add_metric([name, "unknown"], st.owners_unknown)
+            up.add_metric([name], 1 if st.up else 0)
+            lost.add_metric([name], st.lost)
+            attached.add_metric([name], st.attached)
+            size.add_metric([name], st.size_bytes)
+            dirty.add_metric([name], st.dirty or 0)
+            if st.snapshot_time is not None:
+                last.add_metric([name], st.snapshot_time)
+                snap_size.add_metric([name], st.snapshot_size)
         yield from (last, snap_size)
         info = GaugeMetricFamily("stated_build_info", "stated version and segment format",
                                  labels=["version", "format_version"])
@@ -112,9 +114,9 @@ class TableCollector:
 class DaemonMetrics:
     """The daemon's own registry: the table collector plus pass timings."""
 
-    def __init__(self, daemon: Daemon):
+    def __init__(self, stats: Callable[[], list[TableStats]]):
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(TableCollector(daemon))
+        self.registry.register(TableCollector(stats))
         register_process_metrics(self.registry)          # process_start_time_seconds: restarts
         self.housekeeping = Histogram("stated_housekeeping_duration_seconds", "Duration of housekeeping passes",
                                       ["pass"], registry=self.registry,

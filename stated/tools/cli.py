@@ -80,7 +80,7 @@ def cmd_status(args) -> int:
     cfg = _config(args)
     reply = _daemon(cfg, "status")
     daemon = reply["daemon"] if reply else None
-    rows = reply["tables"] if reply else config_status(cfg)
+    rows = reply["tables"] if reply else [st.to_dict() for st in config_status(cfg)]
     if args.json:
         print(json.dumps({"config": cfg.path, "daemon": daemon, "tables": rows}, indent=2))
     else:
@@ -100,8 +100,8 @@ def cmd_status(args) -> int:
             print(f"{r['table']:<12} {r['key']:#010x} {r['shmid']:>7} {r['used']:>8} {r['capacity']:>8} "
                   f"{r['attached']:>8} {r['mode']:>5} {human_bytes(r['size_bytes']):>10}  {r['layout_hash']}")
             for o in r["owners"]:
-                print(f"    owner {o['name']:<20} pid {o['pid']:<8} {o['state']:<9} "
-                      f"{'alive' if o['alive'] else 'gone':<5} {o['slots']} slots")
+                print(f"    owner {o['name']:<20} pid {o['pid']:<8} {o['state']:<9} {o['liveness']:<8} "
+                      f"{o['slots']} slots")
             if "warning" in r:
                 print(f"    warning: {r['warning']}")
     return EXIT_OK if all("error" not in r for r in rows) else EXIT_ERROR

@@ -13,66 +13,23 @@ import curses
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
-from ..daemon.status import table_status
+from ..daemon.status import TableStats, table_status
 from ..errors import StatedError
-from ..format import segment as fmt
 from ..format.config import Config
-from ..shm import segment
 
 # The issue's columns first (they fit in 80 columns); the rest follow on wider terminals.
 COLUMNS = ("TABLE", "USED", "CAPACITY", "FILL", "ALLOC/s", "FREE/s", "DIRTY", "OWNERS", "REPAIRS", "ORPHANED",
            "TIMEOUTS", "ATTACHED")
 
 
-@dataclass
-class Row:
-    table: str
-    error: str | None = None
-    used: int = 0
-    capacity: int = 0
-    dirty: int | None = None
-    owners_alive: int = 0
-    owners_dead: int = 0
-    orphaned: int = 0
-    attached: int = 0
-    counters: dict[str, int] = field(default_factory=dict)
+def sample(cfg: Config) -> list[TableStats]:
+    """One reading of every configured table (the numbers `stated status` shows); a missing or broken
+    table is a row with an error."""
+    return [table_status(tc.name, tc.key, tc.capacity) for tc in cfg.tables.values()]
 
 
-def _dirty(key: int) -> int | None:
-    try:
-        seg = segment.open(key, readonly=True)
-    except StatedError:
-        return None
-    try:
-        views = fmt.SegmentViews(seg.buf, seg.header)
-        try:
-            return views.marked_slots()
-        finally:
-            views.release()
-    finally:
-        seg.detach()
-
-
-def sample(cfg: Config) -> list[Row]:
-    """One reading of every configured table; a missing or broken table is a row with an error."""
-    rows = []
-    for tc in cfg.tables.values():
-        st = table_status(tc.name, tc.key, tc.capacity)
-        if "error" in st:
-            rows.append(Row(tc.name, error=st["error"]))
-            continue
-        owners = st["owners"]
-        rows.append(Row(tc.name, used=st["used"], capacity=st["capacity"], dirty=_dirty(tc.key),
-                        owners_alive=sum(1 for o in owners if o["alive"]),
-                        owners_dead=sum(1 for o in owners if not o["alive"] and o["slots"]),
-                        orphaned=sum(o["slots"] for o in owners if not o["alive"]),
-                        attached=st["attached"], counters=st["counters"]))
-    return rows
-
-
-def render(rows: list[Row], prev: dict[str, Row], dt: float) -> list[str]:
+def render(rows: list[TableStats], prev: dict[str, TableStats], dt: float) -> list[str]:
     """Text lines of the table view: the header, then one line per table."""
     lines = [" ".join(f"{c:>{w}}" for c, w in zip(COLUMNS, _WIDTHS))]
     for r in rows:
@@ -81,14 +38,14 @@ def render(rows: list[Row], prev: dict[str, Row], dt: float) -> list[str]:
             continue
         p = prev.get(r.table)
 
-        def rate(name: str, r: Row = r, p: Row | None = p) -> str:
+        def rate(name: str, r: TableStats = r, p: TableStats | None = p) -> str:
             if p is None or p.error or dt <= 0:
                 return "-"
             return f"{max(0, r.counters.get(name, 0) - p.counters.get(name, 0)) / dt:.0f}"
 
         fill = f"{100 * r.used / r.capacity:.1f}%" if r.capacity else "-"
         cells = (r.table[:10], r.used, r.capacity, fill, rate("allocations"), rate("frees"),
-                 "-" if r.dirty is None else r.dirty, f"{r.owners_alive}/{r.owners_dead}",
+                 "-" if r.dirty is None else r.dirty, f"{r.owners_alive}/{r.owners_dead + r.owners_detached}",
                  r.counters.get("lock_repairs", 0), r.orphaned, r.counters.get("lock_timeouts", 0), r.attached)
         lines.append(" ".join(f"{str(c):>{w}}" for c, w in zip(cells, _WIDTHS)))
     return lines
@@ -116,7 +73,7 @@ def run(cfg: Config, *, interval: float = 1.0, iterations: int = 0, once: bool =
 def _loop(scr, cfg: Config, interval: float, iterations: int, clock) -> int:
     curses.curs_set(0)
     scr.timeout(int(interval * 1000))
-    prev: dict[str, Row] = {}
+    prev: dict[str, TableStats] = {}
     t_prev = time.monotonic()
     n = 0
     while True:
