@@ -6,37 +6,11 @@
     with players.write(h) as p:
         p.name = "alice"; p.hp = 90
 """
-from .errors import (
-           ConfigError,
-           CorruptSegment,
-           DaemonError,
-           DuplicateEntity,
-           ForeignSegment,
-           InstallError,
-           LayoutMismatch,
-           LockTimeout,
-           NotOwner,
-           OwnerBusy,
-           OwnersExhausted,
-           ReadOnlyTable,
-           SchemaError,
-           SegmentExists,
-           SegmentNotFound,
-           SlotOutOfRange,
-           StaleHandle,
-           StatedError,
-           TableFull,
-           TornRecord,
-           UnsupportedVersion,
-)
+from . import errors
+from .errors import *  # noqa: F403 - every exception is part of the API
 from .shm.allocator import Handle
-from .shm.segment import PermissionDenied
-from .shm.table import Table, attach
+from .shm.table import SlotInfo, Table, attach
 
 __version__ = "0.1.0"
 
-__all__ = ["attach", "Table", "Handle", "StatedError", "ConfigError", "SchemaError", "SegmentNotFound",
-           "SegmentExists", "ForeignSegment", "CorruptSegment", "UnsupportedVersion", "LayoutMismatch",
-           "TableFull", "DuplicateEntity", "StaleHandle", "SlotOutOfRange", "NotOwner", "OwnerBusy", "OwnersExhausted",
-           "ReadOnlyTable", "LockTimeout", "TornRecord", "DaemonError", "PermissionDenied", "InstallError",
-           "__version__"]
+__all__ = ["attach", "Table", "Handle", "SlotInfo", "__version__", *errors.__all__]

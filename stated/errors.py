@@ -52,6 +52,18 @@ class CorruptSegment(StatedError):
     """The segment header fails validation (magic, checksum, offsets, sizes)."""
 
 
+class SegmentInitialising(CorruptSegment):
+    """The segment is still being built (state INITIALISING); `creator_pid` made it."""
+
+    def __init__(self, message: str, creator_pid: int):
+        super().__init__(message)
+        self.creator_pid = creator_pid
+
+
+class PermissionDenied(StatedError, PermissionError):
+    """The caller's uid/gid may not attach the segment or semaphore with the rights asked."""
+
+
 class UnsupportedVersion(CorruptSegment):
     """The segment was written by a format version this code does not know."""
 
@@ -134,3 +146,12 @@ class RestoreError(StatedError):
 
 class InstallError(StatedError):
     """The installation lacks something stated needs (e.g. sysv_ipc built without semtimedop)."""
+
+
+# every exception is part of the public API (`from stated import LockTimeout`); tests/test_layers.py checks
+__all__ = ["StatedError", "ConfigError", "KernelLimitError", "SchemaError", "SegmentNotFound",
+           "SegmentExists", "ForeignSegment", "CorruptSegment", "SegmentInitialising", "PermissionDenied",
+           "UnsupportedVersion", "LayoutMismatch", "TableFull", "DuplicateEntity", "StaleHandle",
+           "SlotOutOfRange", "NotOwner", "OwnerBusy", "OwnersExhausted", "ReadOnlyTable", "LockTimeout",
+           "TornRecord", "DaemonError", "AlreadyRunning", "CorruptSnapshot", "SnapshotFailed", "UnsafePath",
+           "MigrationRefused", "RestoreError", "InstallError"]

@@ -76,3 +76,19 @@ def test_worker_import_is_light(heavy):
             f"sys.exit(1 if {heavy!r} in sys.modules else 0)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, f"`import stated` loaded {heavy}: {res.stderr}"
+
+
+def test_every_exception_lives_in_errors_and_is_exported():
+    import stated
+    from stated import errors
+    classes = {n for n, o in vars(errors).items() if isinstance(o, type) and issubclass(o, errors.StatedError)}
+    assert set(errors.__all__) == classes and set(errors.__all__) <= set(stated.__all__)
+    others = []
+    for path in sorted(PKG.rglob("*.py")):
+        if path.name == "errors.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef) and any(
+                    isinstance(b, ast.Name) and (b.id.endswith("Error") or b.id in classes) for b in node.bases):
+                others.append(f"{path.relative_to(PKG)}: {node.name}")
+    assert others == [], "exceptions belong in stated/errors.py"

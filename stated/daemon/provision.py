@@ -11,7 +11,7 @@ import logging
 
 import sysv_ipc
 
-from ..errors import CorruptSegment, LayoutMismatch, SegmentNotFound
+from ..errors import CorruptSegment, LayoutMismatch, SegmentInitialising, SegmentNotFound
 from ..format import segment as fmt
 from ..format.config import DaemonConfig, TableConfig
 from ..shm import segment
@@ -35,7 +35,7 @@ def ensure(tc: TableConfig, dc: DaemonConfig, *, migrate: bool = False, allow_lo
     try:
         try:
             seg = segment.open(tc.key, expect=tc.layout, expect_capacity=tc.capacity, table=tc.name, trust=trust)
-        except segment.SegmentInitialising as e:
+        except SegmentInitialising as e:
             remove_half_built(tc, e.creator_pid, trust)
             raise SegmentNotFound(str(e)) from None
     except LayoutMismatch:

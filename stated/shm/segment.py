@@ -20,7 +20,16 @@ from dataclasses import dataclass
 
 import sysv_ipc
 
-from ..errors import CorruptSegment, ForeignSegment, LayoutMismatch, SegmentExists, SegmentNotFound, StatedError
+from ..errors import (
+    CorruptSegment,
+    ForeignSegment,
+    LayoutMismatch,
+    PermissionDenied,
+    SegmentExists,
+    SegmentInitialising,
+    SegmentNotFound,
+    StatedError,
+)
 from ..format import segment as fmt
 from ..format.layout import Layout
 
@@ -29,8 +38,6 @@ log = logging.getLogger("stated.segment")
 INIT_WAIT = 2.0  # seconds an opener waits for a segment still being initialised
 
 
-class PermissionDenied(StatedError, PermissionError):
-    """The caller's uid/gid may not attach the segment or semaphore with the rights asked."""
 
 
 @dataclass(frozen=True)
@@ -75,14 +82,6 @@ def check_provenance(obj: sysv_ipc.SharedMemory | sysv_ipc.Semaphore, key: int, 
         f"accepts only objects created by uid {'/'.join(map(str, sorted(trust.uids)))} with no permission beyond "
         f"{trust.mode:04o}. It may have been planted: inspect it with `ipcs -{flag}i {obj.id}`, remove it with "
         f"`ipcrm -{flag} {obj.id}`, then restart the daemon")
-
-
-class SegmentInitialising(CorruptSegment):
-    """The segment is still being built (state INITIALISING); `creator_pid` made it."""
-
-    def __init__(self, message: str, creator_pid: int):
-        super().__init__(message)
-        self.creator_pid = creator_pid
 
 
 @dataclass
