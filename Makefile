@@ -27,6 +27,8 @@ native: $(STAMP)
 
 test: $(STAMP) native
 	bash .ci/system-deps
+	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
 
 test-slow: $(STAMP) native
