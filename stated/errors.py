@@ -154,4 +154,23 @@ __all__ = ["StatedError", "ConfigError", "KernelLimitError", "SchemaError", "Seg
            "UnsupportedVersion", "LayoutMismatch", "TableFull", "DuplicateEntity", "StaleHandle",
            "SlotOutOfRange", "NotOwner", "OwnerBusy", "OwnersExhausted", "ReadOnlyTable", "LockTimeout",
            "TornRecord", "DaemonError", "AlreadyRunning", "CorruptSnapshot", "SnapshotFailed", "UnsafePath",
-           "MigrationRefused", "RestoreError", "InstallError"]
+           "MigrationRefused", "RestoreError", "InstallError", "StoreError", "StoreUnavailable",
+           "OwnedElsewhere"]
+
+
+class StoreError(StatedError):
+    """The durable store (PostgreSQL) refused or failed a request: bad DSN, wrong password, missing
+    database, a row that does not match the layout, a table that is not stored."""
+
+
+class StoreUnavailable(StoreError):
+    """The database could not be reached within the bounded time (claim, flush and release fail
+    with this during an outage; the game keeps running and dirty records stay queued in memory)."""
+
+
+class OwnedElsewhere(StoreError):
+    """Another host holds the entity's lease; the message names the holder and when its lease ends."""
+
+    def __init__(self, message: str, *, holder: str = "", lease_until: float = 0.0):
+        self.holder, self.lease_until = holder, lease_until
+        super().__init__(message)

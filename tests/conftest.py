@@ -253,3 +253,215 @@ def copy_checkout(dest: Path) -> Path:
             (dest / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(root / f, dest / f)
     return dest
+
+
+# ---- PostgreSQL: a throwaway cluster per session (and private ones for outage tests) ----------------
+class PgCluster:
+    """A real PostgreSQL server in a temp dir on a free loopback port, run as the `postgres` user when
+    we are root (initdb and pg_ctl refuse root). Stopped by pid and removed by `destroy`, even after a
+    failure. Users: `postgres` (superuser, password 'postgres'), `stated` (password 'stated-pw')."""
+
+    SUPERUSER_PW = "postgres"
+    USER, USER_PW = "stated", "stated-pw"
+
+    def __init__(self, bindir: Path):
+        import pwd
+        import tempfile
+        self.bindir = bindir
+        self.dir = Path(tempfile.mkdtemp(prefix="stated-pg-"))
+        self.data = self.dir / "data"
+        self.port = _free_port()
+        self.as_postgres = os.geteuid() == 0
+        if self.as_postgres:
+            pw = pwd.getpwnam("postgres")
+            os.chown(self.dir, pw.pw_uid, pw.pw_gid)
+        os.chmod(self.dir, 0o700)
+
+    def _run(self, *args: str, timeout: float = 60) -> str:
+        import subprocess
+        cmd = [str(self.bindir / args[0]), *args[1:]]
+        if self.as_postgres:
+            cmd = ["runuser", "-u", "postgres", "--", *cmd]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=self.dir)
+        if r.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode}): {r.stdout}{r.stderr}")
+        return r.stdout
+
+    def init(self) -> "PgCluster":
+        pwfile = self.dir / "pw"
+        pwfile.write_text(self.SUPERUSER_PW + "\n")
+        if self.as_postgres:
+            import pwd
+            pw = pwd.getpwnam("postgres")
+            os.chown(pwfile, pw.pw_uid, pw.pw_gid)
+        self._run("initdb", "-D", str(self.data), "-U", "postgres", "--pwfile", str(pwfile),
+                  "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8", "--locale=C.UTF-8")
+        pwfile.unlink()
+        return self
+
+    def start(self) -> "PgCluster":
+        opts = (f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off "
+                f"-c full_page_writes=off -c shared_buffers=64MB -c max_connections=60")
+        self._run("pg_ctl", "-D", str(self.data), "-o", opts, "-l", str(self.dir / "log"), "-w", "-t", "30", "start")
+        return self
+
+    def stop(self, mode: str = "fast") -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "-t", "30", "stop")
+
+    def pid(self) -> int | None:
+        try:
+            return int((self.data / "postmaster.pid").read_text().split("\n", 1)[0])
+        except (OSError, ValueError):
+            return None
+
+    def psql(self, sql: str, db: str = "postgres") -> str:
+        return self._run("psql", "-h", str(self.dir), "-p", str(self.port), "-U", "postgres", "-d", db,
+                         "-v", "ON_ERROR_STOP=1", "-qAt", "-c", sql)
+
+    def dsn(self, db: str, user: str | None = None, password: str | None = None) -> str:
+        user = user or self.USER
+        password = self.USER_PW if password is None else password
+        return f"postgresql://{user}:{password}@127.0.0.1:{self.port}/{db}"
+
+    def new_database(self, name: str) -> str:
+        self.psql(f"CREATE DATABASE {name} OWNER {self.USER}")
+        return self.dsn(name)
+
+    def setup_users(self) -> None:
+        self.psql(f"CREATE ROLE {self.USER} LOGIN PASSWORD '{self.USER_PW}'")
+
+    def destroy(self) -> None:
+        import shutil
+        pid = self.pid()
+        if pid:
+            try:
+                self.stop("immediate")
+            except Exception:  # noqa: BLE001 - fall back to the pid
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + 10
+        while pid and time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pg_bindir() -> Path | None:
+    """Where initdb/pg_ctl live: PATH, else the newest Debian /usr/lib/postgresql/N/bin."""
+    import shutil
+    found = shutil.which("pg_ctl")
+    if found and shutil.which("initdb"):
+        return Path(os.path.realpath(found)).parent
+    cands = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"), key=lambda p: int(p.parent.parent.name)
+                   if p.parent.parent.name.isdigit() else 0)
+    return cands[-1].parent if cands else None
+
+
+def new_pg_cluster() -> PgCluster:
+    bindir = pg_bindir()
+    if bindir is None:
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) are not installed: apt-get install postgresql "
+                    "(.ci/system-deps does it as root)")
+    c = PgCluster(bindir)
+    try:
+        c.init().start()
+        c.setup_users()
+    except BaseException:
+        c.destroy()
+        raise
+    return c
+
+
+@pytest.fixture(scope="session")
+def pg_cluster():
+    """One PostgreSQL server for the session (tests get their own database through `pg_dsn`)."""
+    c = new_pg_cluster()
+    yield c
+    c.destroy()
+
+
+_db_counter = itertools.count(1)
+
+
+@pytest.fixture
+def pg_dsn(pg_cluster):
+    """DSN of a fresh, empty database on the session cluster (owned by the `stated` user)."""
+    name = f"t{os.getpid()}_{next(_db_counter)}"
+    dsn = pg_cluster.new_database(name)
+    yield dsn
+    try:
+        pg_cluster.psql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    except Exception:  # noqa: BLE001 - the cluster is removed at session end anyway
+        pass
+
+
+@pytest.fixture
+def pg_private():
+    """A cluster of this test's own (for outages: pg_ctl stop -m immediate, restarts)."""
+    c = new_pg_cluster()
+    yield c
+    c.destroy()
+
+
+class StoreHost:
+    """The daemon side of one host for store tests, without a daemon: the table's segment, an
+    allocator, and a Store on it (stated/persist/store/flush.py). Workers attach in-process as usual."""
+
+    def __init__(self, key: int, dsn: str, host_id: str, table: str = "players", **cfg):
+        from stated.shm import segment as seg_mod
+        from stated.shm.allocator import Allocator
+        from stated.format.store_config import StoreConfig
+        from stated.persist.store.flush import Store
+        self.seg = seg_mod.open(key, table=table)
+        self.alloc = Allocator(self.seg, table=table)
+        cfg.setdefault("lease_ttl", 30.0)
+        cfg.setdefault("timeout", 3.0)
+        migrate = cfg.pop("migrate", False)
+        allow_lossy = cfg.pop("allow_lossy", False)
+        self.store = Store(StoreConfig(dsn=dsn, host_id=host_id, **cfg), migrate=migrate, allow_lossy=allow_lossy)
+        self.ts = self.store.add_table(table, self.seg.header.layout, self.alloc, self.seg)
+        self.table = table
+
+    def close(self) -> None:
+        self.store.close_tables()
+        self.alloc.release_views()
+        self.seg.detach()
+
+
+async def pg_rows(dsn: str, table: str = "players", schema: str = "stated") -> dict:
+    """{entity: row dict} of a stored table, read with a plain connection (what an operator sees)."""
+    import asyncpg
+    c = await asyncpg.connect(dsn.replace(PgCluster.USER_PW, PgCluster.USER_PW))
+    try:
+        return {r["entity"]: dict(r) for r in await c.fetch(f'SELECT * FROM "{schema}"."{table}"')}
+    finally:
+        await c.close()
+
+
+async def pg_exec(dsn: str, sql: str, *args):
+    import asyncpg
+    c = await asyncpg.connect(dsn)
+    try:
+        return await c.fetch(sql, *args)
+    finally:
+        await c.close()
+
+
+async def pg_expire(dsn: str, host_id: str | None = None) -> None:
+    """Make leases (of `host_id`, or all) expire now: their own deadline and their host's heartbeat."""
+    await pg_exec(dsn, "UPDATE stated.leases SET lease_until = now() - interval '1 second' "
+                       "WHERE $1::text IS NULL OR host_id = $1", host_id)
+    await pg_exec(dsn, "UPDATE stated.hosts SET alive_until = now() - interval '1 second' "
+                       "WHERE $1::text IS NULL OR host_id = $1", host_id)

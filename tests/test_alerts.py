@@ -192,6 +192,20 @@ CASES = [
         quiet("StatedSnapshotStale", "10m"),              # restarted 5 minutes ago
         fires("StatedSnapshotStale", "16m", {**table_target(STATIC), "severity": "critical"}),
     ]),
+    # The durable store (issue 12): database unreachable, lag, stale writes after a lost lease.
+    ("store-down", [series("stated_store_up", STATIC, "1 1 0x10")], [
+        quiet("StatedStoreDown", "3m"),                   # down for less than `for: 2m`
+        fires("StatedStoreDown", "5m", {**STATIC, "severity": "critical"}),
+    ]),
+    ("store-lagging", [series("stated_store_lag_seconds", K8S, "1 2 45x10", table="players"),
+                       series("stated_store_lag_seconds", K8S, "1x12", table="world")], [
+        quiet("StatedStoreLagging", "4m"),
+        fires("StatedStoreLagging", "8m", {**table_target(K8S), "severity": "warning"}),
+    ]),
+    ("store-stale-writes", [series("stated_store_stale_writes_total", STATIC, "0 0 0 3 3", table="players")], [
+        quiet("StatedStoreStaleWrites", "2m"),
+        fires("StatedStoreStaleWrites", "4m", {**table_target(STATIC), "severity": "warning"}),
+    ]),
 ]
 
 

@@ -167,7 +167,7 @@ def test_bash_completion(tmp_path):
     assert res.returncode == 0
     script.write_text(res.stdout)
     assert _complete(script, "stated che") == ["check-config"]
-    assert set(_complete(script, "stated st")) == {"status"}
+    assert set(_complete(script, "stated st")) == {"status", "store"}
     assert _complete(script, "stated run --mi") == ["--migrate"]
     assert _complete(script, "stated --config x.toml sta") == ["status"]
     assert "--config" in _complete(script, "stated snapshot --")

@@ -41,8 +41,12 @@ METRICS = {
     # prometheus_client's ProcessCollector (stated/service.py)
     "process_start_time_seconds", "process_resident_memory_bytes", "process_virtual_memory_bytes",
     "process_cpu_seconds_total", "process_open_fds", "process_max_fds",
+    # the durable store (stated/daemon/store_metrics.py; exported when [store] is configured)
+    "stated_store_up", "stated_store_flushed_records_total", "stated_store_stale_writes_total",
+    "stated_store_lag_seconds", "stated_store_dirty_records", "stated_store_errors_total", "stated_leases",
 }
-HISTOGRAMS = {"stated_housekeeping_duration_seconds", "stated_snapshot_duration_seconds"}
+HISTOGRAMS = {"stated_housekeeping_duration_seconds", "stated_snapshot_duration_seconds",
+              "stated_store_flush_duration_seconds"}
 KNOWN_SERIES = METRICS | {h + s for h in HISTOGRAMS for s in ("_bucket", "_sum", "_count")}
 
 # The syscalls stated cannot live without: SysV shared memory and semaphores.

@@ -61,7 +61,41 @@ def churn(t, n):
             print("ready", flush=True)
 
 
+def store_flush(key: int, dsn: str, host_id: str) -> None:
+    """The daemon's write-behind alone, flushing forever (tests SIGKILL it mid-flush)."""
+    import asyncio
+    from conftest import StoreHost
+    host = StoreHost(key, dsn, host_id, batch=2000)
+
+    async def go():
+        assert await host.store.ensure_connected()
+        print("ready", flush=True)
+        while True:
+            await host.store.tick()
+            await asyncio.sleep(0.01)
+    asyncio.run(go())
+
+
+def store_worker(config: str, owner: str, n: int, value: int) -> None:
+    """Claim players 1..n through the daemon, write gold=value, flush each (acknowledged), print
+    "ready", then keep writing value+1 without flushing (writes a host loss may take with it)."""
+    t = stated.attach("players", owner=owner, config=config)
+    hs = [t.claim(e) for e in range(1, n + 1)]
+    for h in hs:
+        t.set(h, "gold", value)
+        t.flush(h)
+    print("ready", flush=True)
+    while True:
+        for h in hs:
+            t.set(h, "gold", value + 1)
+        time.sleep(0.01)
+
+
 def main():
+    if sys.argv[1] == "store_worker":
+        return store_worker(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
+    if sys.argv[1] == "store_flush":
+        return store_flush(int(sys.argv[2], 0), sys.argv[3], sys.argv[4])
     mode, key, owner = sys.argv[1], int(sys.argv[2], 0), sys.argv[3]
     n = int(sys.argv[4]) if len(sys.argv) > 4 else 10
     extra = [int(a) for a in sys.argv[5:]]

@@ -101,7 +101,8 @@ async def serve(path: Path, mode: int, handlers: dict[str, Handler], group_gid: 
                         answer = await answer
                     reply = {"ok": True, **answer}
                 except (ValueError, StatedError) as e:
-                    reply = {"ok": False, "error": str(e)}
+                    # `kind` lets a client raise the same StatedError subclass (claim: OwnedElsewhere, ...)
+                    reply = {"ok": False, "error": str(e), "kind": type(e).__name__}
                 writer.write(encode(reply))
                 await asyncio.wait_for(writer.drain(), timeout=idle_timeout)
         except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):

@@ -53,6 +53,7 @@ from .status import TableStats, segment_stats
 log = logging.getLogger("stated.daemon")
 
 SHUTDOWN_TIMEOUT = 4.0   # seconds; systemd's TimeoutStopSec is longer
+STORE_FINAL_FLUSH = 5.0  # seconds for the last write-behind at SIGTERM (unsaved records stay marked)
 EXIT_OK, EXIT_ERROR, EXIT_CONFIG = 0, 1, 78      # the same numbers as cli.EXIT_*
 SHM_DEST = 0o1000        # shm_perm.mode bit: the segment was removed (IPC_RMID) and lives on only while attached
 
@@ -111,7 +112,8 @@ class Daemon:
         self.monotonic = monotonic     # durations (dead-owner grace): immune to wall-clock steps
         self.liveness = Liveness(proc_root)
         self.notifier = Notifier(env)
-        self.metrics = DaemonMetrics(self.stats)
+        self.store: Any = None          # stated.persist.store.flush.Store when [store] is configured (loaded only then)
+        self.metrics = DaemonMetrics(self.stats, lambda: self.store)
         self.tables: dict[str, TableState] = {}
         self.broken: dict[str, str] = {}      # tables not served, with the reason (status, metrics)
         self._gone_since: dict[tuple, float] = {}   # (table, owner entry) -> monotonic time first seen gone
@@ -165,6 +167,29 @@ class Daemon:
             except MemoryError:    # shmget's ENOMEM: the checks above could not see it coming (overcommit)
                 raise KernelLimitError(f"table {tc.name!r}: the kernel has no memory for its "
                                        f"{kernel.segment_size(tc)}-byte segment: lower its capacity") from None
+        if cfg.store is not None:
+            self._start_store()
+
+    def _start_store(self) -> None:
+        """The write-behind store: only imported (with asyncpg) when [store] is configured. Connecting
+        happens in the store loop: an unreachable database at start is logged and retried, never fatal."""
+        assert self.cfg is not None and self.cfg.store is not None
+        from ..format.store_config import redact
+        from ..persist.store.flush import Store
+        self.store = Store(self.cfg.store, migrate=self.migrate, allow_lossy=self.allow_lossy,
+                           on_flush=self.metrics.store_flush.observe)
+        for name, ts in self.tables.items():
+            self._store_table(ts)
+        log.info("store: %s as host_id=%s, stored tables: %s", redact(self.cfg.store.dsn), self.cfg.store.host_id,
+                 ", ".join(self.store.tables) or "none")
+
+    def _store_table(self, ts: TableState) -> None:
+        if self.store is None or not ts.tc.store:
+            return
+        self.store.add_table(ts.name, ts.tc.layout, ts.alloc, ts.seg)
+        if ts.how == "restored":        # rebuilt from snapshots after a reboot: the marks were lost with memory
+            n = self.store.mark_all(ts.name)
+            log.info("store: table=%s restored from snapshots: %d records queued for the database", ts.name, n)
 
     def _make_state_dir(self) -> None:
         """Create state_dir if missing: mode from the config (x bits added), its group, whatever the umask."""
@@ -211,8 +236,12 @@ class Daemon:
         self.metrics_port = srv.sockets[0].getsockname()[1]
         log.info("metrics on http://%s:%d/metrics", host, self.metrics_port)
         gid = grp.getgrnam(d.group).gr_gid if d.group else None
-        handlers: dict[str, control.Handler] = {"ping": lambda req: {"pid": os.getpid()}, "status": self._op_status,
-                    "reload": self._op_reload, "reap": self._op_reap, "snapshot": self._op_snapshot}
+        handlers: dict[str, control.Handler] = {
+            "ping": lambda req: {"pid": os.getpid()}, "status": self._op_status, "reload": self._op_reload,
+            "reap": self._op_reap, "snapshot": self._op_snapshot,
+            "store_claim": self._op_store_claim, "store_flush": self._op_store_flush,
+            "store_release": self._op_store_release, "store_status": self._op_store_status,
+            "store_export": self._op_store_export}
         self._servers.append(await control.serve(d.control_socket, d.mode, handlers, gid, max_connections=conns,
                                                  idle_timeout=d.idle_timeout))
         st = os.lstat(d.control_socket)
@@ -246,6 +275,8 @@ class Daemon:
                                               self.snapshot_pass))]
         if self.notifier.watchdog_usec:
             tasks.append(loop.create_task(self._watchdog()))
+        if self.store is not None:
+            tasks.append(loop.create_task(self._store_loop()))
         log.info("ready: %d tables (%s), pid %d", len(self.tables), ", ".join(self.tables), os.getpid())
         self.notifier.ready(self.summary())
         while not self._stop:
@@ -260,6 +291,9 @@ class Daemon:
             t.cancel()
         await asyncio.wait(tasks, timeout=SHUTDOWN_TIMEOUT)
         with extending_timeout(self.notifier.path):        # can outlast TimeoutStopSec=
+            if self.store is not None:    # the final flush, bounded; what stays unsaved stays marked
+                await self.store.final_flush(STORE_FINAL_FLUSH)
+                await self.store.close()
             self.snapshot_pass()          # the final snapshot
         await self._close_servers()
         self._detach_all()
@@ -287,6 +321,8 @@ class Daemon:
             self._control_ident = None
 
     def _detach_all(self) -> None:
+        if self.store is not None:
+            self.store.close_tables()
         for ts in self.tables.values():
             if ts.saver is not None:
                 ts.saver.close()
@@ -313,6 +349,7 @@ class Daemon:
             if ts is None:
                 self.cfg = new
                 if self._add_table(tc):
+                    self._store_table(self.tables[name])
                     log.info("reload: table=%s added", name)
             elif (tc.key, tc.capacity, tc.layout.hash) != (ts.tc.key, ts.tc.capacity, ts.tc.layout.hash):
                 log.error("reload: table=%s changed key, capacity or layout; keeping the running one "
@@ -330,6 +367,9 @@ class Daemon:
                                              old_d.idle_timeout):
             log.warning("reload: metrics_address/control_socket/max_connections/idle_timeout changes take effect "
                         "at the next restart")
+        if new.store != self.cfg.store:
+            log.warning("reload: [store] changes take effect at the next restart")
+            new = dataclasses.replace(new, store=self.cfg.store)
         self.cfg = new
         log.info("reloaded %s", self.config_path or config_mod.BUILTIN)
         self.notifier.ready(self.summary())
@@ -346,6 +386,18 @@ class Daemon:
             except Exception:   # noqa: BLE001 - a failing pass is logged and retried, never fatal
                 log.exception("%s pass failed", name)
             hist.observe(time.perf_counter() - t0)
+
+    async def _store_loop(self) -> None:
+        """Write-behind every flush_interval, at a fixed rate (a long pass is not followed by a full
+        interval of sleep: the lag stays near one interval plus one pass)."""
+        assert self.store is not None and self.cfg is not None and self.cfg.store is not None
+        while True:
+            t0 = self.monotonic()
+            try:
+                await self.store.tick()
+            except Exception:   # noqa: BLE001 - a failing pass is logged and retried, never fatal
+                log.exception("store pass failed")
+            await asyncio.sleep(max(0.01, self.cfg.store.flush_interval - (self.monotonic() - t0)))
 
     async def _watchdog(self) -> None:
         period = self.notifier.watchdog_usec / 2e6
@@ -456,6 +508,8 @@ class Daemon:
         ts.seg.detach()
         ts.seg, ts.alloc, ts.how, ts.down, ts.last_error = seg, alloc, "recreated", False, ""
         ts.saver = Saver(tc, seg, alloc, dc)
+        if self.store is not None and tc.name in self.store.tables:
+            self.store.rebind(tc.name, alloc, seg)
         self._count_dirty(ts)
         log.warning("table=%s key=%#010x shmid=%d: recreated (%s, %d records) in place of removed shmid %d; "
                     "%d owner(s) still running keep their names; %d process(es) still attached to the removed "
@@ -626,3 +680,58 @@ class Daemon:
         if failed:
             raise StatedError(f"snapshot failed: {failed}")
         return {"tables": out}
+
+    # ---- durable store ops (workers' claim/flush/release; stated store ...) ---------------------------
+    def _stored(self, req: dict) -> tuple[Any, TableState]:
+        from ..errors import StoreError
+        name = req.get("table")
+        if self.store is None:
+            raise StoreError("no [store] is configured: claim, flush and release need the database")
+        if not isinstance(name, str) or name not in self.tables:
+            raise StoreError(f"no table named {name!r}")
+        if name not in self.store.tables:
+            raise StoreError(f"table {name!r} is not stored (store = false); claim, flush and release need a "
+                             f"stored table")
+        return self.store, self.tables[name]
+
+    @staticmethod
+    def _owner_index(ts: TableState, owner: Any) -> int:
+        if not isinstance(owner, str):
+            raise StatedError("owner must be the worker's owner name")
+        for o in ts.alloc.owners():
+            if o.name == owner and o.state == fmt.OWNER_ATTACHED:
+                return o.index
+        raise StatedError(f"table {ts.name!r}: no attached owner named {owner!r}; attach with owner=... first")
+
+    @staticmethod
+    def _int_arg(req: dict, k: str) -> int:
+        v = req.get(k)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise StatedError(f"{k} must be a non-negative integer, got {v!r}")
+        return v
+
+    async def _op_store_claim(self, req: dict) -> dict:
+        store, ts = self._stored(req)
+        slot, gen = await store.claim(ts.name, self._int_arg(req, "entity"), self._owner_index(ts, req.get("owner")))
+        return {"slot": slot, "generation": gen}
+
+    async def _op_store_flush(self, req: dict) -> dict:
+        store, ts = self._stored(req)
+        wrote = await store.flush_handle(ts.name, self._int_arg(req, "slot"), self._int_arg(req, "generation"))
+        return {"written": wrote}
+
+    async def _op_store_release(self, req: dict) -> dict:
+        store, ts = self._stored(req)
+        await store.release(ts.name, self._int_arg(req, "slot"), self._int_arg(req, "generation"),
+                            self._owner_index(ts, req.get("owner")))
+        return {}
+
+    def _op_store_status(self, req: dict) -> dict:
+        from ..errors import StoreError
+        if self.store is None:
+            raise StoreError("no [store] is configured (the default config runs without a database)")
+        return {"store": self.store.status()}
+
+    async def _op_store_export(self, req: dict) -> dict:
+        store, ts = self._stored(req)
+        return {"row": await store.export(ts.name, self._int_arg(req, "entity"))}

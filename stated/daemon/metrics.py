@@ -114,7 +114,7 @@ class TableCollector:
 class DaemonMetrics:
     """The daemon's own registry: the table collector plus pass timings."""
 
-    def __init__(self, stats: Callable[[], list[TableStats]]):
+    def __init__(self, stats: Callable[[], list[TableStats]], store: Callable[[], Any] = lambda: None):
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(TableCollector(stats))
         register_process_metrics(self.registry)          # process_start_time_seconds: restarts
@@ -131,6 +131,8 @@ class DaemonMetrics:
                                 ["table"], registry=self.registry)
         self.migrated = Counter("stated_migrated_records", "Records copied by layout migrations",
                                 ["table"], registry=self.registry)
+        from . import store_metrics      # exports nothing unless [store] is configured
+        self.store_flush = store_metrics.register(self.registry, store)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -2,7 +2,7 @@
 
 Owns: field schemas and their parsing (`schema`), the C-compatible record layout and its hash
 (`layout`), the segment format — header, regions, slot, owner and index entries, and the named
-views over them (`segment`) — and the config file (`config`). Everything here is a pure function of
+views over them (`segment`) — and the config file (`config`, with `[store]` in `store_config`). Everything here is a pure function of
 its inputs: no SysV calls, no sockets, no event loop, no threads. The one exception is reading a
 config file from disk, which is still just parsing.
 

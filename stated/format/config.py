@@ -21,6 +21,7 @@ from typing import Any
 from ..errors import ConfigError, SchemaError
 from . import layout as layout_mod
 from .schema import parse_fields
+from . import store_config
 
 BUILTIN = "<built-in default>"
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,30}\Z")
@@ -35,6 +36,7 @@ class TableConfig:
     layout: layout_mod.Layout
     dead_owner: str = "keep"          # "keep" | "release"
     dead_owner_grace: float = 30.0    # seconds before "release" frees a dead owner's slots
+    store: bool = False               # written behind to the database ([store]; default true when it exists)
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,7 @@ class Config:
     path: str                      # file path, or BUILTIN
     daemon: DaemonConfig
     tables: dict[str, TableConfig] = field(default_factory=dict)
+    store: store_config.StoreConfig | None = None     # [store]: the database (None: no write-behind)
 
     def table(self, name: str) -> TableConfig:
         try:
@@ -98,10 +101,11 @@ def derive_key(base_key: int, name: str) -> int:
 
 def parse(data: dict[str, Any], path: str, base_dir: Path) -> Config:
     """Validate a parsed TOML document. `path` is only used in messages."""
-    unknown = set(data) - {"daemon", "tables"}
+    unknown = set(data) - {"daemon", "tables", "store"}
     if unknown:
-        raise ConfigError(f"unknown top-level table(s) {sorted(unknown)}; expected [daemon] and [tables.NAME]",
-                          path=path)
+        raise ConfigError(f"unknown top-level table(s) {sorted(unknown)}; expected [daemon], [tables.NAME] "
+                          f"and optionally [store]", path=path)
+    store = store_config.parse(data["store"], path) if "store" in data else None
     d = data.get("daemon", {})
     if not isinstance(d, dict):
         raise ConfigError("[daemon] must be a table", path=path)
@@ -159,6 +163,13 @@ def parse(data: dict[str, Any], path: str, base_dir: Path) -> Config:
                               path=path, table=name)
         if not isinstance(t, dict):
             raise ConfigError("must be a table", path=path, table=name)
+        t = dict(t)
+        stored = t.pop("store", store is not None)
+        if not isinstance(stored, bool):
+            raise ConfigError(f"must be true or false, got {stored!r}", path=path, table=name, field="store")
+        if stored and store is None:
+            raise ConfigError("store = true needs a [store] section with the database's dsn", path=path,
+                              table=name, field="store")
         _check_types(t, _TABLE_KEYS, path, name, f"[tables.{name}]")
         for req in ("capacity", "fields"):
             if req not in t:
@@ -187,8 +198,8 @@ def parse(data: dict[str, Any], path: str, base_dir: Path) -> Config:
         grace = t.get("dead_owner_grace", 30.0)
         if grace < 0:
             raise ConfigError("must be >= 0 seconds", path=path, table=name, field="dead_owner_grace")
-        tables[name] = TableConfig(name, key, cap, layout_mod.compute(fields), policy, float(grace))
-    return Config(path, daemon, tables)
+        tables[name] = TableConfig(name, key, cap, layout_mod.compute(fields), policy, float(grace), stored)
+    return Config(path, daemon, tables, store)
 
 
 def preflight(cfg: Config) -> None:

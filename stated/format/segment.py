@@ -65,12 +65,15 @@ COUNTER_OFF = {name: OFF_COUNTERS + 8 * i for i, name in enumerate(COUNTERS)}
 SCHEMA_OFFSET = 512     # schema blob starts here; counters may grow up to it (40 slots)
 
 # --- slot table entries (32 bytes) -------------------------------------------------
-SLOT = struct.Struct("<IIQHBBBBHQ")
+SLOT = struct.Struct("<IIQHBBBBBBQ")
+# snap_pending / store_pending are written by the daemon only (stated/shm/marks.py): it moves each writer's
+# `dirty` mark into both, so the snapshot saver and the database store each clear their own.
 SLOT_FIELDS = ("seq", "generation", "entity", "owner", "state", "flags", "dirty", "pinned",
-               "reserved0", "reserved1")
+               "snap_pending", "store_pending", "reserved1")
 SLOT_SIZE = SLOT.size
 assert SLOT_SIZE == 32
 S_SEQ, S_GEN, S_ENTITY, S_OWNER, S_STATE, S_FLAGS, S_DIRTY, S_PINNED = 0, 4, 8, 16, 18, 19, 20, 21
+S_SNAP_PENDING, S_STORE_PENDING = 22, 23
 SLOT_FREE, SLOT_ALLOCATED = 0, 1
 FLAG_HAS_ENTITY = 1
 
@@ -243,6 +246,8 @@ class SegmentViews:
         self.flags = s8[S_FLAGS::SLOT_SIZE]
         self.dirty = s8[S_DIRTY::SLOT_SIZE]
         self.pinned = s8[S_PINNED::SLOT_SIZE]
+        self.snap_pending = s8[S_SNAP_PENDING::SLOT_SIZE]     # daemon only: stated/shm/marks.py
+        self.store_pending = s8[S_STORE_PENDING::SLOT_SIZE]
         self.free = buf[r.free_offset:r.free_offset + 4 * cap].cast("I")
         self.index = buf[r.index_offset:r.index_offset + r.index_capacity * INDEX_ENTRY_SIZE]
         self.index_entity = self.index.cast("Q")[0::INDEX_ENTRY_SIZE // 8]
@@ -255,7 +260,8 @@ class SegmentViews:
         self.owner_since_ms = o64[O_SINCE // 8::OWNER_SIZE // 8]
         self.records = buf[r.records_offset:r.records_offset + cap * header.record_size]
         self._all = [self.h32, self.h64, self.counters, self.seq, self.seq_low, self.generation, self.entity,
-                     self.owner, self.state, self.flags, self.dirty, self.pinned, s8, s16, s32, s64, slots,
+                     self.owner, self.state, self.flags, self.dirty, self.pinned, self.snap_pending,
+                     self.store_pending, s8, s16, s32, s64, slots,
                      self.free, self.index_entity, self.index_slot1, self.index, self.owner_pid,
                      self.owner_state, self.owner_slots, self.owner_since_ms, o32, o64, owners, self.records,
                      head]
@@ -271,8 +277,10 @@ class SegmentViews:
         self.counters[i] = (self.counters[i] + 1) & U64
 
     def marked_slots(self) -> int:
-        """How many slots are dirty or pinned (the next snapshot copies them): two C-speed column copies."""
-        marks = int.from_bytes(self.dirty.tobytes(), "little") | int.from_bytes(self.pinned.tobytes(), "little")
+        """How many slots the next snapshot copies: dirty, harvested into snap_pending, or pinned (three
+        C-speed column copies)."""
+        marks = (int.from_bytes(self.dirty.tobytes(), "little") | int.from_bytes(self.pinned.tobytes(), "little")
+                 | int.from_bytes(self.snap_pending.tobytes(), "little"))
         return self.capacity - marks.to_bytes(self.capacity, "little").count(0)
 
 

@@ -2,8 +2,9 @@
 
 Saver decides full vs delta (a full every `full_every` saves, and after any
 failure), selects slots (full: every allocated slot; delta: slots dirty or
-pinned), clears their dirty marks *before* copying so a concurrent write is
-caught by the next save, writes the file and prunes old chains.
+pinned), harvests writers' dirty marks into the daemon's two marks (stated/shm/marks.py) and clears
+its own (`snap_pending`) *before* copying so a concurrent write is caught by the next save, writes
+the file and prunes old chains.
 Cost of a delta follows the dirty count, not the capacity (one C-speed scan of
 the dirty column aside).
 """
@@ -23,6 +24,7 @@ from ..shm import segment
 from ..shm.allocator import Allocator
 from ..shm.segment import Segment
 from . import snapshot as snap
+from ..shm.marks import harvest
 
 log = logging.getLogger("stated.persist")
 
@@ -107,11 +109,14 @@ class Saver:
             v = a.views
             cap = a.capacity
             if kind == "full":
-                v.dirty[:] = bytes(cap)     # clear first: a slot allocated after this stays dirty for the next delta
+                harvest(v)                  # writers' dirty marks -> snap_pending + store_pending (shm/marks.py)
+                v.snap_pending[:] = bytes(cap)   # clear first: a later write is caught by the next delta
                 states = v.state.tobytes()
                 slots = [i for i in range(cap) if states[i] == fmt.SLOT_ALLOCATED] if states.count(0) != cap else []
             else:
-                marks = int.from_bytes(v.dirty.tobytes(), "little") | int.from_bytes(v.pinned.tobytes(), "little")
+                harvest(v)
+                marks = (int.from_bytes(v.snap_pending.tobytes(), "little")
+                         | int.from_bytes(v.pinned.tobytes(), "little"))
                 slots = []
                 if marks:
                     col = marks.to_bytes(cap, "little")
@@ -120,7 +125,7 @@ class Saver:
                         slots.append(i)
                         i = col.find(1, i + 1)
                     for i in slots:
-                        v.dirty[i] = 0
+                        v.snap_pending[i] = 0
             prev = max(self.seq, newest)
             seq = prev + 1
             base = seq if kind == "full" else self.base

@@ -20,7 +20,7 @@ import time
 import weakref
 from typing import Any, NamedTuple
 
-from ..errors import NotOwner, ReadOnlyTable, SlotOutOfRange, StaleHandle, StatedError, TornRecord
+from ..errors import NotOwner, ReadOnlyTable, SlotOutOfRange, StaleHandle, StatedError, StoreError, TornRecord
 from ..format import config as config_mod
 from ..format import segment as fmt
 from ..format.schema import check_value
@@ -52,6 +52,7 @@ def attach(name: str | None = None, *, key: int | None = None, owner: str | None
         raise TypeError("attach() takes a table name or key=, not both")
     expect = capacity = None
     trust = segment_mod.Trust.worker()
+    store = None
     if name is not None:
         cfg = config_mod.load(config if config is not None else config_mod.default_path())
         tc = cfg.table(name)
@@ -59,12 +60,14 @@ def attach(name: str | None = None, *, key: int | None = None, owner: str | None
         trust = segment_mod.Trust.worker(cfg.daemon.mode, cfg.daemon.state_dir)
         if lock_timeout is None:
             lock_timeout = cfg.daemon.lock_timeout
+        if tc.store and cfg.store is not None:
+            store = StoreLink(cfg.daemon.control_socket, cfg.store.timeout * 2 + 1.0)
     assert key is not None
     seg = segment_mod.open(key, readonly=readonly, expect=expect, expect_capacity=capacity, table=name, trust=trust)
     try:
         return Table(seg, name=name or f"{key:#010x}", owner=None if readonly else owner,
                      lock_timeout=lock_timeout or 2.0, read_timeout=read_timeout, liveness=Liveness(proc_root),
-                     trust=trust)
+                     trust=trust, store=store)
     except BaseException:
         seg.detach()
         raise
@@ -77,6 +80,20 @@ class SlotInfo(NamedTuple):
     owner: str | None
     dirty: bool
     pinned: bool
+
+
+class StoreLink:
+    """How a worker reaches the durable store of a stored table: the local daemon's control socket
+    (the daemon talks to the database; the worker never loads a driver). `timeout` bounds each call."""
+
+    __slots__ = ("socket", "timeout")
+
+    def __init__(self, socket: Any, timeout: float):
+        self.socket, self.timeout = socket, timeout
+
+    def call(self, op: str, **args: Any) -> dict:
+        from .store_client import call      # plain socket + msgpack: no asyncio, no driver
+        return call(self.socket, op, self.timeout, **args)
 
 
 class _WriteSection:
@@ -114,11 +131,12 @@ class Table:
 
     def __init__(self, seg: Segment, *, name: str, owner: str | None = None, lock_timeout: float = 2.0,
                  read_timeout: float = 0.1, liveness: Liveness | None = None,
-                 trust: segment_mod.Trust | None = None):
+                 trust: segment_mod.Trust | None = None, store: StoreLink | None = None):
         h = seg.header
         self.name, self.key, self.readonly = name, seg.key, seg.readonly
         self.capacity, self.layout = h.capacity, h.layout
         self.read_timeout = read_timeout
+        self.store = store              # set when the table is stored ([store] in the config)
         self._seg = seg
         self._closed = False
         self._alloc = Allocator(seg, table=name, lock_timeout=lock_timeout, liveness=liveness, trust=trust)
@@ -219,14 +237,54 @@ class Table:
         """
         if not self._owner:
             raise self._cannot_write("allocate")
+        if entity is None and self.store is not None:
+            raise StoreError(f"table {self.name!r} is stored in the database: alloc() needs an entity (the row's "
+                             f"primary key); use claim(entity) to load an existing one")
         return self._alloc.alloc(entity, self._owner, self._init)
+
+    # ---- durable store (stored tables): through the local daemon ------------------------------------
+    def claim(self, entity: int) -> Handle:
+        """Take this host's lease on `entity` and load its row (defaults when there is none) into a new
+        slot owned by this worker. Raises OwnedElsewhere (another host holds it: the message names it
+        and when its lease ends), StoreUnavailable (no answer within the bound), StoreError (not a
+        stored table, a row that does not fit the layout), DuplicateEntity (already here)."""
+        link = self._store_link("claim")
+        r = link.call("store_claim", table=self.name, entity=entity, owner=self.owner)
+        return _new_handle(Handle, (r["slot"], r["generation"]))
+
+    def flush(self, h: Handle) -> None:
+        """Return once the record, as it is now, is committed in the database (trades, purchases)."""
+        link = self._store_link("flush")
+        self._check(h)
+        link.call("store_flush", table=self.name, slot=h[0], generation=h[1])
+
+    def release(self, h: Handle) -> None:
+        """Flush, free the slot and drop the lease (a logout or a handoff to another host). The row
+        stays in the database; the handle is stale afterwards, like after free()."""
+        link = self._store_link("release")
+        self._check(h)
+        if self._own[h[0]] != self._owner:
+            raise self._refused(h)
+        link.call("store_release", table=self.name, slot=h[0], generation=h[1], owner=self.owner)
+        self._forget(h[0])
+
+    def _store_link(self, what: str) -> StoreLink:
+        if self.store is None:
+            raise StoreError(f"table {self.name!r} is not stored: {what}() needs a [store] section in the config "
+                             f"(and the table attached by name)")
+        if not self._owner:
+            raise self._cannot_write(what)
+        return self.store
 
     def free(self, h: Handle) -> None:
         """Give the slot back. The handle (and any copy of it) becomes stale."""
         if not self._owner:
             raise self._cannot_write("free")
         self._alloc.free(h, self._owner)
-        slot = h[0]
+        self._forget(h[0])
+
+    def _forget(self, slot: int) -> None:
+        """The slot was freed: views of it raise from now on, its write section is disarmed."""
         v = self._views.pop(slot, None)
         if v is not None:
             object.__setattr__(v, "__class__", self._stale_cls)
@@ -266,7 +324,8 @@ class Table:
         self._check(h)
         idx = self._own[h[0]]
         owner = next((o.name for o in self.owners() if o.index == idx), None)
-        return SlotInfo(owner, bool(self._dirty[h[0]]), bool(self._pinned[h[0]]))
+        return SlotInfo(owner, bool(self._dirty[h[0]] or self._alloc.views.snap_pending[h[0]]),
+                        bool(self._pinned[h[0]]))
 
     def valid(self, h: Handle) -> bool:
         """True while `h` still names a live allocation."""

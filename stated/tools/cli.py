@@ -254,6 +254,70 @@ def cmd_completion(args) -> int:
     return EXIT_OK
 
 
+def cmd_store(args) -> int:
+    """`stated store status | init [--print-sql] | export TABLE ENTITY`."""
+    cfg = _config(args)
+    if cfg.store is None:
+        print("stated store: no [store] in the config (the default config runs without a database; add "
+              "[store] with dsn = \"postgresql://...\" or set $STATED_STORE_DSN)", file=sys.stderr)
+        return EXIT_ERROR
+    stored = [tc for tc in cfg.tables.values() if tc.store]
+    from ..format.store_config import redact
+    from ..persist.store.schema import TableMapping, ddl
+    mappings = [TableMapping(tc.name, tc.layout, cfg.store.schema) for tc in stored]
+    if args.store_cmd == "init" and args.print_sql:
+        sys.stdout.write(ddl(mappings, cfg.store.schema))
+        return EXIT_OK
+    if args.store_cmd == "status":
+        from ..daemon import control
+        try:
+            reply = control.request(cfg.daemon.control_socket, "store_status", timeout=args.timeout)
+        except (ConnectionError, FileNotFoundError, OSError) as e:
+            print(f"stated store status: no daemon answers on {cfg.daemon.control_socket} ({e})", file=sys.stderr)
+            return EXIT_NOT_RUNNING
+        st = reply["store"]
+        if args.json:
+            print(json.dumps(st, indent=2))
+        else:
+            print(f"database {st['dsn']} as host {st['host_id']}: {'up' if st['up'] else 'DOWN'}"
+                  + (f" ({st['last_error']})" if st["last_error"] else ""))
+            print(f"{'table':16} {'dirty':>8} {'lag':>8} {'leases':>8} {'flushed':>10} {'stale':>7}")
+            for name, t in st["tables"].items():
+                print(f"{name:16} {t['dirty']:8d} {t['lag_seconds']:7.1f}s {t['leases']:8d} {t['flushed']:10d} "
+                      f"{t['stale']:7d}")
+        return EXIT_OK if st["up"] else EXIT_ERROR
+
+    import asyncio
+    from ..persist.store import pg
+    from ..persist.store.flush import setup_schema
+
+    async def go() -> int:
+        drv = await pg.connect(cfg.store.dsn, timeout=cfg.store.timeout, application_name="stated-cli")
+        try:
+            if args.store_cmd == "init":
+                for line in await setup_schema(drv, cfg.store.schema, mappings, migrate=args.migrate,
+                                               allow_lossy=args.allow_lossy):
+                    print(line)
+                print(f"schema {cfg.store.schema!r} in {redact(cfg.store.dsn)} is ready")
+                return EXIT_OK
+            m = next((x for x in mappings if x.name == args.table), None)
+            if m is None:
+                print(f"stated store export: table {args.table!r} is not stored; stored tables: "
+                      f"{', '.join(x.name for x in mappings) or 'none'}", file=sys.stderr)
+                return EXIT_ERROR
+            from ..persist.store.schema import entity_to_sql
+            rows = await drv.fetch(m.select_sql(), entity_to_sql(args.entity))
+            if not rows:
+                print(f"stated store export: table {args.table!r} has no row for entity {args.entity}",
+                      file=sys.stderr)
+                return EXIT_ERROR
+            print(json.dumps(m.to_json(rows[0]), indent=2, default=str))
+            return EXIT_OK
+        finally:
+            await drv.close()
+    return asyncio.run(go())
+
+
 def _int(text: str) -> int:
     """An entity id: decimal or 0x-hex."""
     return int(text, 0)
@@ -329,6 +393,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default 1)")
     t.add_argument("--iterations", type=int, default=0, metavar="N", help="stop after N refreshes (0: until q)")
     t.add_argument("--once", action="store_true", help="print one sample as plain text and exit")
+    st = add("store", cmd_store, "the database store: status, init [--print-sql], export TABLE ENTITY")
+    ssub = st.add_subparsers(dest="store_cmd", required=True, metavar="STORE_COMMAND")
+    s1 = ssub.add_parser("status", help="connection, lag, dirty records and leases (asks the daemon)",
+                         parents=[common])
+    s1.add_argument("--json", action="store_true", help="machine-readable output")
+    s1.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the daemon")
+    s2 = ssub.add_parser("init", help="create (or check) the schema in the database; --print-sql prints the DDL "
+                         "for a DBA instead", parents=[common])
+    s2.add_argument("--print-sql", action="store_true", help="print the DDL instead of applying it")
+    s2.add_argument("--migrate", action="store_true", help="convert tables whose layout changed")
+    s2.add_argument("--allow-lossy", action="store_true", help="with --migrate: accept lossy changes")
+    s3 = ssub.add_parser("export", help="print an entity's row as JSON (reads the database)", parents=[common])
+    s3.add_argument("table", metavar="TABLE")
+    s3.add_argument("entity", metavar="ENTITY", type=_int, help="entity id (decimal or 0x...)")
     c = add("completion", cmd_completion, "print a shell completion script")
     c.add_argument("shell", choices=["bash", "zsh", "fish"])
     return p
