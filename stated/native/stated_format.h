@@ -239,7 +239,8 @@ struct stated_slot {
     uint8_t flags;
     uint8_t dirty;
     uint8_t pinned;
-    uint16_t reserved0;
+    uint8_t snap_pending;
+    uint8_t store_pending;
     uint64_t reserved1;
 };
 _Static_assert(sizeof(struct stated_slot) == 32, "struct stated_slot must be 32 bytes");
@@ -251,7 +252,8 @@ _Static_assert(offsetof(struct stated_slot, state) == 18, "stated_slot.state mus
 _Static_assert(offsetof(struct stated_slot, flags) == 19, "stated_slot.flags must sit at offset 19");
 _Static_assert(offsetof(struct stated_slot, dirty) == 20, "stated_slot.dirty must sit at offset 20");
 _Static_assert(offsetof(struct stated_slot, pinned) == 21, "stated_slot.pinned must sit at offset 21");
-_Static_assert(offsetof(struct stated_slot, reserved0) == 22, "stated_slot.reserved0 must sit at offset 22");
+_Static_assert(offsetof(struct stated_slot, snap_pending) == 22, "stated_slot.snap_pending must sit at offset 22");
+_Static_assert(offsetof(struct stated_slot, store_pending) == 23, "stated_slot.store_pending must sit at offset 23");
 _Static_assert(offsetof(struct stated_slot, reserved1) == 24, "stated_slot.reserved1 must sit at offset 24");
 
 /* ---- owner table entry (64 bytes; owner index k (1-based) at owners_offset + (k-1)*64) ----

@@ -23,9 +23,22 @@ own: the saver copies them every time, the store compares them with what it last
 """
 from __future__ import annotations
 
+import threading
+
 from ..format.segment import SegmentViews
 
 _NONZERO = bytes([0] + [1] * 255)     # translate table: any non-zero byte -> 1
+_FENCE = threading.Lock()
+
+
+def fence() -> None:
+    """A full memory barrier from Python: taking and giving back a lock executes a locked
+    instruction (x86 `lock cmpxchg`), which drains this CPU's store buffer. x86 may let a later load
+    pass an earlier store; without this, a consumer's record copy could read old data while its
+    `dirty = 0` still sits in the store buffer, and a writer's new `dirty = 1` could land before it
+    and be overwritten. (The native core uses an atomic exchange for the same reason.)"""
+    _FENCE.acquire()
+    _FENCE.release()
 
 
 def harvest(v: SegmentViews) -> int:
@@ -47,6 +60,7 @@ def harvest(v: SegmentViews) -> int:
         dirty[i] = 0            # last: a kill before this leaves the change marked twice, never zero times
         n += 1
         i = col.find(1, i + 1)
+    fence()                     # the clears are visible before any record is copied after this
     return n
 
 
