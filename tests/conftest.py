@@ -374,6 +374,13 @@ def new_pg_cluster() -> PgCluster:
     if bindir is None:
         pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) are not installed: apt-get install postgresql "
                     "(.ci/system-deps does it as root)")
+    if os.geteuid() == 0:
+        import pwd
+        try:
+            pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root and there is no 'postgres' user to run initdb/pg_ctl as (Debian's "
+                        "postgresql package creates it)")
     c = PgCluster(bindir)
     try:
         c.init().start()

@@ -49,14 +49,14 @@ def test_claim_is_refused_while_another_host_holds_the_lease(make_segment, pg_ds
 
 
 def test_handoff_under_load_b_sees_a_last_write_and_a_late_writes_are_rejected(make_segment, pg_dsn):
-    """A claims 200 players and writes them continuously while it releases them one by one; B claims
+    """A claims 100 players and writes them continuously while it releases them one by one; B claims
     each right after its release and must see exactly A's last write. Afterwards A allocating one of
     them again (no claim) writes nothing: refused, counted and logged."""
     ka, kb = make_segment(300), make_segment(300)
     ta, tb = stated.attach(key=ka, owner="wa"), stated.attach(key=kb, owner="wb")
     a, b = StoreHost(ka, pg_dsn, "host-a", flush_interval=0.05, lease_ttl=3.0), \
         StoreHost(kb, pg_dsn, "host-b", flush_interval=0.05, lease_ttl=3.0)
-    n = 200
+    n = 100
 
     async def go():
         handles = {}
