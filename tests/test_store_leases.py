@@ -241,3 +241,36 @@ def test_heartbeat_keeps_leases_alive_and_freed_entities_are_released(make_segme
             run(h.store.close())
             h.close()
         t.close(), tb.close()
+
+
+def test_flush_of_a_new_entity_takes_its_lease_and_a_lost_pinned_record_is_counted_once_per_change(
+        make_segment, pg_dsn):
+    ka, kb = make_segment(10), make_segment(10)
+    ta, tb = stated.attach(key=ka, owner="wa"), stated.attach(key=kb, owner="wb")
+    a, b = StoreHost(ka, pg_dsn, "host-a"), StoreHost(kb, pg_dsn, "host-b")
+
+    async def go():
+        h = ta.alloc(entity=5)                          # a new character, never flushed
+        ta.set(h, "gold", 10)
+        assert await a.store.flush_handle("players", *h)   # takes the lease, then commits
+        assert (await pg_rows(pg_dsn))[5]["gold"] == 10
+        p = ta.record(h)                                # pinned: written through a live view
+        await expire_leases(pg_dsn, "host-a")
+        await b.store.claim("players", 5, tb._owner)    # B takes it over
+        p.gold = 11
+        r1 = await a.store.tick()
+        r2 = await a.store.tick()                       # unchanged since: not counted again
+        assert (r1["players"].stale, r2["players"].stale) == (1, 0)
+        p.gold = 12
+        assert (await a.store.tick())["players"].stale == 1
+        assert (await pg_rows(pg_dsn))[5]["gold"] == 10
+        with pytest.raises(OwnedElsewhere):
+            await a.store.flush_handle("players", *h)
+        del p
+    try:
+        run(go())
+    finally:
+        for h in (a, b):
+            run(h.store.close())
+            h.close()
+        ta.close(), tb.close()

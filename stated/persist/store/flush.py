@@ -212,9 +212,12 @@ class TableStore:
         return n
 
     def drop(self, it: Item) -> None:
-        """A mark that can never be written (no entity, not ours): clear it so it does not spin."""
-        self.store_pending[it.slot] = 0
-        self.pending_since.pop(it.slot, None)
+        """A copy that will never be written (no entity, not ours): clear its mark so it does not spin,
+        and for a pinned slot remember the bytes, so it is not selected again until it changes."""
+        self.store_pending[it[0]] = 0
+        self.pending_since.pop(it[0], None)
+        if it[5]:
+            self.shadow[it[0]] = (it[1], it[4])
 
     def allocated_entities(self) -> dict[int, int]:
         """{entity: slot} of allocated slots with an entity (a scan of the slot table)."""
@@ -731,9 +734,21 @@ class Store:
                 await asyncio.sleep(0.001)
         if it.entity < 0:
             raise StoreError(f"table {table!r} slot {slot}: no entity; a stored record needs one")
+        if it.entity not in ts.epochs and it.entity not in ts.lost:
+            # allocated here with alloc(entity), never flushed yet (a new character bought something):
+            # take its lease now, under the same rules as the write-behind (new entity, or ours last)
+            try:
+                async with self._fast_lock:
+                    drv = await self._fast_conn()
+                    ts.epochs.update(await leases.acquire(drv, ts.mapping, self.cfg.host_id, self.cfg.lease_ttl,
+                                                          [it.entity]))
+            except StoreUnavailable as e:
+                self._fail(e, "unavailable")
+                raise
         if it.entity in ts.lost or it.entity not in ts.epochs:
-            raise OwnedElsewhere(f"table {table!r} entity {it.entity}: this host does not hold its lease (claimed "
-                                 f"elsewhere, or never claimed); the write is not saved")
+            raise OwnedElsewhere(f"table {table!r} entity {it.entity}: this host does not hold its lease (another "
+                                 f"host holds it, or the entity exists in the database and was alloc()ed here "
+                                 f"instead of claim()ed); the write is not saved")
         sh = ts.shadow.get(slot)
         if not ts.store_pending[slot] and not (it.pinned and (sh is None or sh != (it.gen, it.data))):
             return False                          # nothing pending: it is in the database already
