@@ -489,7 +489,7 @@ def _array_wire(f: Field, wire_code: str, wire_size: int, oid: int) -> Callable[
                 a = array(wire_code, a)
             a.byteswap()
             w = array(unit, a.tobytes()) if a.typecode != unit else a
-            t = array(unit, tmpl)
+            t = tmpl[:]                                  # a memcpy of the template
             t[per - 1::per] = w
             return header + t.tobytes()
         return enc
@@ -500,7 +500,7 @@ def _array_wire(f: Field, wire_code: str, wire_size: int, oid: int) -> Callable[
         def enc84(raw: bytes) -> bytes:
             a = array("I", raw)
             a.byteswap()
-            t = array("I", tmpl8)
+            t = tmpl8[:]
             t[2::3] = a
             return header + t.tobytes()
         return enc84
@@ -509,7 +509,7 @@ def _array_wire(f: Field, wire_code: str, wire_size: int, oid: int) -> Callable[
         a = array(_UNSIGNED[8], raw)
         a.byteswap()
         w = array("I", a.tobytes())
-        t = array("I", tmpl8)
+        t = tmpl8[:]
         t[1::3] = w[0::2]
         t[2::3] = w[1::2]
         return header + t.tobytes()
