@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import statistics
 import subprocess
@@ -24,10 +23,10 @@ from _common import ROOT, exit_on_signals, pick_keys
 sys.path.insert(0, str(ROOT / "tests"))
 
 import asyncpg  # noqa: E402
+from conftest import PLAYER_FIELDS, PgCluster, StoreHost, new_pg_cluster, player_layout  # noqa: E402
 
 import stated  # noqa: E402
 from stated.shm import segment  # noqa: E402
-from conftest import PLAYER_FIELDS, PgCluster, StoreHost, new_pg_cluster, player_layout  # noqa: E402
 
 WRITER = r"""
 import random, sys, time, stated
@@ -119,9 +118,11 @@ async def flush_bench(key: int, dsn: str, n: int, batch: int, out: dict) -> None
             wall, cpu, written = await flush_all(host)
             bare, bare_cpu = await bare_asyncpg(dsn, rows, m, batch)
             res[label] = {"stated_rows_per_s": written / wall, "bare_rows_per_s": len(rows) / bare,
-                          "ratio": (written / wall) / (len(rows) / bare), "stated_cpu_us_per_record": cpu / written * 1e6,
+                          "ratio": (written / wall) / (len(rows) / bare),
+                          "stated_cpu_us_per_record": cpu / written * 1e6,
                           "bare_cpu_us_per_record": bare_cpu / len(rows) * 1e6, "records": written}
-            print(f"  flush {label:6s}: stated {written / wall:8.0f} rows/s  bare asyncpg {len(rows) / bare:8.0f} rows/s"
+            print(f"  flush {label:6s}: stated {written / wall:8.0f} rows/s  "
+                  f"bare asyncpg {len(rows) / bare:8.0f} rows/s"
                   f"  ratio {res[label]['ratio']:.2f}x  client CPU: stated {cpu / written * 1e6:5.2f} us/record, "
                   f"bare script {bare_cpu / len(rows) * 1e6:5.2f}", flush=True)
         out["flush"] = res

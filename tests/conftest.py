@@ -287,7 +287,7 @@ class PgCluster:
             raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode}): {r.stdout}{r.stderr}")
         return r.stdout
 
-    def init(self) -> "PgCluster":
+    def init(self) -> PgCluster:
         pwfile = self.dir / "pw"
         pwfile.write_text(self.SUPERUSER_PW + "\n")
         if self.as_postgres:
@@ -299,7 +299,7 @@ class PgCluster:
         pwfile.unlink()
         return self
 
-    def start(self) -> "PgCluster":
+    def start(self) -> PgCluster:
         opts = (f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off "
                 f"-c full_page_writes=off -c shared_buffers=64MB -c max_connections=60")
         self._run("pg_ctl", "-D", str(self.data), "-o", opts, "-l", str(self.dir / "log"), "-w", "-t", "30", "start")
@@ -427,10 +427,10 @@ class StoreHost:
     allocator, and a Store on it (stated/persist/store/flush.py). Workers attach in-process as usual."""
 
     def __init__(self, key: int, dsn: str, host_id: str, table: str = "players", **cfg):
-        from stated.shm import segment as seg_mod
-        from stated.shm.allocator import Allocator
         from stated.format.store_config import StoreConfig
         from stated.persist.store.flush import Store
+        from stated.shm import segment as seg_mod
+        from stated.shm.allocator import Allocator
         self.seg = seg_mod.open(key, table=table)
         self.alloc = Allocator(self.seg, table=table)
         cfg.setdefault("lease_ttl", 30.0)

@@ -9,16 +9,14 @@ import asyncio
 import math
 
 import pytest
+from conftest import StoreHost, pg_exec, pg_expire, pg_rows, player_layout
 
 import stated
-from stated.shm.allocator import Allocator
-from stated.format.config import DaemonConfig, TableConfig
-from stated.errors import ConfigError, DuplicateEntity, OwnedElsewhere, StoreError
-from stated.persist.saver import Saver
+from stated.errors import ConfigError, DuplicateEntity, StoreError
 from stated.format import store_config
+from stated.format.config import DaemonConfig, TableConfig
+from stated.persist.saver import Saver
 from stated.persist.store.schema import TableMapping, ddl
-
-from conftest import PLAYER_FIELDS, StoreHost, pg_exec, pg_expire, pg_rows, player_layout
 
 ALL_TYPES = ["a: i8 = -5", "b: u8 = 200", "c: i16", "d: u16 = 65535", "e: i32", "f: u32", "g: i64", "h: u64",
              "k: f32 = 1.5", "m: f64", "n: bool = true", "s: str[8] = 'hé'", "y: bytes[4]", "arr: u32[3]",
@@ -105,9 +103,11 @@ def test_store_config_refuses_bad_settings_with_one_clear_line():
     assert ok.host_id == "box" and ok.flush_interval == 1.0 and ok.batch == 5000 and ok.schema == "stated"
     assert "secret" not in repr(ok) and "secret" not in str(ok)
     assert store_config.parse({}, env={"STATED_STORE_DSN": "postgres://h/db"}, hostname="b").dsn == "postgres://h/db"
-    for d, msg in [({"dsn": "mysql://u:secret@h/db"}, "scheme"), ({"dsn": "postgresql://u:secret@h:99999/db"}, "(?i)port"),
+    for d, msg in [({"dsn": "mysql://u:secret@h/db"}, "scheme"),
+                   ({"dsn": "postgresql://u:secret@h:99999/db"}, "(?i)port"),
                    ({"dsn": "postgresql://u:secret@/db"}, "no host"), ({"dsn": "postgresql://u:secret@h"}, "database"),
-                   ({"dsn": "not a dsn"}, "scheme"), ({}, "no database"), ({"dsn": "postgresql://h/d", "batch": 0}, "batch"),
+                   ({"dsn": "not a dsn"}, "scheme"), ({}, "no database"),
+                   ({"dsn": "postgresql://h/d", "batch": 0}, "batch"),
                    ({"dsn": "postgresql://h/d", "host_id": "a b"}, "host_id"),
                    ({"dsn": "postgresql://h/d", "schema": "Bad-Name"}, "schema"),
                    ({"dsn": "postgresql://h/d", "lease_ttl": 1.0}, "lease_ttl"),
@@ -223,10 +223,11 @@ def test_records_written_through_live_views_reach_the_database(make_segment, pg_
     key = make_segment(20)
     t = stated.attach(key=key, owner="w")
     h = t.alloc(entity=9)
-    p = t.record(h)                                  # pins the slot: view writes leave no dirty mark
+    views = [t.record(h)]                            # pins the slot: view writes leave no dirty mark
     host = StoreHost(key, pg_dsn, "host-a")
 
     async def go():
+        p = views[0]
         await host.store.tick()
         p.x = 12.5
         p.gold = 99
@@ -242,7 +243,7 @@ def test_records_written_through_live_views_reach_the_database(make_segment, pg_
         run(go())
     finally:
         run(host.store.close())
-        del p
+        views.clear()
         host.close(), t.close()
 
 
@@ -364,7 +365,9 @@ def test_binary_numeric_encoding_is_what_the_server_reads(pg_dsn):
     """u64 fields go out as binary numeric built by hand (stated/persist/store/schema.py): every digit-count
     branch, trailing zero digits, and the u64 extremes, read back by PostgreSQL."""
     import struct
+
     import asyncpg
+
     from stated.persist.store.schema import COPY_HEADER, COPY_TRAILER, numeric_wire
     vals = [0, 1, 9999, 10000, 10001, 99990000, 99999999, 10 ** 8, 10 ** 8 + 1, 10 ** 12, 99990000000000,
             10 ** 16, 10 ** 16 + 1, 12345678901234567, 2 ** 63, 2 ** 64 - 1, 10 ** 19]

@@ -15,11 +15,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import STATED_CMD, DaemonProc, pg_exec, pg_rows, remove_key
 
 import stated
 from stated.errors import OwnedElsewhere, StoreError
-
-from conftest import STATED_CMD, DaemonProc, pg_exec, pg_rows, remove_key
 
 HERE = Path(__file__).parent
 
@@ -215,8 +214,9 @@ def test_restored_or_recreated_tables_queue_every_record(write_config, pg_dsn, p
     """Marks live in shared memory: when the daemon rebuilds a table (segment removed under it and
     recreated from a snapshot, or restored after a reboot), every record is queued for the database
     again, so nothing the lost memory had marked is skipped. Versions make the repeats harmless."""
-    import sysv_ipc
     import tomllib
+
+    import sysv_ipc
     cfg = store_config(write_config, pg_dsn, "host-a")
     text = cfg.read_text().replace("[daemon]", "[daemon]\nrepair_interval = 0.3")
     cfg.write_text(text)
@@ -255,6 +255,7 @@ def test_sigkill_of_the_daemon_mid_flush_loses_no_mark(write_config, pg_dsn, pro
     """`stated run` SIGKILLed while it writes 20k records behind: every record is either committed or
     still marked in shared memory, and the next daemon writes the rest."""
     import tomllib
+
     from stated.format import segment as fmt
     from stated.shm import segment as seg_mod
     cfg = store_config(write_config, pg_dsn, "host-a", tables={"players": {"capacity": 25000}}, batch=1000)

@@ -9,11 +9,10 @@ import asyncio
 import time
 
 import pytest
+from conftest import StoreHost, pg_exec, pg_expire, pg_rows, remove_key
 
 import stated
 from stated.errors import OwnedElsewhere
-
-from conftest import StoreHost, pg_exec, pg_expire, pg_rows, remove_key
 
 
 def run(coro):
@@ -31,7 +30,8 @@ def test_claim_is_refused_while_another_host_holds_the_lease(make_segment, pg_ds
 
     async def go():
         await a.store.claim("players", 42, ta._owner)
-        with pytest.raises(OwnedElsewhere, match=r"entity 42 is held by host 'host-a' until .* \(in [23]\d\.\ds\)") as ei:
+        held = r"entity 42 is held by host 'host-a' until .* \(in [23]\d\.\ds\)"
+        with pytest.raises(OwnedElsewhere, match=held) as ei:
             await b.store.claim("players", 42, tb._owner)
         assert ei.value.holder == "host-a" and ei.value.lease_until > time.time() + 20
         assert tb.lookup(42) is None
@@ -164,7 +164,7 @@ def test_host_loss_every_acknowledged_write_is_claimed_elsewhere(make_segment, p
                 ta.set(h, "gold", rnd * 1000 + e)
             await a.store.tick()                              # committed: acknowledged
             acked.update({e: rnd * 1000 + e for e in hs})
-        for e, h in hs.items():
+        for h in hs.values():
             ta.set(h, "gold", 99999)                          # written, never flushed: lost with the host
         a.store.bulk.abort(), a.store.fast.abort()            # the host dies: connections cut, no goodbye
         with pytest.raises(OwnedElsewhere):

@@ -15,11 +15,10 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import StoreHost, pg_rows
 
 import stated
 from stated.errors import StoreUnavailable
-
-from conftest import StoreHost, pg_rows
 
 HERE = Path(__file__).parent
 

@@ -178,7 +178,7 @@ class Daemon:
         from ..persist.store.flush import Store
         self.store = Store(self.cfg.store, migrate=self.migrate, allow_lossy=self.allow_lossy,
                            on_flush=self.metrics.store_flush.observe)
-        for name, ts in self.tables.items():
+        for ts in self.tables.values():
             self._store_table(ts)
         log.info("store: %s as host_id=%s, stored tables: %s", redact(self.cfg.store.dsn), self.cfg.store.host_id,
                  ", ".join(self.store.tables) or "none")

@@ -20,8 +20,8 @@ from typing import Any
 
 from ..errors import ConfigError, SchemaError
 from . import layout as layout_mod
-from .schema import parse_fields
 from . import store_config
+from .schema import parse_fields
 
 BUILTIN = "<built-in default>"
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,30}\Z")

@@ -22,9 +22,9 @@ from ..format.config import DaemonConfig, TableConfig
 from ..format.schema import to_wire
 from ..shm import segment
 from ..shm.allocator import Allocator
+from ..shm.marks import harvest
 from ..shm.segment import Segment
 from . import snapshot as snap
-from ..shm.marks import harvest
 
 log = logging.getLogger("stated.persist")
 

@@ -35,7 +35,7 @@ def call(path: Path | str, op: str, timeout: float, **args: Any) -> dict:
             if n > MAX_REPLY:
                 raise errors.DaemonError(f"reply of {n} bytes is too large")
             reply = msgpack.unpackb(_recv(s, n), raw=False)
-    except socket.timeout:
+    except TimeoutError:
         raise errors.StoreUnavailable(f"{op}: the daemon did not answer within {timeout:g}s") from None
     except (FileNotFoundError, ConnectionRefusedError) as e:
         raise errors.StoreUnavailable(f"{op}: no daemon on {path} ({e.strerror}); claim, flush and release go "

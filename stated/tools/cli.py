@@ -288,17 +288,20 @@ def cmd_store(args) -> int:
         return EXIT_OK if st["up"] else EXIT_ERROR
 
     import asyncio
+
     from ..persist.store import pg
     from ..persist.store.flush import setup_schema
 
+    store = cfg.store
+
     async def go() -> int:
-        drv = await pg.connect(cfg.store.dsn, timeout=cfg.store.timeout, application_name="stated-cli")
+        drv = await pg.connect(store.dsn, timeout=store.timeout, application_name="stated-cli")
         try:
             if args.store_cmd == "init":
-                for line in await setup_schema(drv, cfg.store.schema, mappings, migrate=args.migrate,
+                for line in await setup_schema(drv, store.schema, mappings, migrate=args.migrate,
                                                allow_lossy=args.allow_lossy):
                     print(line)
-                print(f"schema {cfg.store.schema!r} in {redact(cfg.store.dsn)} is ready")
+                print(f"schema {store.schema!r} in {redact(store.dsn)} is ready")
                 return EXIT_OK
             m = next((x for x in mappings if x.name == args.table), None)
             if m is None:

@@ -29,15 +29,17 @@ import asyncio
 import logging
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from operator import itemgetter
-from typing import Any, Awaitable, Callable
+from typing import Any
 
-from ...format import segment as fmt
 from ...errors import DuplicateEntity, OwnedElsewhere, StatedError, StoreError, StoreUnavailable
-from ...shm.marks import count_marked, harvest, marked
-from . import leases, pg, schema as sqlschema
+from ...format import segment as fmt
 from ...format.store_config import StoreConfig, redact
+from ...shm.marks import count_marked, harvest, marked
+from . import leases, pg
+from . import schema as sqlschema
 from .schema import TableMapping
 
 log = logging.getLogger("stated.store")
@@ -125,7 +127,7 @@ class TableStore:
 
     def lag(self, now: float) -> float:
         """Age of the oldest change not yet in the database (0 when none)."""
-        for s, t in self.pending_since.items():
+        for t in self.pending_since.values():      # insertion order is age order: the first is the oldest
             return max(0.0, now - t)
         return 0.0
 
@@ -519,9 +521,9 @@ class Store:
             async with self._bulk_lock:
                 if self.bulk is None:
                     raise StoreUnavailable("store connection closed")
-                got = await leases.acquire(self.bulk, ts.mapping, self.cfg.host_id, self.cfg.lease_ttl,
-                                           [e for e in unknown if self._is_live(ts, e, items)])
-            ts.epochs.update(got)
+                taken = await leases.acquire(self.bulk, ts.mapping, self.cfg.host_id, self.cfg.lease_ttl,
+                                             [e for e in unknown if self._is_live(ts, e, items)])
+            ts.epochs.update(taken)
             keep = []
             for it in items:
                 if it.entity in ts.epochs:
@@ -635,7 +637,7 @@ class Store:
             if self.bulk is None:
                 raise StoreUnavailable("store connection closed")
             await leases.heartbeat(self.bulk, sqlschema.ident(self.cfg.schema), self.cfg.host_id, self.cfg.lease_ttl)
-        for name, ts in self.tables.items():
+        for ts in self.tables.values():
             here = ts.allocated_entities()
             gone = {e: ep for e, ep in ts.epochs.items() if e not in here}
             ts.lost &= set(here)       # a lost entity freed here is forgotten: a later claim starts afresh
@@ -669,7 +671,7 @@ class Store:
     async def _bounded(self, what: str, coro):
         try:
             return await asyncio.wait_for(coro, timeout=self.cfg.timeout * 2)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise StoreUnavailable(f"{what} did not complete within {self.cfg.timeout * 2:.1f}s") from None
 
     async def claim(self, table: str, entity: int, owner: int) -> tuple[int, int]:
@@ -805,7 +807,7 @@ class Store:
                     return
         try:
             await asyncio.wait_for(go(), timeout=timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
         unsaved = sum(len(ts.pending(self.clock())) for ts in self.tables.values())
         if unsaved:

@@ -57,7 +57,7 @@ async def claim(drv: Driver, m: TableMapping, host_id: str, ttl: float, entity: 
                 f"table {m.name!r} entity {entity} is held by host {h['host_id']!r} until "
                 f"{until.isoformat() if isinstance(until, dt.datetime) else until} "
                 f"(in {float(h['left_s'] or 0):.1f}s); claim it after that host releases it or its lease expires",
-                holder=h["host_id"], lease_until=until.timestamp() if isinstance(until, dt.datetime) else 0.0)
+                holder=str(h["host_id"]), lease_until=until.timestamp() if isinstance(until, dt.datetime) else 0.0)
         epoch = rows[0]["epoch"]
         found = await drv.fetch(m.select_sql(), e)
     return epoch, (found[0] if found else None)
@@ -119,6 +119,7 @@ async def release(drv: Driver, m: TableMapping, host_id: str, entity: int, epoch
 
 
 async def holder(drv: Driver, m: TableMapping, entity: int) -> dict | None:
-    rows = await drv.fetch(f"SELECT host_id, epoch, {_expiry(m, 'l')} AS lease_until, {_expiry(m, 'l')} > now() AS live "
+    until = _expiry(m, "l")
+    rows = await drv.fetch(f"SELECT host_id, epoch, {until} AS lease_until, {until} > now() AS live "
                            f"FROM {m.leases} l WHERE tbl = $1 AND entity = $2", m.name, entity_to_sql(entity))
     return rows[0] if rows else None

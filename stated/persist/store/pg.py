@@ -14,7 +14,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from typing import Any, AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
+from typing import Any
 
 import asyncpg
 
@@ -57,7 +58,7 @@ def _translate(e: BaseException, dsn: str, what: str) -> StoreError:
     return StoreError(f"database {d}: {what} failed: {type(e).__name__}: {e}")
 
 
-async def connect(dsn: str, *, timeout: float = 5.0, application_name: str = "stated") -> "Driver":
+async def connect(dsn: str, *, timeout: float = 5.0, application_name: str = "stated") -> Driver:
     """Open one connection. Raises StoreUnavailable (unreachable) or StoreError (refused)."""
     try:
         conn = await asyncio.wait_for(
@@ -104,7 +105,7 @@ class Driver:
         return await self._call("query", self._conn.fetchval(sql, *args), timeout)
 
     @contextlib.asynccontextmanager
-    async def transaction(self, timeout: float | None = None) -> AsyncIterator["Driver"]:
+    async def transaction(self, timeout: float | None = None) -> AsyncIterator[Driver]:
         """`async with driver.transaction():` BEGIN ... COMMIT (ROLLBACK on error)."""
         tr = self._conn.transaction()
         await self._call("begin", tr.start(), timeout)

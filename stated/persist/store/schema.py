@@ -25,12 +25,13 @@ import json
 import math
 import struct
 from array import array
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
+from ...errors import StoreError
 from ...format.layout import Layout
 from ...format.schema import Field, check_value, from_wire, int_range, to_wire
-from ...errors import StoreError
 
 # scalar type -> SQL type
 SQL_TYPES = {"i8": "smallint", "u8": "smallint", "i16": "smallint", "u16": "integer", "i32": "integer",
@@ -316,7 +317,8 @@ def common_sql(schema: str = "stated") -> list[str]:
         f"    entity bigint NOT NULL,\n"
         f"    host_id text NOT NULL,             -- '' once released\n"
         f"    epoch bigint NOT NULL,             -- +1 on every claim; the high half of each write's version\n"
-        f"    lease_until timestamptz NOT NULL,  -- set at claim; the lease lives while this OR the host's heartbeat does\n"
+        f"    lease_until timestamptz NOT NULL,  -- set at claim; the lease lives until this or the host's\n"
+        f"                                       -- heartbeat (hosts.alive_until), whichever is later\n"
         f"    PRIMARY KEY (tbl, entity)\n)",
         f"CREATE TABLE IF NOT EXISTS {s}.hosts (\n"
         f"    host_id text PRIMARY KEY,\n"
@@ -355,7 +357,7 @@ def layout_from_registry(schema_json: str) -> tuple[Field, ...]:
         raise StoreError(f"the layout registry holds an invalid schema: {e}") from None
 
 
-def migration_sql(mapping: TableMapping, old: Layout) -> tuple[list[str], list[str]]:
+def migration_sql(mapping: TableMapping, old: Layout) -> tuple[list[str], list[Any]]:
     """(statements, problems) to take the SQL table from `old`'s columns to mapping's layout.
 
     New fields are added with their defaults; widened types are altered in place (smallint ->
@@ -410,7 +412,7 @@ _NUM0 = struct.pack(">ihhhh", 8, 0, 0, 0, 0)
 
 
 _NUM_SMALL = [struct.pack(">ihhhhh", 10, 1, 0, 0, 0, d) if d else _NUM0 for d in range(10000)]
-_NUMP = [None] + [struct.Struct(f">ihhhh{n}h").pack for n in range(1, 6)]   # by digit count (u64: <= 5)
+_NUMP: list[Any] = [None] + [struct.Struct(f">ihhhh{n}h").pack for n in range(1, 6)]   # by digit count (u64: <= 5)
 
 
 def numeric_wire(x: int) -> bytes:
@@ -423,6 +425,7 @@ def numeric_wire(x: int) -> bytes:
     if x < 10000:
         return _NUMP[2](12, 2, 1, 0, 0, x, d0) if d0 else _NUMP[1](10, 1, 1, 0, 0, x)
     x, d1 = divmod(x, 10000)
+    ds: tuple[int, ...]
     if x < 10000:
         ds = (x, d1, d0)
     else:
