@@ -155,7 +155,7 @@ __all__ = ["StatedError", "ConfigError", "KernelLimitError", "SchemaError", "Seg
            "SlotOutOfRange", "NotOwner", "OwnerBusy", "OwnersExhausted", "ReadOnlyTable", "LockTimeout",
            "TornRecord", "DaemonError", "AlreadyRunning", "CorruptSnapshot", "SnapshotFailed", "UnsafePath",
            "MigrationRefused", "RestoreError", "InstallError", "StoreError", "StoreUnavailable",
-           "OwnedElsewhere"]
+           "OwnedElsewhere", "StoreRetry", "StoreSchemaMismatch"]
 
 
 class StoreError(StatedError):
@@ -174,3 +174,13 @@ class OwnedElsewhere(StoreError):
     def __init__(self, message: str, *, holder: str = "", lease_until: float = 0.0):
         self.holder, self.lease_until = holder, lease_until
         super().__init__(message)
+
+
+class StoreRetry(StoreError):
+    """A database transaction lost to a concurrent one (deadlock, serialization failure): the same work
+    may simply be retried (the write-behind does so on its next pass)."""
+
+
+class StoreSchemaMismatch(StoreError):
+    """The database's tables do not match the config (layout changed without --migrate, a lossy
+    change without --allow-lossy, missing columns): an operator must act; not retried until restart."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -131,7 +132,7 @@ class DaemonMetrics:
                                 ["table"], registry=self.registry)
         self.migrated = Counter("stated_migrated_records", "Records copied by layout migrations",
                                 ["table"], registry=self.registry)
-        from . import store_metrics      # exports nothing unless [store] is configured
+        from . import store_metrics  # exports nothing unless [store] is configured
         self.store_flush = store_metrics.register(self.registry, store)
 
     def render(self) -> bytes:

@@ -34,7 +34,15 @@ from dataclasses import dataclass
 from operator import itemgetter
 from typing import Any
 
-from ...errors import DuplicateEntity, OwnedElsewhere, StatedError, StoreError, StoreUnavailable
+from ...errors import (
+    DuplicateEntity,
+    OwnedElsewhere,
+    StatedError,
+    StoreError,
+    StoreRetry,
+    StoreSchemaMismatch,
+    StoreUnavailable,
+)
 from ...format import segment as fmt
 from ...format.store_config import StoreConfig, redact
 from ...shm.marks import count_marked, harvest, marked
@@ -381,7 +389,7 @@ class Store:
         try:
             await setup_schema(drv, self.cfg.schema, [ts.mapping for ts in self.tables.values()],
                                migrate=self.migrate, allow_lossy=self.allow_lossy)
-        except SchemaMismatch as e:
+        except StoreSchemaMismatch as e:
             self.fatal = str(e)        # needs an operator: not retried until restart
             raise
 
@@ -428,7 +436,7 @@ class Store:
                 await self.renew()
         except StoreUnavailable as e:
             self._fail(e, "unavailable")
-        except pg.Retry as e:
+        except StoreRetry as e:
             self.errors["retry"] += 1
             log.warning("store: %s; retrying next pass", e)
         except StoreError as e:
@@ -578,7 +586,7 @@ class Store:
         skipped while unchanged, so one bad record cannot stop a table's write-behind."""
         try:
             await self._write(drv, ts, items, res)
-        except (StoreUnavailable, pg.Retry):
+        except (StoreUnavailable, StoreRetry):
             raise
         except StoreError as e:
             if len(items) > 1:
@@ -826,10 +834,6 @@ class Store:
                            for name, ts in self.tables.items()}}
 
 
-class SchemaMismatch(StoreError):
-    """The database's tables do not match the config (layout changed without --migrate, a lossy
-    change without --allow-lossy, missing columns): an operator must act; not retried until restart."""
-
 
 async def setup_schema(drv: pg.Driver, schema: str, mappings: list[TableMapping], *, migrate: bool = False,
                        allow_lossy: bool = False) -> list[str]:
@@ -852,11 +856,12 @@ async def setup_schema(drv: pg.Driver, schema: str, mappings: list[TableMapping]
                 old = compute(sqlschema.layout_from_registry(row["schema"]))
                 stmts, problems = sqlschema.migration_sql(m, old)
                 if not migrate:
-                    raise SchemaMismatch(f"table {m.name!r}: the database holds layout {row['layout_hash']} but the "
-                                         f"config says {m.layout_hex}; restart the daemon with --migrate to convert it")
+                    raise StoreSchemaMismatch(
+                        f"table {m.name!r}: the database holds layout {row['layout_hash']} but the config says "
+                        f"{m.layout_hex}; restart the daemon with --migrate to convert it")
                 if problems and not allow_lossy:
-                    raise SchemaMismatch(f"table {m.name!r}: database migration would lose data: "
-                                         f"{'; '.join(map(str, problems))}. Re-run with --allow-lossy to accept that")
+                    raise StoreSchemaMismatch(f"table {m.name!r}: database migration would lose data: "
+                                              f"{'; '.join(map(str, problems))}. Re-run with --allow-lossy to accept that")
                 for stmt in stmts:
                     await drv.execute(stmt)
                 log.warning("store: table=%s migrated in the database %s -> %s", m.name, row["layout_hash"],
@@ -869,7 +874,7 @@ async def setup_schema(drv: pg.Driver, schema: str, mappings: list[TableMapping]
                 schema, m.name)}
             missing = [c for c in m.copy_columns if c not in cols]
             if missing:
-                raise SchemaMismatch(f"table {m.qualified}: columns {missing} are missing from the database table; "
-                                     f"it does not match the layout (restore them, or drop the table and let "
-                                     f"stated recreate it)")
+                raise StoreSchemaMismatch(
+                    f"table {m.qualified}: columns {missing} are missing from the database table; it does not "
+                    f"match the layout (restore them, or drop the table and let stated recreate it)")
     return done

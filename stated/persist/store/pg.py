@@ -19,7 +19,7 @@ from typing import Any
 
 import asyncpg
 
-from ...errors import StoreError, StoreUnavailable
+from ...errors import StoreError, StoreRetry, StoreUnavailable
 from ...format.store_config import redact
 
 __all__ = ["Driver", "connect"]
@@ -34,14 +34,11 @@ _UNAVAILABLE = (OSError, asyncio.TimeoutError, TimeoutError, ConnectionError, so
 _RETRY = (asyncpg.exceptions.DeadlockDetectedError, asyncpg.exceptions.SerializationError)
 
 
-class Retry(StoreError):
-    """A deadlock or serialization failure: the same work may simply be retried."""
-
 
 def _translate(e: BaseException, dsn: str, what: str) -> StoreError:
     d = redact(dsn)
     if isinstance(e, _RETRY):
-        return Retry(f"{what}: {type(e).__name__}: {e}")
+        return StoreRetry(f"{what}: {type(e).__name__}: {e}")
     if isinstance(e, asyncpg.exceptions.InvalidPasswordError):
         return StoreError(f"database {d}: password authentication failed for the configured user")
     if isinstance(e, asyncpg.exceptions.InvalidAuthorizationSpecificationError):
