@@ -860,8 +860,9 @@ async def setup_schema(drv: pg.Driver, schema: str, mappings: list[TableMapping]
                         f"table {m.name!r}: the database holds layout {row['layout_hash']} but the config says "
                         f"{m.layout_hex}; restart the daemon with --migrate to convert it")
                 if problems and not allow_lossy:
-                    raise StoreSchemaMismatch(f"table {m.name!r}: database migration would lose data: "
-                                              f"{'; '.join(map(str, problems))}. Re-run with --allow-lossy to accept that")
+                    raise StoreSchemaMismatch(
+                        f"table {m.name!r}: database migration would lose data: {'; '.join(map(str, problems))}. "
+                        f"Re-run with --allow-lossy to accept that")
                 for stmt in stmts:
                     await drv.execute(stmt)
                 log.warning("store: table=%s migrated in the database %s -> %s", m.name, row["layout_hash"],
