@@ -274,3 +274,30 @@ def test_flush_of_a_new_entity_takes_its_lease_and_a_lost_pinned_record_is_count
             run(h.store.close())
             h.close()
         ta.close(), tb.close()
+
+
+def test_orphaned_leases_of_this_host_are_swept(make_segment, pg_dsn):
+    """A claim whose answer was lost (COMMIT done, connection gone) leaves a lease held by this host for
+    an entity it does not have; the heartbeat would keep it alive forever. The first renewal of a
+    connection (then every 10th) releases such leases once their own deadline passed; leases of
+    entities this host has, and claims in progress (deadline still ahead), are kept."""
+    key = make_segment(10)
+    t = stated.attach(key=key, owner="w")
+    a = StoreHost(key, pg_dsn, "host-a")
+
+    async def go():
+        h = await a.store.claim("players", 1, t._owner)
+        await pg_exec(pg_dsn, "INSERT INTO stated.leases VALUES ('players', 2, 'host-a', 4, now() - interval '1 s'),"
+                              " ('players', 3, 'host-a', 1, now() + interval '30 s')")
+        await pg_exec(pg_dsn, "UPDATE stated.leases SET lease_until = now() - interval '1 s' WHERE entity = 1")
+        a.store._renewals = 0
+        await a.store.renew()
+        rows = {r["entity"]: r["host_id"] for r in await pg_exec(pg_dsn, "SELECT entity, host_id FROM stated.leases")}
+        assert rows == {1: "host-a", 2: "", 3: "host-a"}
+        t.set(h, "gold", 1)
+        assert (await a.store.tick())["players"].written == 1      # the kept lease still writes
+    try:
+        run(go())
+    finally:
+        run(a.store.close())
+        a.close(), t.close()

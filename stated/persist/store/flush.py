@@ -55,6 +55,7 @@ log = logging.getLogger("stated.store")
 _SEQ_TRIES = 8          # seqlock copy attempts per record before leaving it for the next pass
 _YIELD_EVERY = 256      # records copied between yields to the event loop
 BACKOFF_MIN, BACKOFF_MAX = 0.1, 10.0
+SWEEP_EVERY = 10        # renewals between sweeps of orphaned leases (leases.sweep)
 
 
 class Item(tuple):
@@ -274,6 +275,7 @@ class Store:
         self.backoff = BACKOFF_MIN
         self.next_try = 0.0
         self.next_renew = 0.0
+        self._renewals = 0
         self._rate_budget = 0.0
         self._rate_t = clock()
         self.fatal: str | None = None  # a schema problem that needs an operator (layout change without --migrate)
@@ -382,6 +384,7 @@ class Store:
         self.backoff = BACKOFF_MIN
         self.last_error = ""
         self.next_renew = 0.0
+        self._renewals = 0             # the first renewal of a connection sweeps orphaned leases
         log.info("store: connected to %s as host_id=%s", redact(self.cfg.dsn), self.cfg.host_id)
         return True
 
@@ -645,13 +648,22 @@ class Store:
             if self.bulk is None:
                 raise StoreUnavailable("store connection closed")
             await leases.heartbeat(self.bulk, sqlschema.ident(self.cfg.schema), self.cfg.host_id, self.cfg.lease_ttl)
+        self._renewals += 1
         for ts in self.tables.values():
             here = ts.allocated_entities()
             gone = {e: ep for e, ep in ts.epochs.items() if e not in here}
             ts.lost &= set(here)       # a lost entity freed here is forgotten: a later claim starts afresh
+            pending = {ts.entity[s] for s in marked(ts.store_pending, ts.capacity)}
+            if self._renewals % SWEEP_EVERY == 1:      # the first renewal of a connection, then every 10th
+                async with self._bulk_lock:
+                    if self.bulk is None:
+                        raise StoreUnavailable("store connection closed")
+                    n = await leases.sweep(self.bulk, ts.mapping, self.cfg.host_id, [*here, *pending])
+                if n:
+                    log.warning("store: table=%s: released %d leases this host held for entities it does not "
+                                "have (a claim whose answer was lost)", ts.name, n)
             if not gone:
                 continue
-            pending = {ts.entity[s] for s in marked(ts.store_pending, ts.capacity)}
             drop = {e: ep for e, ep in gone.items() if e not in pending}
             async with self._bulk_lock:
                 if self.bulk is None:

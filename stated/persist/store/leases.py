@@ -97,6 +97,18 @@ async def heartbeat(drv: Driver, schema_sql: str, host_id: str, ttl: float) -> N
                       f"ON CONFLICT (host_id) DO UPDATE SET alive_until = EXCLUDED.alive_until", host_id, float(ttl))
 
 
+async def sweep(drv: Driver, m: TableMapping, host_id: str, keep: list[int]) -> int:
+    """Release this host's leases on entities it no longer has (`keep`: every entity allocated or
+    pending here) whose own deadline has passed: leases orphaned by a claim whose answer was lost
+    (COMMIT done, connection gone), which the heartbeat would otherwise keep alive forever. A claim in
+    progress is never touched: its lease_until is still in the future."""
+    r = await drv.execute(
+        f"UPDATE {m.leases} SET host_id = '', lease_until = now() "
+        f"WHERE tbl = $1 AND host_id = $2 AND lease_until < now() AND NOT (entity = ANY($3::bigint[]))",
+        m.name, host_id, sorted(entity_to_sql(e) for e in keep))
+    return int(r.rsplit(" ", 1)[1])
+
+
 async def release_many(drv: Driver, m: TableMapping, host_id: str, held: dict[int, int]) -> int:
     """Release {entity: epoch} leases at once (entities freed here without release())."""
     if not held:
