@@ -298,3 +298,42 @@ def test_sigkill_of_the_daemon_mid_flush_loses_no_mark(write_config, pg_dsn, pro
     assert all(r["gold"] == e for e, r in asyncio.run(pg_rows(pg_dsn)).items())
     t.close()
     assert d2.stop() == 0
+
+
+def test_handoff_between_two_daemons(write_config, pg_dsn, procs, tmp_path):
+    """Zone on host A releases players while writing others; host B claims each one right after and
+    sees A's last write; A allocating one of them again later (no claim) gets its writes refused and
+    counted (stated_store_stale_writes_total on A)."""
+    cfg_a = store_config(write_config, pg_dsn, "host-a", name="a.toml")
+    (tmp_path / "b").mkdir()
+    cfg_b = store_config(write_config, pg_dsn, "host-b", name="b/b.toml")
+    a, b = DaemonProc(procs, cfg_a), DaemonProc(procs, cfg_b)
+    a.wait_for("store: connected")
+    b.wait_for("store: connected")
+    ta = stated.attach("players", owner="zone-a", config=str(cfg_a))
+    tb = stated.attach("players", owner="zone-b", config=str(cfg_b))
+    try:
+        hs = {e: ta.claim(e) for e in range(1, 31)}
+        for rnd in range(1, 4):
+            for e, h in hs.items():
+                ta.set(h, "gold", rnd * 100 + e)
+        for e in list(hs):
+            h = hs.pop(e)
+            last = ta.get(h, "gold")
+            for other in hs.values():                      # the zone keeps playing meanwhile
+                ta.set(other, "hp", ta.get(other, "hp") - 1)
+            ta.release(h)
+            hb = tb.claim(e)
+            assert tb.get(hb, "gold") == last, e
+            with pytest.raises(OwnedElsewhere):             # B holds it now: A cannot take it back
+                ta.claim(e)
+        h = ta.alloc(entity=7)                              # a bug in zone A: no claim
+        ta.set(h, "gold", 999)
+        deadline = time.monotonic() + 10
+        while 'stated_store_stale_writes_total{table="players"} 1.0' not in metrics(a):
+            assert time.monotonic() < deadline, metrics(a)
+            time.sleep(0.1)
+        assert asyncio.run(pg_rows(pg_dsn))[7]["gold"] == 307
+    finally:
+        ta.close(), tb.close()
+    assert a.stop() == 0 and b.stop() == 0
