@@ -1,17 +1,16 @@
 """The durable store: dirty records written behind to PostgreSQL, leases, handoff between hosts.
 
-Layer rules (this package sits in the persistence layer, beside snapshots and migration):
+Part of the persistence layer; only the daemon and the CLI load it (they run its asyncio code). Rules:
 
-- Only the daemon imports this package's `pg`, `flush` and `leases` modules: they need asyncio and
-  the database driver. A worker's `import stated` must never load asyncpg; workers claim, flush and
-  release through the daemon's control socket.
-- `pg.py` is the ONLY module that imports asyncpg. Everything else talks to the `Driver` interface
-  it defines (connect, execute, fetch, copy_upsert, transaction, close) and sees only stated's
-  errors (`StoreError`, `StoreUnavailable`).
-- `schema.py` and `config.py` are pure: layout -> SQL DDL and row codec, `[store]` settings. No I/O.
-- Imports inside the package are relative and reach outside it only for the pure format layer
-  (format, layout, schema, marks, errors), so the package can move (e.g. under `stated/persist/`)
-  by moving the folder.
+- A worker's `import stated` never loads this package, asyncio or asyncpg: workers claim, flush and
+  release through the daemon's control socket (`stated/shm/store_client.py`, a plain socket).
+- `pg.py` is the ONLY module that imports asyncpg. Everything else talks to its `Driver`
+  (execute, fetch, copy_binary, transaction, close) and sees only stated's errors (`StoreError`,
+  `StoreUnavailable`, `StoreRetry`).
+- `schema.py` is pure (layout -> DDL, upsert SQL, binary COPY encoder, row codec); `leases.py` holds
+  the lease SQL; `flush.py` the write-behind and the worker calls. The pieces lower layers need live
+  there: `[store]` parsing in `stated/format/store_config.py`, the dirty-mark harvest in
+  `stated/shm/marks.py`, the metrics collector in `stated/daemon/store_metrics.py`.
 
-See docs/store.md for the schema mapping, versions and epochs, and failure behaviour.
+See docs/store.md for the schema mapping, versions and epochs, leases and failure behaviour.
 """
