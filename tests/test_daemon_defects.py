@@ -114,9 +114,15 @@ def scribble(t: stated.Table, rnd: random.Random) -> str:
     return f"{n} bytes at {off} = {value:#x}"
 
 
-def exercise(t: stated.Table, rnd: random.Random, mine: list) -> None:
-    """A few worker operations; only stated's own errors may come out."""
+OP_BOUND = 3 * 0.3 + 1.5     # one op: the lock wait, a settle wait and a holder wait (lock_timeout 0.3 each),
+                             # plus slack for a 2-core machine running the rest of the suite
+
+
+def exercise(t: stated.Table, rnd: random.Random, mine: list) -> float:
+    """A few worker operations; only stated's own errors may come out. Returns the slowest op's time."""
+    slowest = 0.0
     for _ in range(6):
+        t0 = time.monotonic()
         try:
             op = rnd.random()
             if op < 0.4:
@@ -130,6 +136,8 @@ def exercise(t: stated.Table, rnd: random.Random, mine: list) -> None:
         except (stated.TableFull, stated.DuplicateEntity, stated.StaleHandle, stated.NotOwner,
                 stated.LockTimeout, stated.CorruptSegment):
             pass
+        slowest = max(slowest, time.monotonic() - t0)
+    return slowest
 
 
 SCRIBBLES = 400
@@ -146,12 +154,15 @@ def test_scribbles_on_a_live_segment_never_escape_or_hang(write_config, procs):
     try:
         for i in range(SCRIBBLES):
             what = scribble(t, rnd)
-            t0 = time.monotonic()
             try:
-                exercise(t, rnd, mine)
+                slowest = exercise(t, rnd, mine)
             except Exception as e:   # noqa: BLE001 - the assertion names the scribble that escaped
                 raise AssertionError(f"scribble {i} ({what}) let {type(e).__name__}: {e} escape") from e
-            assert time.monotonic() - t0 < 6 * 0.3 + 1, f"scribble {i} ({what}) hung"
+            assert slowest < OP_BOUND, f"scribble {i} ({what}): an op took {slowest:.2f}s"
+            # the daemon's repair pass may hold the lock this instant; kept means not given back within a bound
+            free_by = time.monotonic() + OP_BOUND
+            while sysv_ipc.Semaphore(t.key).value != 1 and time.monotonic() < free_by:
+                time.sleep(0.005)
             assert sysv_ipc.Semaphore(t.key).value == 1, f"scribble {i} ({what}) kept the lock"
             if i % 50 == 0:
                 assert d.p.poll() is None and "stated_table_up" in _scrape(port)
