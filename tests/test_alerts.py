@@ -15,34 +15,16 @@ separate test checks every alert has a runbook_url whose anchor exists in docs/r
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
+from helpers import ALERT_RULES, ROOT, alert_rules, free_port, require_tool
 
-ROOT = Path(__file__).resolve().parent.parent
-RULES = ROOT / "deploy" / "prometheus" / "stated-alerts.yml"
 RUNBOOK = ROOT / "docs" / "runbook.md"
 
 # Target labels as the two shipped scrape configs produce them (different job names on purpose).
 STATIC = {"service": "stated", "job": "stated-static", "instance": "game1:9474"}
 K8S = {"service": "stated", "job": "kubernetes-pods", "instance": "games/stated"}
-
-
-def _promtool() -> str:
-    path = shutil.which("promtool")
-    if path is None:
-        pytest.skip("promtool not installed (install the Debian package 'prometheus')")
-    return path
-
-
-def _yaml():
-    return pytest.importorskip("yaml")
-
-
-def _rules() -> list[dict]:
-    return [r for g in _yaml().safe_load(RULES.read_text())["groups"] for r in g["rules"]]
 
 
 def series(name: str, target: dict, values: str, **labels) -> dict:
@@ -214,19 +196,19 @@ def _alerts_under_test() -> set[str]:
 
 
 def test_every_alert_has_a_firing_case():
-    names = {r["alert"] for r in _rules()}
+    names = {r["alert"] for r in alert_rules()}
     assert names == _alerts_under_test(), (names ^ _alerts_under_test())
 
 
 def test_rules_name_no_job():
-    for r in _rules():
+    for r in alert_rules():
         assert "job=" not in r["expr"].replace(" ", ""), f"{r['alert']} hard-codes a job label"
 
 
 def test_every_alert_has_a_runbook_section():
     anchors = {re.sub(r"[^a-z0-9 -]", "", m.group(1).strip().lower()).replace(" ", "-")
                for m in re.finditer(r"^#+\s+(.*)$", RUNBOOK.read_text(), re.M)}
-    for r in _rules():
+    for r in alert_rules():
         url = r["annotations"]["runbook_url"]
         base, _, anchor = url.partition("#")
         assert base.endswith("/docs/runbook.md"), url
@@ -235,9 +217,9 @@ def test_every_alert_has_a_runbook_section():
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_promtool_alert_cases(case, tmp_path):
-    promtool = _promtool()
-    yaml = _yaml()
-    rules = yaml.safe_load(RULES.read_text())
+    promtool = require_tool("promtool", "prometheus")
+    yaml = pytest.importorskip("yaml")
+    rules = yaml.safe_load(ALERT_RULES.read_text())
     for g in rules["groups"]:
         for r in g["rules"]:
             r.pop("annotations", None)
@@ -253,13 +235,6 @@ def test_promtool_alert_cases(case, tmp_path):
 
 # --------------------------------------------------- the Kubernetes relabel rules, in a real Prometheus
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_kubernetes_relabeling_sets_service_and_a_stable_instance(tmp_path, procs):
     """deploy/prometheus/prometheus-kubernetes.yml's relabel rules, run by Prometheus itself: the pod's
     discovery labels come from a file_sd file instead of the Kubernetes API (Debian's Prometheus has
@@ -267,10 +242,8 @@ def test_kubernetes_relabeling_sets_service_and_a_stable_instance(tmp_path, proc
     import json
     import time
     import urllib.request
-    prometheus = shutil.which("prometheus")
-    if prometheus is None:
-        pytest.skip("prometheus not installed (Debian package 'prometheus')")
-    yaml = _yaml()
+    prometheus = require_tool("prometheus", "prometheus")
+    yaml = pytest.importorskip("yaml")
     cfg = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus-kubernetes.yml").read_text())
     job = cfg["scrape_configs"][0]
     assert "kubernetes_sd_configs" in job
@@ -293,7 +266,7 @@ def test_kubernetes_relabeling_sets_service_and_a_stable_instance(tmp_path, proc
         pod("127.0.0.4:8080", "redis-0", label_app_kubernetes_io_name="redis", **scrape),
         pod("127.0.0.5:8080", "unscraped", label_app_kubernetes_io_name="stated"),
     ]))
-    port = _free_port()
+    port = free_port()
     p = subprocess.Popen([prometheus, f"--config.file={tmp_path / 'prometheus.yml'}",
                           f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
                          stdout=subprocess.DEVNULL, stderr=open(tmp_path / "prometheus.log", "w"))

@@ -5,6 +5,7 @@ import signal
 import time
 
 import pytest
+from helpers import fork_child, tagged_churn
 
 import stated
 
@@ -33,20 +34,6 @@ def _child_churn(key: int, owner: str, seed: int, sections: bool) -> None:
             t.free(mine.pop(rnd.randrange(len(mine))))
 
 
-def _fork(fn, *args) -> int:
-    pid = os.fork()
-    if pid == 0:
-        code = 0
-        try:
-            fn(*args)
-        except BaseException:  # noqa: BLE001 - a child must never return into pytest
-            import traceback
-            traceback.print_exc()
-            code = 70
-        os._exit(code)
-    return pid
-
-
 def _check(t: stated.Table) -> None:
     problems = t.verify()          # takes the lock within its timeout, repairing first if needed
     assert problems == [], problems
@@ -58,7 +45,7 @@ def test_sigkill_at_random_moments_never_corrupts(make_segment, procs):
     rnd = random.Random(1234)
     try:
         for i in range(KILLS):
-            pid = _fork(_child_churn, key, "chaos", i, i % 3 == 0)
+            pid = fork_child(_child_churn, key, "chaos", i, i % 3 == 0)
             procs.append(pid)
             time.sleep(rnd.uniform(0.002, 0.012))
             os.kill(pid, signal.SIGKILL)
@@ -89,35 +76,9 @@ def test_sigkill_at_random_moments_never_corrupts(make_segment, procs):
         checker.close()
 
 
-def _child_tagged_churn(key: int, owner: str, ops: int, seed: int) -> None:
-    rnd = random.Random(seed)
-    t = stated.attach(key=key, owner=owner, lock_timeout=10)
-    me = os.getpid()
-    mine = []
-    bad = 0
-    for _ in range(ops):
-        if len(mine) < 8 and (not mine or rnd.random() < 0.5):
-            try:
-                h = t.alloc()
-            except stated.TableFull:
-                continue
-            t.record(h).id = me
-            mine.append(h)
-        else:
-            h = mine.pop(rnd.randrange(len(mine)))
-            if t.get(h, "id") != me:
-                bad += 1
-            t.free(h)
-    for h in mine:
-        if t.get(h, "id") != me:
-            bad += 1
-        t.free(h)
-    os._exit(min(bad, 100))
-
-
 def test_four_processes_never_share_a_slot(make_segment, procs):
     key = make_segment(capacity=32)      # small: 4 x 8 live slots keep the table nearly full
-    pids = [_fork(_child_tagged_churn, key, f"w{i}", 3000, i) for i in range(4)]
+    pids = [fork_child(tagged_churn, key, f"w{i}", 3000, i) for i in range(4)]
     procs.extend(pids)
     for pid in pids:
         _, status = os.waitpid(pid, 0)
@@ -178,7 +139,7 @@ def test_lock_timeout_is_bounded_and_counted(make_segment, procs):
             sem.acquire()
             os.write(w, b"x")
             time.sleep(60)
-        pid = _fork(hold)
+        pid = fork_child(hold)
         procs.append(pid)
         os.read(r, 1)
         t0 = time.monotonic()

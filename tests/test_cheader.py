@@ -10,12 +10,11 @@ import re
 import shutil
 import struct
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import PLAYER_FIELDS
+from helpers import PLAYER_FIELDS, ROOT, STATED, player_layout
 
 import stated
 from stated.format import config as config_mod
@@ -29,16 +28,11 @@ GCC = shutil.which("gcc")
 pytestmark = pytest.mark.skipif(GCC is None, reason="gcc is not installed; the C header tests need a C compiler")
 
 STRICT = ["-std=c11", "-Wall", "-Wextra", "-Werror", "-pedantic", "-O2"]
-ROOT = Path(__file__).resolve().parent.parent
 
 # every scalar type, strings, bytes, arrays, orderings that force padding, C keywords as names
 ALL_TYPES = ["a: u8", "b: f64", "c: i8", "d: i16", "e: bool", "f: u32", "g: str[5]", "h: i64", "i: bytes[3]",
              "j: u16[3]", "k: f32", "l: f64[2]", "m: i32", "n: u64", "o: u16", "p: bool", "q: i8[3]",
              "double: f32", "int: u8", "r: u64[1]", "s: u8"]
-
-
-def players_layout():
-    return layout_mod.compute(parse_fields(PLAYER_FIELDS))
 
 
 def build(tmp_path: Path, name: str, source: str, header: str | None = None, flags=STRICT) -> Path:
@@ -146,7 +140,7 @@ def _struct_offsets(st: struct.Struct, names) -> dict[str, tuple[int, int]]:
 
 
 def test_sizes_offsets_and_constants_match_python(tmp_path):
-    players = players_layout()
+    players = player_layout()
     odd = layout_mod.compute(parse_fields(ALL_TYPES))
     tables = [("players", 0x5E0FF001, players), ("odd", 0x7FFFFFFF, odd)]
     header = cheader.generate(tables)
@@ -240,7 +234,7 @@ def test_header_is_deterministic_and_composable(tmp_path):
 
 
 def test_generate_refuses_clashing_or_bad_names(tmp_path):
-    lay = players_layout()
+    lay = player_layout()
     for bad in ("slot", "owner", "segment_header", "index_entry", "allocator", "index", "err"):
         with pytest.raises(ValueError, match="rename the table"):
             cheader.generate([(bad, 1, lay)])
@@ -329,7 +323,7 @@ int main(int argc, char **argv)
 
 def test_c_reads_records_python_wrote(tmp_path, make_segment):
     key = make_segment(capacity=20)
-    exe = build(tmp_path, "reader", READER, cheader.generate([("players", key, players_layout())]))
+    exe = build(tmp_path, "reader", READER, cheader.generate([("players", key, player_layout())]))
     with stated.Table(segment.open(key), name="players", owner="py") as t:
         h = t.alloc(entity=42)
         with t.write(h) as p:
@@ -385,7 +379,7 @@ def cheader_err(name: str) -> int:
 
 def test_c_check_refuses_other_layout(tmp_path, make_segment):
     key = make_segment(capacity=4, fields=PLAYER_FIELDS[:-1] + ["inventory: u32[16]"])
-    exe = build(tmp_path, "reader", READER, cheader.generate([("players", key, players_layout())]))
+    exe = build(tmp_path, "reader", READER, cheader.generate([("players", key, player_layout())]))
     g = kv(run(exe))
     assert g["validate"] == "0"
     assert g["check"] == str(cheader_err("LAYOUT"))
@@ -442,7 +436,7 @@ def _set_slot_byte(key: int, slot: int, field_off: int, value: int) -> None:
 
 def test_python_reads_records_c_wrote(tmp_path, make_segment):
     key = make_segment(capacity=8)
-    exe = build(tmp_path, "writer", WRITER, cheader.generate([("players", key, players_layout())]))
+    exe = build(tmp_path, "writer", WRITER, cheader.generate([("players", key, player_layout())]))
     with stated.attach(key=key, owner="py") as t:
         t.alloc()
         h = t.alloc(entity=5)
@@ -539,7 +533,7 @@ int main(int argc, char **argv)
 
 def test_c_reader_never_sees_torn_python_writes(tmp_path, make_segment, procs):
     key = make_segment(capacity=4)
-    exe = build(tmp_path, "treader", TORTURE_READER, cheader.generate([("players", key, players_layout())]))
+    exe = build(tmp_path, "treader", TORTURE_READER, cheader.generate([("players", key, player_layout())]))
     with stated.attach(key=key, owner="py") as t:
         h = t.alloc(entity=1)
         with t.write(h) as p:
@@ -566,7 +560,7 @@ def test_c_reader_never_sees_torn_python_writes(tmp_path, make_segment, procs):
 
 def test_python_reader_never_sees_torn_c_writes(tmp_path, make_segment, procs):
     key = make_segment(capacity=4)
-    exe = build(tmp_path, "twriter", TORTURE_WRITER, cheader.generate([("players", key, players_layout())]))
+    exe = build(tmp_path, "twriter", TORTURE_WRITER, cheader.generate([("players", key, player_layout())]))
     with stated.attach(key=key, owner="py", read_timeout=1.0) as t:
         h = t.alloc(entity=1)
         with t.write(h) as p:       # consistent before the first C write (defaults are not)
@@ -605,7 +599,7 @@ def test_example_compiles_against_repo_config(tmp_path):
 def test_cli_header_matches_generate(tmp_path):
     cfg_path = ROOT / "config" / "stated.toml"
     cfg = config_mod.load(cfg_path)
-    r = subprocess.run([sys.executable, "-m", "stated", "header", "--config", str(cfg_path)],
+    r = subprocess.run([*STATED, "header", "--config", str(cfg_path)],
                        capture_output=True, text=True, cwd=ROOT, timeout=60)
     if r.returncode != 0 and "invalid choice" in r.stderr:
         pytest.skip("the CLI has no `header` command yet")
@@ -639,6 +633,6 @@ def test_example_worker_prints_players(tmp_path, write_config, procs):
 def test_example_worker_refuses_missing_segment(tmp_path, new_key):
     key = new_key()
     exe = build(tmp_path, "c_worker", (ROOT / "examples" / "c_worker.c").read_text(),
-                cheader.generate([("players", key, players_layout())]))
+                cheader.generate([("players", key, player_layout())]))
     r = subprocess.run([str(exe)], capture_output=True, text=True, timeout=30)
     assert r.returncode == 1 and "no segment" in r.stderr

@@ -13,12 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import ROOT, STATED, fork_child, wait_child
 
 import stated
 from stated.shm import segment
-
-ROOT = Path(__file__).resolve().parent.parent
-STATED = [sys.executable, "-m", "stated"]
 
 
 def run(*args, env=None, timeout=30) -> subprocess.CompletedProcess:
@@ -122,29 +120,24 @@ def test_get_attaches_read_only(players):
         shm.gid = pwd.getpwnam("nobody").pw_gid           # nobody reads through the group, cannot write
         shm.mode = 0o640
         out_r, out_w = os.pipe()
-        pid = os.fork()
-        if pid == 0:                                      # child: nobody, then the CLI in-process
-            code = 99
-            try:
-                os.close(out_r)
-                sys.stdout = os.fdopen(out_w, "w")           # pytest's capture replaced the real one
-                os.setgroups([])
-                os.setgid(pwd.getpwnam("nobody").pw_gid)
-                sys.stderr = sys.stdout
-                os.setuid(pwd.getpwnam("nobody").pw_uid)
-                from stated.tools import cli
-                code = cli.main(["get", "players", "41", "--config", str(conf), "--compact"])
-                sys.stdout.flush()
-            finally:
-                os._exit(code)
+
+        def get() -> int:                                 # the child, as nobody: the CLI in-process
+            os.close(out_r)
+            sys.stdout = os.fdopen(out_w, "w")               # pytest's capture replaced the real one
+            sys.stderr = sys.stdout
+            from stated.tools import cli
+            code = cli.main(["get", "players", "41", "--config", str(conf), "--compact"])
+            sys.stdout.flush()
+            return code
+        pid = fork_child(get, as_nobody=True)
         os.close(out_w)
         with os.fdopen(out_r) as f:
             out = f.read()
-        _, status = os.waitpid(pid, 0)
+        code = wait_child(pid)
         shm.mode, shm.gid = old
     finally:
         shutil.rmtree(shared)
-    assert os.waitstatus_to_exitcode(status) == 0, out
+    assert code == 0, out
     assert json.loads(out)["record"]["hp"] == 41
 
 

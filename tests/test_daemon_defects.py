@@ -6,11 +6,10 @@ import random
 import signal
 import subprocess
 import time
-import urllib.request
 
 import pytest
 import sysv_ipc
-from conftest import STATED_CMD, DaemonProc, run_as_nobody
+from helpers import STATED, DaemonProc, by_table, fork_lock_holder, metrics_text, run_as_nobody, stated_status
 
 import stated
 from stated.daemon.lifecycle import Daemon
@@ -19,21 +18,6 @@ from stated.format import segment as fmt
 from stated.shm import segment
 
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a child as nobody")
-
-
-def _status(cfg) -> dict:
-    out = subprocess.run([*STATED_CMD, "status", "--config", str(cfg), "--json"], capture_output=True, text=True)
-    return {r["table"]: r for r in json.loads(out.stdout)["tables"]}
-
-
-def _scrape(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        return r.read().decode()
-
-
-def _metrics_port(d: DaemonProc) -> int:
-    line = d.wait_for("metrics on http://")
-    return int(line.rsplit(":", 1)[1].split("/")[0])
 
 
 # ---- item 5: one damaged table does not take the others down -----------------------------------
@@ -49,11 +33,11 @@ def test_damaged_table_header_does_not_stop_the_others(write_config, procs, dama
     seg.detach()
     d = DaemonProc(procs, cfg)
     d.wait_for(" ready")                 # was: start-up refused for every table
-    rows = _status(cfg)
+    rows = by_table(stated_status(cfg)[1])
     assert "not served" in rows["players"]["error"] and rows["world"]["capacity"] == 4
     if damage == "state word":
         assert "invalid state word" in rows["players"]["error"]   # was: "wait for the daemon to finish"
-    text = _scrape(_metrics_port(d))
+    text = metrics_text(d.metrics_port())
     assert 'stated_table_up{table="players"} 0.0' in text and 'stated_table_up{table="world"} 1.0' in text
     assert d.stop() == 0
 
@@ -147,7 +131,7 @@ def test_scribbles_on_a_live_segment_never_escape_or_hang(write_config, procs):
     cfg = write_config({"players": {"capacity": 32}}, daemon={"repair_interval": 0.05, "lock_timeout": 0.3})
     d = DaemonProc(procs, cfg)
     d.wait_for(" ready")
-    port = _metrics_port(d)
+    port = d.metrics_port()
     rnd = random.Random(8)
     t = stated.attach("players", owner="w", config=str(cfg), lock_timeout=0.3)
     mine: list = []
@@ -165,7 +149,7 @@ def test_scribbles_on_a_live_segment_never_escape_or_hang(write_config, procs):
                 time.sleep(0.005)
             assert sysv_ipc.Semaphore(t.key).value == 1, f"scribble {i} ({what}) kept the lock"
             if i % 50 == 0:
-                assert d.p.poll() is None and "stated_table_up" in _scrape(port)
+                assert d.p.poll() is None and "stated_table_up" in metrics_text(port)
         # after the daemon's next passes the table is consistent again
         deadline = time.monotonic() + 5
         while t.verify() and time.monotonic() < deadline:
@@ -210,13 +194,13 @@ def test_reap_owner_frees_a_dead_owners_slots_and_name(write_config, procs):
     h = stated.attach(key=key, readonly=True).lookup(5)
     with pytest.raises(stated.OwnersExhausted):
         stated.attach("players", owner="newcomer", config=str(cfg))
-    out = subprocess.run([*STATED_CMD, "reap", "--config", str(cfg), "--owner", "dead-0", "--json"],
+    out = subprocess.run([*STATED, "reap", "--config", str(cfg), "--owner", "dead-0", "--json"],
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["reaped"] == {"players": 1}
     with stated.attach("players", owner="newcomer", config=str(cfg)) as t:
         assert t.lookup(5) is None and h.slot not in [x.slot for x in t.handles()]
-    out = subprocess.run([*STATED_CMD, "reap", "--config", str(cfg), "--owner", "nobody-such"],
+    out = subprocess.run([*STATED, "reap", "--config", str(cfg), "--owner", "nobody-such"],
                          capture_output=True, text=True)
     assert out.returncode == 1 and "no owner named" in out.stderr
     assert d.stop() == 0
@@ -234,7 +218,7 @@ def test_planted_segment_is_not_adopted(write_config, procs):
     assert run_as_nobody(plant) == 0
     d = DaemonProc(procs, cfg)
     d.wait_for(" ready")
-    err = _status(cfg)["players"]["error"]
+    err = by_table(stated_status(cfg)[1])["players"]["error"]
     assert "not served" in err and "uid 65534" in err and "ipcrm -m" in err     # was: adopted
     with pytest.raises(stated.ForeignSegment, match="ipcrm -m"):
         stated.attach("players", owner="w", config=str(cfg))
@@ -257,31 +241,10 @@ def test_planted_semaphore_is_refused_not_waited_on(make_segment):
 
 
 # ---- issue 9 item 6: lock waits ----------------------------------------------------------------------
-def _hold_lock(key: int, seconds: float, ready_w: int) -> None:
-    t = stated.attach(key=key, owner="holder")
-    t._alloc.acquire()
-    os.write(ready_w, b"x")
-    time.sleep(seconds)
-    t._alloc.release()
-    os._exit(0)
-
-
-def _fork_holder(key: int, seconds: float) -> int:
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(r)
-        _hold_lock(key, seconds, w)
-    os.close(w)
-    assert os.read(r, 1) == b"x"
-    os.close(r)
-    return pid
-
-
 def test_lock_timeout_is_one_deadline_across_signals(make_segment, procs):
     key = make_segment(capacity=4)
     t = stated.attach(key=key, owner="w", lock_timeout=0.5)
-    pid = _fork_holder(key, 10)
+    pid = fork_lock_holder(key, 10)
     procs.append(pid)
     old = signal.signal(signal.SIGALRM, lambda *_: None)
     signal.setitimer(signal.ITIMER_REAL, 0.05, 0.05)     # EINTR every 50 ms
@@ -299,7 +262,7 @@ def test_lock_timeout_is_one_deadline_across_signals(make_segment, procs):
 def test_semaphore_swapped_under_a_live_holder_is_waited_for(make_segment, procs):
     key = make_segment(capacity=4)
     t = stated.attach(key=key, owner="w", lock_timeout=5)
-    pid = _fork_holder(key, 1.0)
+    pid = fork_lock_holder(key, 1.0)
     procs.append(pid)
     sysv_ipc.Semaphore(key).remove()                             # ipcrm -S while the holder is inside
     segment.open_semaphore(key, create_mode=0o600)              # the daemon's repair pass recreates it

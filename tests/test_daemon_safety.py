@@ -20,21 +20,27 @@ import socket
 import subprocess
 import sys
 import time
-import traceback
-import urllib.request
 from pathlib import Path
 
 import pytest
 import sysv_ipc
-from prometheus_client.parser import text_string_to_metric_families
+from helpers import (
+    UNIT,
+    NotifySocket,
+    ctl,
+    fork_child,
+    metric,
+    metrics_port,
+    popen_daemon,
+    scrape_port,
+    spawn,
+    unit_settings,
+    wait_child,
+)
 
 import stated
-from stated.daemon import control
 from stated.format import config as config_mod
 
-STATED = [sys.executable, "-m", "stated"]
-WORKERS = os.path.join(os.path.dirname(__file__), "workers.py")
-NOBODY = 65534
 EX_CONFIG = 78
 
 
@@ -46,13 +52,12 @@ def _limit_fds(n: int, hard: int | None = None):
     return pre
 
 
-def start(procs, cfg: Path, *, nofile: int | None = None, hard: int | None = None, env=None) -> tuple:
+def start_logged(procs, cfg: Path, *, nofile: int | None = None, hard: int | None = None, env=None) -> tuple:
     """Start `stated run`; returns (process, log path). stderr goes to a file: a pipe could fill up."""
     log = Path(f"{cfg}.{len(procs)}.log")
     with open(log, "w") as f:
-        p = subprocess.Popen([*STATED, "run", "--config", str(cfg)], stderr=f, stdout=subprocess.DEVNULL,
-                             env=env, preexec_fn=_limit_fds(nofile, hard) if nofile else None)
-    procs.append(p)
+        p = popen_daemon(procs, cfg, stderr=f, stdout=subprocess.DEVNULL, env=env,
+                         preexec_fn=_limit_fds(nofile, hard) if nofile else None)
     return p, log
 
 
@@ -70,59 +75,6 @@ def wait_log(p, log: Path, pattern: str, timeout: float = 15.0) -> str:
 
 def ready(p, log: Path) -> str:
     return wait_log(p, log, r" ready: ")
-
-
-def spawn_worker(procs, mode: str, key: int, owner: str, n: int):
-    p = subprocess.Popen([sys.executable, WORKERS, mode, hex(key), owner, str(n)], stdout=subprocess.PIPE, text=True)
-    procs.append(p)
-    assert p.stdout.readline().strip() == "ready"
-    return p
-
-
-def ctl(cfg: Path, op: str, timeout: float = 5.0, **kw) -> dict:
-    return control.request(config_mod.load(cfg).daemon.control_socket, op, timeout=timeout, **kw)
-
-
-def scrape(port: int, timeout: float = 5.0) -> dict:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout).read().decode()
-    out = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
-
-
-def metric(ms: dict, name: str, **labels) -> float:
-    return ms[(name, tuple(sorted(labels.items())))]
-
-
-def fork_as_nobody(procs, fn, *args) -> int:
-    """fn(*args) in a forked child running as uid/gid nobody; the child's exit code is fn's return value."""
-    pid = os.fork()
-    if pid == 0:
-        code = 99
-        try:
-            os.setgroups([])
-            os.setgid(NOBODY)
-            os.setuid(NOBODY)
-            code = fn(*args)
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            os._exit(code)
-    procs.append(pid)
-    return pid
-
-
-def wait_child(procs, pid: int, timeout: float = 30.0) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        done, st = os.waitpid(pid, os.WNOHANG)
-        if done:
-            procs.remove(pid)
-            return os.waitstatus_to_exitcode(st)
-        time.sleep(0.05)
-    raise AssertionError(f"child {pid} still running")
 
 
 def _flood_tcp(port: int, seconds: float, hold: int) -> int:
@@ -169,14 +121,15 @@ def test_metrics_flood_as_nobody_never_frees_a_live_workers_slots(write_config, 
     cfg = write_config({"players": {"capacity": 100, "dead_owner": "release", "dead_owner_grace": 0.3}},
                        daemon={"reap_interval": 0.1, "repair_interval": 0.2, "snapshot_interval": 0.5,
                                "idle_timeout": 1.0})
-    d, log = start(procs, cfg, nofile=64)
+    d, log = start_logged(procs, cfg, nofile=64)
     ready(d, log)
     key = config_mod.load(cfg).tables["players"].key
-    w = spawn_worker(procs, "write_players", key, "zone-1", 25)
-    port = ctl(cfg, "status")["daemon"]["metrics_port"]
+    w = spawn(procs, "write_players", key, "zone-1", 25)
+    port = metrics_port(cfg)
     assert owners_of(cfg)["zone-1"]["state"] == "attached"
 
-    flooders = [fork_as_nobody(procs, _flood_tcp, port, 3.0, 150) for _ in range(2)]
+    flooders = [fork_child(_flood_tcp, port, 3.0, 150, as_nobody=True) for _ in range(2)]
+    procs.extend(flooders)
     pings = scrapes = 0
     t0 = time.monotonic()
     while time.monotonic() - t0 < 3.0:
@@ -186,18 +139,18 @@ def test_metrics_flood_as_nobody_never_frees_a_live_workers_slots(write_config, 
         except (OSError, stated.StatedError):
             pass
         try:
-            scrape(port, timeout=2)
+            scrape_port(port, timeout=2)
             scrapes += 1
         except OSError:
             pass
         time.sleep(0.1)
-    assert [wait_child(procs, f) for f in flooders] == [0, 0]
+    assert [wait_child(f, procs=procs, timeout=30) for f in flooders] == [0, 0]
     assert pings >= 3 and scrapes >= 1, (pings, scrapes)
     time.sleep(1.5)         # idle timeout, several reap passes, more than the grace period
     assert w.poll() is None
     o = owners_of(cfg)["zone-1"]
     assert (o["state"], o["pid"], o["slots"]) == ("attached", w.pid, 25), o
-    ms = scrape(port)
+    ms = scrape_port(port)
     assert metric(ms, "stated_reaped_slots_total", table="players") == 0
     assert metric(ms, "stated_slots", table="players", state="allocated") == 25
     with stated.attach(key=key, readonly=True) as t:
@@ -211,10 +164,10 @@ def test_idle_control_flood_from_a_group_member(write_config, procs):
     """~200 idle control connections (the socket's own group may connect) against 64 descriptors: the
     daemon still answers `ping`, and idle connections on both listeners are closed after idle_timeout."""
     cfg = write_config({"players": {"capacity": 10}}, daemon={"idle_timeout": 1.0})
-    d, log = start(procs, cfg, nofile=64)
+    d, log = start_logged(procs, cfg, nofile=64)
     ready(d, log)
     path = str(config_mod.load(cfg).daemon.control_socket)
-    port = ctl(cfg, "status")["daemon"]["metrics_port"]
+    port = metrics_port(cfg)
     held = []
     try:
         for _ in range(200):
@@ -250,7 +203,7 @@ def test_idle_control_flood_from_a_group_member(write_config, procs):
 
 def test_soft_descriptor_limit_raised_to_the_hard_one(write_config, procs):
     cfg = write_config({"players": {"capacity": 10}})
-    d, log = start(procs, cfg, nofile=64, hard=4096)
+    d, log = start_logged(procs, cfg, nofile=64, hard=4096)
     ready(d, log)
     limits = Path(f"/proc/{d.pid}/limits").read_text()
     line = next(ln for ln in limits.splitlines() if ln.startswith("Max open files"))
@@ -273,10 +226,10 @@ def _two_configs(write_config, new_key, shared_config: bool):
 def test_second_daemon_refused_and_never_removes_the_first_ones_socket(write_config, new_key, procs,
                                                                       shared_config):
     a, b = _two_configs(write_config, new_key, shared_config)
-    d1, log1 = start(procs, a)
+    d1, log1 = start_logged(procs, a)
     ready(d1, log1)
     for _ in range(3):
-        d2, log2 = start(procs, b)
+        d2, log2 = start_logged(procs, b)
         assert d2.wait(timeout=15) != 0
         err = log2.read_text()
         assert f"pid {d1.pid}" in err, err
@@ -288,7 +241,7 @@ def test_second_daemon_refused_and_never_removes_the_first_ones_socket(write_con
 def test_two_daemons_started_together(write_config, new_key, procs, first):
     a, b = _two_configs(write_config, new_key, shared_config=False)
     order = (a, b) if first == "a" else (b, a)
-    ps = [start(procs, c) for c in order]
+    ps = [start_logged(procs, c) for c in order]
     t0 = time.monotonic()
     while time.monotonic() - t0 < 15 and all(p.poll() is None for p, _ in ps):
         time.sleep(0.05)
@@ -305,7 +258,7 @@ def test_two_daemons_started_together(write_config, new_key, procs, first):
 # ------------------------------------------------------------------------------ config mistakes
 
 def _refused(procs, cfg: Path, key: int, words: str) -> str:
-    d, log = start(procs, cfg)
+    d, log = start_logged(procs, cfg)
     assert d.wait(timeout=15) == EX_CONFIG, log.read_text()
     err = log.read_text()
     errors = [ln for ln in err.splitlines() if " ERROR " in ln]
@@ -369,12 +322,12 @@ def test_exit_codes_match_the_cli():
 
 def test_removed_segment_is_snapshotted_and_recreated(write_config, procs, tmp_path):
     cfg = write_config({"players": {"capacity": 100}}, daemon={"repair_interval": 0.2, "snapshot_interval": 3600})
-    d, log = start(procs, cfg)
+    d, log = start_logged(procs, cfg)
     ready(d, log)
     key = config_mod.load(cfg).tables["players"].key
-    port = ctl(cfg, "status")["daemon"]["metrics_port"]
-    w = spawn_worker(procs, "write_players", key, "zone-1", 25)
-    ms = scrape(port)
+    port = metrics_port(cfg)
+    w = spawn(procs, "write_players", key, "zone-1", 25)
+    ms = scrape_port(port)
     assert metric(ms, "stated_table_up", table="players") == 1
     assert metric(ms, "stated_table_segment_lost_total", table="players") == 0
     old_id = sysv_ipc.SharedMemory(key).id
@@ -388,7 +341,7 @@ def test_removed_segment_is_snapshotted_and_recreated(write_config, procs, tmp_p
     shm = sysv_ipc.SharedMemory(key)
     assert shm.id != old_id
     shm.detach()
-    ms = scrape(port)
+    ms = scrape_port(port)
     assert metric(ms, "stated_table_up", table="players") == 1
     assert metric(ms, "stated_table_segment_lost_total", table="players") == 1
     with stated.attach(key=key, owner="zone-9") as t:       # new workers can attach again
@@ -406,17 +359,17 @@ def test_removed_segment_whose_key_is_taken_stays_down(write_config, procs, tmp_
     """The key is taken by somebody else's segment right after the removal: the daemon cannot recreate
     the table; it says so, exports stated_table_up 0, saves what it still holds and keeps trying."""
     cfg = write_config({"players": {"capacity": 100}}, daemon={"repair_interval": 0.5, "snapshot_interval": 3600})
-    d, log = start(procs, cfg)
+    d, log = start_logged(procs, cfg)
     ready(d, log)
     key = config_mod.load(cfg).tables["players"].key
-    port = ctl(cfg, "status")["daemon"]["metrics_port"]
-    w = spawn_worker(procs, "write_players", key, "zone-1", 25)
+    port = metrics_port(cfg)
+    w = spawn(procs, "write_players", key, "zone-1", 25)
     subprocess.run(["ipcrm", "-M", hex(key)], check=True)
     foreign = sysv_ipc.SharedMemory(key, sysv_ipc.IPC_CREX, 0o600, 8192)
     foreign.write(b"somebody else's")
     wait_log(d, log, r"ERROR .*table=players.*removed", timeout=5)
     wait_log(d, log, r"table=players.*cannot recreate", timeout=5)
-    ms = scrape(port)
+    ms = scrape_port(port)
     assert metric(ms, "stated_table_up", table="players") == 0
     snaps = tmp_path / "var" / "players"
     assert any("full" in p.name for p in snaps.iterdir())
@@ -424,7 +377,7 @@ def test_removed_segment_whose_key_is_taken_stays_down(write_config, procs, tmp_
     foreign.detach()
     foreign.remove()
     wait_log(d, log, r"table=players.*recreated", timeout=5)
-    assert metric(scrape(port), "stated_table_up", table="players") == 1
+    assert metric(scrape_port(port), "stated_table_up", table="players") == 1
     with stated.attach(key=key, owner="zone-9") as t:
         assert all(t.lookup(1000 + i) is not None for i in range(25))
     assert w.poll() is None and d.poll() is None
@@ -432,13 +385,11 @@ def test_removed_segment_whose_key_is_taken_stays_down(write_config, procs, tmp_
 
 # ------------------------------------------------------------------------------ systemd notify
 
-class FullNotifySocket:
+class FullNotifySocket(NotifySocket):
     """systemd's notify socket, with its receive queue filled up by other senders."""
 
     def __init__(self, path: Path):
-        self.path = str(path)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(self.path)
+        super().__init__(path)
         self.fillers: list[socket.socket] = []
 
     def fill(self) -> None:
@@ -484,7 +435,7 @@ def test_ready_reloading_stopping_survive_a_full_notify_queue(write_config, proc
     n = FullNotifySocket(tmp_path / "notify.sock")
     try:
         n.fill()
-        d, log = start(procs, cfg, env=dict(os.environ, NOTIFY_SOCKET=n.path))
+        d, log = start_logged(procs, cfg, env=dict(os.environ, NOTIFY_SOCKET=n.path))
         ready(d, log)
         time.sleep(0.5)                   # the daemon has tried to send READY=1 into the full queue
         n.drain_until("READY=1")
@@ -505,11 +456,9 @@ def test_ready_reloading_stopping_survive_a_full_notify_queue(write_config, proc
 def test_unit_descriptor_limit_fits_and_config_errors_do_not_restart():
     from stated.daemon.conns import fit_limit
     from stated.format.config import DaemonConfig
-    unit = Path(__file__).resolve().parent.parent / "systemd" / "stated.service"
-    settings = dict(ln.split("=", 1) for ln in unit.read_text().splitlines()
-                    if "=" in ln and not ln.lstrip().startswith(("#", ";")))
-    nofile = int(settings["LimitNOFILE"].split(":")[-1])
+    settings = unit_settings(UNIT)
+    nofile = int(settings["LimitNOFILE"][-1].split(":")[-1])
     default = DaemonConfig(state_dir=Path("var")).max_connections
     assert fit_limit(default, nofile) == default          # the defaults fit without clamping
     assert fit_limit(default, 1024) == default            # and so they would in systemd's default soft limit
-    assert "78" in settings["RestartPreventExitStatus"].split()
+    assert "78" in settings["RestartPreventExitStatus"][-1].split()

@@ -5,11 +5,10 @@ import time
 
 import pytest
 import sysv_ipc
+from helpers import run_child
 
 import stated
 from stated.format import segment as fmt
-
-WORKERS = os.path.join(os.path.dirname(__file__), "workers.py")
 
 
 def _seg(t: stated.Table) -> memoryview:
@@ -177,20 +176,6 @@ def test_slot_owner_out_of_range_then_free(table):
 
 
 # ---- item 7: views after close, arrays through read-only views --------------------------------
-def _child(fn) -> int:
-    """Run fn in a forked child; its exit status (a crash shows as -signal)."""
-    pid = os.fork()
-    if pid == 0:
-        code = 0
-        try:
-            fn()
-        except BaseException:  # noqa: BLE001 - a child never returns into pytest
-            code = 70
-        os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
-
-
 @pytest.mark.parametrize("readonly", [False, True])
 def test_view_after_close_raises(make_segment, readonly):
     key = make_segment(capacity=4)
@@ -212,7 +197,7 @@ def test_view_after_close_raises(make_segment, readonly):
             os._exit(3)          # no error: silently used a closed table
         os._exit(0)
     try:
-        assert _child(use_after_close) == 0      # was: -11 (SIGSEGV)
+        assert run_child(use_after_close) == 0      # was: -11 (SIGSEGV)
     finally:
         w.close()
 
@@ -231,7 +216,7 @@ def test_readonly_view_array_write_raises(make_segment):
             os._exit(0)
         os._exit(3)
     try:
-        assert _child(write_array) == 0          # was: -11 (SIGSEGV)
+        assert run_child(write_array) == 0          # was: -11 (SIGSEGV)
         assert w.read(h).inventory[0] == 0
     finally:
         w.close()

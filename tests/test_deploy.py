@@ -17,14 +17,12 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from helpers import ALERT_RULES, ROOT, UNIT, alert_rules, require_tool, unit_settings
 
-ROOT = Path(__file__).resolve().parent.parent
-UNIT = ROOT / "systemd" / "stated.service"
 SYSUSERS = ROOT / "systemd" / "stated.sysusers.conf"
 TMPFILES = ROOT / "systemd" / "stated.tmpfiles.conf"
 SYSCTL = ROOT / "deploy" / "sysctl.d" / "60-stated.conf"
 PROM_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
-PROM_RULES = ROOT / "deploy" / "prometheus" / "stated-alerts.yml"
 DASHBOARD = ROOT / "deploy" / "grafana" / "stated-dashboard.json"
 K8S = ROOT / "deploy" / "k8s" / "stated-pod.yaml"
 DOCKERFILE = ROOT / "deploy" / "Dockerfile"
@@ -55,32 +53,12 @@ IPC_SYSCALLS = {"shmget", "shmat", "shmdt", "shmctl", "semget", "semop", "semtim
 TIMEOUT = 60
 
 
-def _tool(name: str, package: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        pytest.skip(f"{name} not installed (install the Debian package {package!r})")
-    return path
-
-
 def _run(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([str(a) for a in args], cwd=cwd, capture_output=True, text=True,
                           encoding="utf-8", errors="replace", timeout=TIMEOUT, check=False)
 
 
 # ---------------------------------------------------------------- systemd unit
-
-def _unit_settings(text: str) -> dict[str, list[str]]:
-    """[Service]/[Unit]/[Install] settings as key -> list of values (in order)."""
-    out: dict[str, list[str]] = {}
-    for raw in text.splitlines():
-        line = raw.strip()
-        if not line or line[0] in "#;" or line.startswith("["):
-            continue
-        key, sep, value = line.partition("=")
-        assert sep, f"not a key=value line in the unit: {raw!r}"
-        out.setdefault(key.strip(), []).append(value.strip())
-    return out
-
 
 def _testable_unit(tmp_path: Path) -> Path:
     """Copy of the unit whose ExecStart=/ExecReload= binary exists on this machine
@@ -98,7 +76,7 @@ def _testable_unit(tmp_path: Path) -> Path:
 
 
 def test_unit_functional_settings():
-    s = _unit_settings(UNIT.read_text())
+    s = unit_settings(UNIT)
 
     def one(key):
         assert key in s, f"{key}= missing"
@@ -144,10 +122,10 @@ def _expand_syscall_group(analyze: str, group: str, cache: dict) -> set[str]:
 def test_unit_syscall_filter_allows_sysv_ipc():
     """Replays the SystemCallFilter= assignments the way systemd does (the first
     non-inverted one starts an allow list, later ones add, `~` ones remove)."""
-    analyze = _tool("systemd-analyze", "systemd")
+    analyze = require_tool("systemd-analyze", "systemd")
     cache: dict[str, set[str]] = {}
     allowed: set[str] | None = None
-    for value in _unit_settings(UNIT.read_text()).get("SystemCallFilter", []):
+    for value in unit_settings(UNIT).get("SystemCallFilter", []):
         invert = value.startswith("~")
         names: set[str] = set()
         for item in value.lstrip("~").split():
@@ -162,7 +140,7 @@ def test_unit_syscall_filter_allows_sysv_ipc():
 
 
 def test_unit_verify_is_silent(tmp_path):
-    analyze = _tool("systemd-analyze", "systemd")
+    analyze = require_tool("systemd-analyze", "systemd")
     unit = _testable_unit(tmp_path)
     res = _run(analyze, "verify", "--man=no", unit, cwd=tmp_path)
     assert res.returncode == 0, res.stdout + res.stderr
@@ -170,7 +148,7 @@ def test_unit_verify_is_silent(tmp_path):
 
 
 def test_unit_security_exposure_ok(tmp_path):
-    analyze = _tool("systemd-analyze", "systemd")
+    analyze = require_tool("systemd-analyze", "systemd")
     unit = _testable_unit(tmp_path)
     res = _run(analyze, "security", "--offline=yes", "--no-pager", unit, cwd=tmp_path)
     assert res.returncode == 0, res.stdout + res.stderr
@@ -183,8 +161,8 @@ def test_unit_security_exposure_ok(tmp_path):
 # ---------------------------------------------------------- sysusers, tmpfiles
 
 def test_sysusers_and_tmpfiles(tmp_path):
-    sysusers = _tool("systemd-sysusers", "systemd")
-    tmpfiles = _tool("systemd-tmpfiles", "systemd")
+    sysusers = require_tool("systemd-sysusers", "systemd")
+    tmpfiles = require_tool("systemd-tmpfiles", "systemd")
     (tmp_path / "etc").mkdir()
     res = _run(sysusers, f"--root={tmp_path}", SYSUSERS)
     assert res.returncode == 0 and "Failed" not in res.stderr, res.stderr
@@ -258,13 +236,8 @@ def test_metric_name_extraction():
     assert metric_names('histogram_quantile(0.99, sum by (le) (rate(x_bucket[5m])))') == {"x_bucket"}
 
 
-def _rules():
-    yaml = pytest.importorskip("yaml")
-    return yaml.safe_load(PROM_RULES.read_text())
-
-
 def test_alert_rules_use_known_metrics_and_cover_the_basics():
-    rules = [r for g in _rules()["groups"] for r in g["rules"]]
+    rules = alert_rules()
     for r in rules:
         unknown = metric_names(r["expr"]) - KNOWN_SERIES
         assert not unknown, f"{r.get('alert')}: unknown metrics {unknown}"
@@ -276,15 +249,15 @@ def test_alert_rules_use_known_metrics_and_cover_the_basics():
 
 
 def test_promtool_check_config():
-    promtool = _tool("promtool", "prometheus")
+    promtool = require_tool("promtool", "prometheus")
     res = _run(promtool, "check", "config", PROM_CONFIG)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "1 rule files found" in res.stdout, res.stdout
 
 
 def test_promtool_check_rules():
-    promtool = _tool("promtool", "prometheus")
-    res = _run(promtool, "check", "rules", PROM_RULES)
+    promtool = require_tool("promtool", "prometheus")
+    res = _run(promtool, "check", "rules", ALERT_RULES)
     assert res.returncode == 0, res.stdout + res.stderr
 
 
@@ -330,7 +303,7 @@ def test_dashboard_metrics_and_datasource():
 def test_dashboard_exprs_are_valid_promql(tmp_path):
     """promtool parses each panel expression (Grafana variables substituted) as
     a recording rule."""
-    promtool = _tool("promtool", "prometheus")
+    promtool = require_tool("promtool", "prometheus")
     dash = json.loads(DASHBOARD.read_text())
     exprs = [t["expr"] for p in _panels(dash["panels"]) for t in p.get("targets", []) if "expr" in t]
     subst = {"$__rate_interval": "5m", "$__interval": "1m", "$instance": ".*", "$table": ".*"}

@@ -5,11 +5,11 @@ Everything stated parses that it did not write itself must fail with its own err
 never another exception, never a hang. Segment headers: test_fuzz_segment.py; snapshot
 files: test_fuzz_snapshot.py. Budgets are fixed and derandomized so CI is reproducible.
 
-The helpers at the top (FUZZ, bounded, toml_text) are imported by the other test_fuzz_* files.
+Budgets, time bounds and the strategies the fuzzers share (FUZZ, bounded, names, types, wire_schema,
+nested, ...) live in helpers.py.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import signal
 import socket
@@ -18,40 +18,29 @@ from pathlib import Path
 
 import msgpack
 import pytest
-from hypothesis import HealthCheck, example, given, settings
+from helpers import (
+    FUZZ,
+    TYPE_NAMES,
+    NotifySocket,
+    bounded,
+    ctl,
+    names,
+    nested,
+    start,
+    toml_str,
+    toml_value,
+    types,
+    wire_schema,
+)
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from stated.daemon import control
 from stated.errors import ConfigError, SchemaError
 from stated.format import config as config_mod
 from stated.format import layout as layout_mod
-from stated.format.schema import SCALARS, from_wire, parse_field
+from stated.format.schema import from_wire, parse_field
 from stated.shm.records import default_record, record_class
-
-
-def FUZZ(n: int) -> settings:
-    """Fixed budget, reproducible: the same examples on every run, no example database."""
-    return settings(max_examples=n, deadline=None, derandomize=True, database=None, print_blob=True,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                           HealthCheck.filter_too_much, HealthCheck.function_scoped_fixture])
-
-
-class Hang(Exception):
-    """A call under test did not return within its bound."""
-
-
-@contextlib.contextmanager
-def bounded(seconds: float = 5.0, what: str = "call"):
-    """Fail (instead of hanging the suite) when the body runs longer than `seconds`."""
-    def on_alarm(signum, frame):
-        raise Hang(f"{what} did not return within {seconds}s")
-    old = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def deep(n: int, leaf=1):
@@ -60,29 +49,6 @@ def deep(n: int, leaf=1):
     for _ in range(n):
         v = [v]
     return v
-
-
-# ---- strategies shared by the schema tests here and the segment/snapshot fuzzers -------------------
-TYPE_NAMES = [*SCALARS, "str", "bytes"]
-HOSTILE_NAMES = ["hp", "x", "name", "inventory", "a\u00b2", "\ufb01eld", "\u00e9t\u00e9", "table", "slot", "_x",
-                 "class", "x1", "a b", "a:b", "hp: u8 = 1 #", "", "x\n", "to_dict", "\u0661", "A" * 300]
-names = st.one_of(st.sampled_from(HOSTILE_NAMES), st.text(max_size=6),
-                  st.from_regex(r"[a-z][a-z0-9_]{0,8}", fullmatch=True))
-types = st.one_of(st.sampled_from(TYPE_NAMES), st.sampled_from(["u128", "int", "", "STR", "u8[2]", "u8 = 1", "f16"]),
-                  st.text(max_size=4))
-counts = st.one_of(st.integers(-2, 70), st.sampled_from([0, 1 << 20, (1 << 20) + 1, 2**63 - 1]), st.booleans())
-msgpack_ints = st.integers(-(2**63), 2**64 - 1)
-defaults = st.one_of(st.none(), st.booleans(), msgpack_ints, st.floats(), st.text(max_size=40),
-                     st.binary(max_size=40), st.lists(st.integers(-3, 3), max_size=3))
-wire_entry = st.tuples(names, types, counts, st.one_of(st.booleans(), st.none(), st.integers(0, 1)), defaults).map(list)
-wire_schema = st.one_of(
-    st.lists(wire_entry, min_size=1, max_size=6),
-    st.lists(st.one_of(wire_entry, st.lists(defaults, max_size=7), defaults), max_size=6),
-    defaults,
-)
-scalars = st.one_of(st.none(), st.booleans(), msgpack_ints, st.floats(), st.text(max_size=20), st.binary(max_size=20))
-nested = st.recursive(scalars, lambda c: st.lists(c, max_size=6) | st.dictionaries(st.text(max_size=4), c, max_size=4),
-                      max_leaves=20)
 
 
 def assert_usable_schema(fields) -> None:
@@ -168,34 +134,6 @@ def test_field_declarations(decl):
 
 
 # ---- 5. config files -------------------------------------------------------------------------------
-def _toml_str(s: str) -> str:
-    out = []
-    for c in s:
-        if c in '"\\':
-            out.append("\\" + c)
-        elif ord(c) < 0x20 or ord(c) == 0x7F:
-            out.append(f"\\u{ord(c):04x}")
-        else:
-            out.append(c)
-    return '"' + "".join(out) + '"'
-
-
-def toml_value(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf") if math.isinf(v) else repr(v)
-    if isinstance(v, str):
-        return _toml_str(v)
-    if isinstance(v, list):
-        return "[" + ", ".join(toml_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{" + ", ".join(f"{_toml_str(k)} = {toml_value(x)}" for k, x in v.items()) + "}"
-    raise TypeError(v)
-
-
 def toml_text(doc: dict) -> str:
     """A document {"daemon": {...}, "tables": {name: {...}}, other: {...}} as TOML text."""
     lines = []
@@ -203,15 +141,15 @@ def toml_text(doc: dict) -> str:
         if top == "tables" and isinstance(body, dict):
             for name, t in body.items():
                 if isinstance(t, dict):
-                    lines.append(f"[tables.{_toml_str(name)}]")
-                    lines += [f"{_toml_str(k)} = {toml_value(v)}" for k, v in t.items()]
+                    lines.append(f"[tables.{toml_str(name)}]")
+                    lines += [f"{toml_str(k)} = {toml_value(v)}" for k, v in t.items()]
                 else:
-                    lines.append(f"tables.{_toml_str(name)} = {toml_value(t)}")
+                    lines.append(f"tables.{toml_str(name)} = {toml_value(t)}")
         elif isinstance(body, dict):
-            lines.append(f"[{_toml_str(top)}]")
-            lines += [f"{_toml_str(k)} = {toml_value(v)}" for k, v in body.items()]
+            lines.append(f"[{toml_str(top)}]")
+            lines += [f"{toml_str(k)} = {toml_value(v)}" for k, v in body.items()]
         else:
-            lines.insert(0, f"{_toml_str(top)} = {toml_value(body)}")
+            lines.insert(0, f"{toml_str(top)} = {toml_value(body)}")
     return "\n".join(lines) + "\n"
 
 
@@ -384,7 +322,6 @@ _batches = st.lists(st.tuples(st.lists(_frames, min_size=1, max_size=3).map(b"".
 
 
 def test_daemon_survives_random_control_frames(write_config, procs, tmp_path):
-    from test_service import NotifySocket, ctl, start
     cfg = write_config({"players": {"capacity": 10}})
     notify = NotifySocket(tmp_path / "notify.sock")
     try:

@@ -14,11 +14,10 @@ import zlib
 import msgpack
 import pytest
 import sysv_ipc
-from conftest import player_layout
+from helpers import FUZZ, bounded, defaults, names, nested, player_layout, types, wire_schema
 from hypothesis import event, example, given
 from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context
-from test_fuzz import FUZZ, bounded, defaults, names, nested, types, wire_schema
 
 import stated
 from stated.daemon import provision, status

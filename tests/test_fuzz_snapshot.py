@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import copy
 import struct
-import zlib
 from array import array
 from pathlib import Path
 
 import msgpack
 import pytest
-from conftest import player_layout
+from helpers import FUZZ, Raw, bounded, edit_column, encode_frames, nested, player_layout, wire_schema
 from hypothesis import event, example, given
 from hypothesis import strategies as st
-from test_fuzz import FUZZ, bounded, nested, wire_schema
 
 import stated
 from stated.errors import StatedError
@@ -51,19 +49,9 @@ CHUNKS = [make_chunk([0, 3, 5, 9]), make_chunk([15], states=[fmt.SLOT_FREE]), ma
 FRAMES = [HEADER, OWNERS, *CHUNKS, {"end": True, "records": 5, "chunks": 3}]
 
 
-def frame(body: bytes) -> bytes:
-    return snap.FRAME.pack(len(body), zlib.crc32(body)) + body
-
-
-def encode(frames) -> bytes:
-    out = [snap.PREAMBLE.pack(snap.MAGIC, snap.VERSION, 0)]
-    for f in frames:
-        out.append(frame(bytes(f) if isinstance(f, Raw) else msgpack.packb(f, use_bin_type=True)))
-    return b"".join(out)
-
-
-class Raw(bytes):
-    """A frame body given as raw bytes (any other object is msgpack-packed)."""
+# The fuzz tests' own text says `encode`: derandomized hypothesis seeds each test from its source, so the
+# tests keep their text (and their examples) and the name points at the one implementation.
+encode = encode_frames
 
 
 @pytest.fixture(scope="module")
@@ -326,9 +314,7 @@ def test_accepted_files_restore(tmp_path, restore_key, muts):
 # Each lie alone must get the file refused (CorruptSnapshot naming it), whatever else is true of it.
 # CHUNKS[0] holds allocated slots 0, 3, 5, 9 with entities; CHUNKS[1] a free slot 15.
 def _col_set(c, name, code, i, v):
-    a = array(code, c[name])
-    a[i] = v
-    c[name] = a.tobytes()
+    edit_column(c, name, code, lambda a: a.__setitem__(i, v))
 
 
 lies = st.one_of(

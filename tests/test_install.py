@@ -22,12 +22,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import copy_checkout
+from helpers import ROOT, UNIT, copy_checkout, unit_settings
 
-ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 DEPLOY_DOC = ROOT / "docs" / "deploy.md"
-UNIT = ROOT / "systemd" / "stated.service"
 DEBIAN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 NEEDED = ("unshare", "setpriv", "useradd", "systemd-sysusers", "systemd-tmpfiles", "sysctl", "apt-get", "ip")
 
@@ -41,7 +39,7 @@ def install_lines(text: str) -> list[str]:
 
 
 def unit(key: str) -> str:
-    values = [ln.split("=", 1)[1].strip() for ln in UNIT.read_text().splitlines() if ln.startswith(key + "=")]
+    values = unit_settings(UNIT).get(key)
     assert values, key
     return values[-1]
 

@@ -4,6 +4,9 @@
 
 A module may import its own layer and the layers to its left, never one to its right. The top-level
 `stated` package is the worker API (layer shm); `stated.__main__` is a tool.
+
+The tests have a rule of their own: no test module imports another (nor conftest); what two of them
+share lives once, in tests/helpers.py.
 """
 import ast
 import subprocess
@@ -11,8 +14,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import ROOT
 
-PKG = Path(__file__).resolve().parent.parent / "stated"
+PKG = ROOT / "stated"
+TESTS = ROOT / "tests"
 RANK = {"errors": 0, "format": 1, "shm": 2, "persist": 3, "daemon": 4, "tools": 5}
 
 
@@ -92,3 +97,62 @@ def test_every_exception_lives_in_errors_and_is_exported():
                     isinstance(b, ast.Name) and (b.id.endswith("Error") or b.id in classes) for b in node.bases):
                 others.append(f"{path.relative_to(PKG)}: {node.name}")
     assert others == [], "exceptions belong in stated/errors.py"
+
+
+# ---- the tests' own rule ------------------------------------------------------------------------------
+# What a file under tests/ may import from tests/: helpers.py (the shared helpers) and workers.py (the worker
+# program). Not another test module, and not conftest: pytest loads conftest itself (under another import mode
+# as a second copy, with its own key bookkeeping), and a helper importable from two places is two helpers.
+IMPORTABLE = {"helpers", "workers"}
+
+
+def _test_imports(path: Path, local: set[str]) -> list[tuple[int, str]]:
+    """(line, module) of every import in `path` of a module that lives under tests/ (`local`: their names)."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            mods = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            mods = [base] if base else []
+            if base in ("", "tests"):                  # from . import x / from tests import x: x may be a module
+                mods += [f"{base}.{a.name}" if base else a.name for a in node.names]
+        else:
+            continue
+        for mod in mods:
+            parts = mod.split(".")
+            if parts[0] == "tests":
+                parts = parts[1:]
+            if parts and parts[0] in local:
+                out.append((node.lineno, parts[0]))
+    return out
+
+
+def test_no_test_module_imports_another():
+    files = sorted(TESTS.rglob("*.py"))
+    local = {p.stem for p in files}
+    assert {"conftest", "helpers", "workers", "test_layers"} <= local
+    bad = [f"tests/{p.relative_to(TESTS)}:{line} imports {mod}" for p in files
+           for line, mod in _test_imports(p, local) if mod not in IMPORTABLE or mod == p.stem]
+    assert bad == [], "put what test modules share in tests/helpers.py and import it from there:\n" + "\n".join(bad)
+
+
+def test_the_import_check_sees_every_form(tmp_path):
+    src = tmp_path / "test_x.py"
+    src.write_text("import test_a\nimport tests.test_b as b\nfrom test_c import f\nfrom conftest import g\n"
+                   "from tests import test_d\nfrom . import test_e\nfrom .test_f import h\n"
+                   "from helpers import i\nimport workers\nimport os\ndef f():\n    from test_g import j\n")
+    local = {"test_a", "test_b", "test_c", "conftest", "test_d", "test_e", "test_f", "test_g", "helpers", "workers"}
+    assert [m for _, m in _test_imports(src, local) if m not in IMPORTABLE] == \
+        ["test_a", "test_b", "test_c", "conftest", "test_d", "test_e", "test_f", "test_g"]
+
+
+def test_test_modules_do_not_redefine_a_shared_helper():
+    """A module-level function or class of a test module named like one in helpers.py is a second copy."""
+    def top_level(path: Path) -> dict[str, int]:
+        return {n.name: n.lineno for n in ast.parse(path.read_text()).body
+                if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}
+    shared = set(top_level(TESTS / "helpers.py"))
+    bad = [f"tests/{p.relative_to(TESTS)}:{line} defines {name} (helpers.{name} exists)"
+           for p in sorted(TESTS.rglob("test_*.py")) for name, line in top_level(p).items() if name in shared]
+    assert bad == [], "\n".join(bad)

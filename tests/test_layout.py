@@ -1,6 +1,6 @@
 import ctypes
 
-from conftest import PLAYER_FIELDS
+from helpers import PLAYER_FIELDS
 
 from stated.format import layout
 from stated.format.schema import parse_fields

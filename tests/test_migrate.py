@@ -1,9 +1,8 @@
 """Layout migration: add, widen, reorder keep data; remove refused without --allow-lossy; from a snapshot too."""
 import subprocess
-import sys
 
 import pytest
-from conftest import PLAYER_FIELDS
+from helpers import PLAYER_FIELDS, STATED, player_layout
 
 import stated
 from stated.daemon import provision
@@ -11,8 +10,6 @@ from stated.errors import LayoutMismatch
 from stated.format import config as config_mod
 from stated.persist.saver import MigrationRefused
 from stated.shm import segment
-
-STATED = [sys.executable, "-m", "stated"]
 
 
 def _setup(write_config, fields=None, capacity=200):
@@ -153,8 +150,6 @@ def test_dropping_a_field_named_like_capacity_is_allowed_with_allow_lossy(write_
 
 
 def test_lossy_changes_are_structured():
-    from conftest import player_layout
-
     from stated.persist import migrate
     old = player_layout(PLAYER_FIELDS + ["capacity_left: u8"])
     new = player_layout([f.replace("hp: i32", "hp: i16") for f in PLAYER_FIELDS])

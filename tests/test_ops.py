@@ -12,78 +12,16 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+from helpers import ROOT, STATED, UNIT, metrics_port, metrics_text, start, stop, unit_settings
 
 import stated
 from stated.daemon import logs, service
-from stated.format.config import load as load_config
 from stated.tools import cli
 
-ROOT = Path(__file__).resolve().parent.parent
-UNIT = ROOT / "systemd" / "stated.service"
 WORKER_UNIT = ROOT / "systemd" / "stated-worker@.service"
-STATED = [sys.executable, "-m", "stated"]
-
-
-def unit_settings(path: Path) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {}
-    for raw in path.read_text().splitlines():
-        line = raw.strip()
-        if line and line[0] not in "#;[":
-            k, _, v = line.partition("=")
-            out.setdefault(k.strip(), []).append(v.strip())
-    return out
-
-
-class Notify:
-    """A NOTIFY_SOCKET like systemd's: collects every datagram in order."""
-
-    def __init__(self, path: Path):
-        self.path = str(path)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(self.path)
-        self.got: list[str] = []
-
-    def until(self, line: str, timeout: float = 15.0) -> list[str]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if any(line in m.split("\n") for m in self.got):
-                return self.got
-            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
-            try:
-                self.got.append(self.sock.recv(4096).decode())
-            except TimeoutError:
-                break
-        raise AssertionError(f"no {line!r}; got {self.got}")
-
-    def close(self):
-        self.sock.close()
-
-
-@pytest.fixture
-def notify(tmp_path):
-    n = Notify(tmp_path / "notify.sock")
-    yield n
-    n.close()
-
-
-def run_daemon(procs, cfg: Path, notify: Notify, *, stderr=None, env_extra=None) -> subprocess.Popen:
-    env = dict(os.environ, NOTIFY_SOCKET=notify.path, **(env_extra or {}))
-    if "JOURNAL_STREAM" not in (env_extra or {}):
-        env.pop("JOURNAL_STREAM", None)      # the test runner's own journal stream must not count
-    p = subprocess.Popen([*STATED, "run", "--config", str(cfg)], env=env,
-                         stderr=stderr if stderr is not None else subprocess.DEVNULL)
-    procs.append(p)
-    notify.until("READY=1")
-    return p
-
-
-def stop(p: subprocess.Popen) -> int:
-    p.send_signal(signal.SIGTERM)
-    return p.wait(timeout=20)
 
 
 # ------------------------------------------------------------------------- unit and exit codes
@@ -128,7 +66,7 @@ def test_worker_unit_orders_after_the_daemon(tmp_path):
 
 def test_daemon_keeps_shared_memory_out_of_core_dumps(write_config, notify, procs):
     cfg = write_config()
-    p = run_daemon(procs, cfg, notify)
+    p = start(procs, cfg, notify)
     filt = int(Path(f"/proc/{p.pid}/coredump_filter").read_text(), 16)
     assert filt & service.SHARED_BITS == 0, f"{filt:#x}: shared memory would be dumped"
     parent = int(Path("/proc/self/coredump_filter").read_text(), 16)
@@ -167,7 +105,7 @@ def test_extending_timeout_sends_until_the_body_ends(notify):
 
 def test_daemon_extends_timeouts_at_start_and_stop(write_config, notify, procs):
     cfg = write_config()
-    p = run_daemon(procs, cfg, notify)
+    p = start(procs, cfg, notify)
     got = notify.until("READY=1")
     first_ready = next(i for i, m in enumerate(got) if "READY=1" in m.split("\n"))
     assert any(m.startswith("EXTEND_TIMEOUT_USEC=") for m in got[:first_ready]), got
@@ -187,10 +125,8 @@ def test_daemon_extends_timeouts_at_start_and_stop(write_config, notify, procs):
 
 def test_process_metrics_are_exported(write_config, notify, procs):
     cfg = write_config()
-    p = run_daemon(procs, cfg, notify)
-    from stated.daemon import control
-    port = control.request(load_config(cfg).daemon.control_socket, "status")["daemon"]["metrics_port"]
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    p = start(procs, cfg, notify)
+    text = metrics_text(metrics_port(cfg))
     m = re.search(r"^process_start_time_seconds (\S+)$", text, re.M)
     assert m, "no process_start_time_seconds"
     assert abs(float(m.group(1)) - time.time()) < 60
@@ -208,7 +144,7 @@ def test_journald_stream_gets_priorities_and_no_timestamp(write_config, notify, 
     log = tmp_path / "journal-stream"
     with open(log, "w") as f:
         st = os.fstat(f.fileno())
-        p = run_daemon(procs, cfg, notify, stderr=f, env_extra={"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"})
+        p = start(procs, cfg, notify, stderr=f, env_extra={"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"})
         assert stop(p) == 0
     lines = log.read_text().splitlines()
     assert lines and all(re.match(r"<[2-7]>", ln) for ln in lines), lines
@@ -224,7 +160,7 @@ def test_plain_format_when_stderr_is_not_the_journal_stream(write_config, notify
     log = tmp_path / "plain.log"
     with open(log, "w") as f:
         # inherited JOURNAL_STREAM, but stderr was redirected to another file
-        p = run_daemon(procs, cfg, notify, stderr=f, env_extra={"JOURNAL_STREAM": "1:1"})
+        p = start(procs, cfg, notify, stderr=f, env_extra={"JOURNAL_STREAM": "1:1"})
         assert stop(p) == 0
     lines = log.read_text().splitlines()
     assert lines and all(DATE.match(ln) for ln in lines), lines
@@ -235,7 +171,7 @@ def test_json_log_format(write_config, notify, procs, tmp_path):
     cfg = write_config(daemon={"log_format": "json"})
     log = tmp_path / "json.log"
     with open(log, "w") as f:
-        p = run_daemon(procs, cfg, notify, stderr=f)
+        p = start(procs, cfg, notify, stderr=f)
         assert stop(p) == 0
     recs = [json.loads(ln) for ln in log.read_text().splitlines()]
     assert recs and all({"ts", "level", "logger", "msg", "pid"} <= r.keys() for r in recs)

@@ -10,28 +10,11 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
 
 import pytest
+from helpers import run_as_nobody, run_child
 
 from stated.shm.owners import ALIVE, DEAD, UNKNOWN, Liveness
-
-NOBODY = 65534
-
-
-def _child_status(fn) -> int:
-    """Run fn() in a forked child; its return value (small int) is the child's exit code."""
-    pid = os.fork()
-    if pid == 0:
-        code = 99
-        try:
-            code = fn()
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            os._exit(code)
-    _, st = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(st)
 
 
 @pytest.fixture
@@ -81,7 +64,7 @@ def test_descriptor_exhaustion_is_unknown_not_dead(sleeper):
         if lv.start_time(sleeper.pid) is None:      # "exists", even though its start time is unreadable
             return 6
         return 0
-    assert _child_status(child) == 0
+    assert run_child(child) == 0
 
 
 def test_unreadable_proc_root_keeps_live_and_proves_dead(tmp_path, sleeper, procs):
@@ -117,9 +100,6 @@ def test_hidepid_other_users_worker_is_not_dead(hidepid_proc, sleeper):
     gone.wait()
 
     def child() -> int:
-        os.setgroups([])
-        os.setgid(NOBODY)
-        os.setuid(NOBODY)
         if os.path.exists(f"{hidepid_proc}/{sleeper.pid}/stat"):
             return 2                      # hidepid did not hide it: the test proves nothing
         lv = Liveness(hidepid_proc)
@@ -130,4 +110,4 @@ def test_hidepid_other_users_worker_is_not_dead(hidepid_proc, sleeper):
         if lv.state(os.getpid(), lv.me()[1]) != ALIVE:     # its own processes stay readable
             return 5
         return 0
-    assert _child_status(child) == 0
+    assert run_as_nobody(child) == 0

@@ -14,11 +14,10 @@ from email.parser import Parser
 from pathlib import Path
 
 import pytest
-from conftest import copy_checkout
+from helpers import ROOT, copy_checkout
 
 import stated
 
-ROOT = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 
 CLIENT = '''\

@@ -10,7 +10,7 @@ import socket
 import stat
 
 import pytest
-from conftest import player_layout
+from helpers import NotifySocket, ctl, player_layout, run_as_nobody, start
 
 import stated
 from stated.shm import segment
@@ -28,22 +28,9 @@ def _ids():
 
 
 def as_nobody(fn, *, in_group: bool) -> int:
-    """Run fn() in a child running as nobody; returns its exit code (fn returns the code)."""
-    uid, gid = _ids()
-    pid = os.fork()
-    if pid == 0:
-        code = 99
-        try:
-            os.setgroups([gid] if in_group else [])
-            os.setgid(pwd.getpwnam("nobody").pw_gid)
-            os.setuid(uid)
-            code = fn()
-        except BaseException:  # noqa: BLE001 - the child reports through its exit code only
-            import traceback
-            traceback.print_exc()
-        os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status)
+    """run_as_nobody, with or without the table's group among the child's supplementary groups."""
+    _, gid = _ids()
+    return run_as_nobody(fn, groups=[gid] if in_group else [])
 
 
 def _attach(key, **kw) -> int:
@@ -105,8 +92,6 @@ def test_daemon_files_and_socket_refuse_outsiders(write_config, procs, tmp_path,
     import shutil
     import tempfile
 
-    from test_service import NotifySocket, ctl, start
-
     from stated.format import config as config_mod
     sockdir = tempfile.mkdtemp(prefix="stated-perm-", dir="/tmp")    # reachable by nobody: the socket decides
     os.chmod(sockdir, 0o755)
@@ -143,7 +128,6 @@ def test_daemon_files_and_socket_refuse_outsiders(write_config, procs, tmp_path,
 
 
 def test_root_warning_names_the_unit(write_config, procs, tmp_path):
-    from test_service import NotifySocket, start
     cfg = write_config({"players": {"capacity": 5}})
     n = NotifySocket(tmp_path / "n.sock")
     try:

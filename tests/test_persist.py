@@ -3,26 +3,15 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 import sysv_ipc
-from test_service import NotifySocket, ctl, start
-from test_table import kill9, spawn
+from helpers import PLAYER_FIELDS, STATED, ctl, kill9, metric, scrape, spawn, start
 
 import stated
 from stated.format import config as config_mod
 from stated.persist import snapshot as snap
-
-STATED = [sys.executable, "-m", "stated"]
-
-
-@pytest.fixture
-def notify(tmp_path):
-    n = NotifySocket(tmp_path / "notify.sock")
-    yield n
-    n.close()
 
 
 def ipcrm_everything(key):
@@ -105,7 +94,6 @@ def test_sigkill_during_snapshots_never_breaks_the_previous(write_config, notify
 
 
 def test_snapshot_failure_is_loud_and_the_daemon_keeps_running(write_config, notify, procs, tmp_path):
-    from test_service import m, scrape
     cfg = write_config({"players": {"capacity": 50}})
     d = start(procs, cfg, notify)      # a state_dir that is not a directory is refused at start: break it now
     blocker = tmp_path / "var" / "players"
@@ -117,7 +105,7 @@ def test_snapshot_failure_is_loud_and_the_daemon_keeps_running(write_config, not
     with pytest.raises(stated.DaemonError, match="snapshot failed"):
         ctl(cfg, "snapshot")
     ms = scrape(cfg)
-    assert m(ms, "stated_snapshot_failures_total", table="players") == 1
+    assert metric(ms, "stated_snapshot_failures_total", table="players") == 1
     assert d.poll() is None
     d.send_signal(signal.SIGTERM)                 # the final snapshot fails too, the exit is still clean
     assert d.wait(timeout=10) == 0
@@ -180,8 +168,6 @@ def _image(key):
 def test_restore_force_saves_the_live_table_in_its_own_layout(write_config, new_key, tmp_path):
     """The safety snapshot of a live segment whose layout differs from the config's is taken with
     the segment's layout (as live migration does), so it restores to exactly what was there."""
-    from conftest import PLAYER_FIELDS
-
     from stated.persist import saver as persist
     from stated.shm import segment
     key = new_key()
@@ -223,8 +209,6 @@ def test_restore_force_saves_the_live_table_in_its_own_layout(write_config, new_
 
 
 def test_restore_refuses_before_touching_the_live_table_when_the_file_does_not_fit(write_config, new_key):
-    from conftest import PLAYER_FIELDS
-
     from stated.shm import segment
     key = new_key()
     cfg_a = write_config({"players": {"capacity": 50, "key": key, "fields": PLAYER_FIELDS + ["mana: i32"]}},

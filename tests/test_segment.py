@@ -2,7 +2,7 @@ import struct
 
 import pytest
 import sysv_ipc
-from conftest import player_layout
+from helpers import player_layout
 
 import stated
 from stated.errors import CorruptSegment, ForeignSegment, LayoutMismatch, SegmentExists, SegmentNotFound

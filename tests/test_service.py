@@ -4,94 +4,13 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
-import urllib.request
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-from test_allocator import _child_tagged_churn, _fork
-from test_table import kill9, spawn
+from helpers import STATED, ctl, fork_child, kill9, metric, scrape, spawn, start, tagged_churn
 
 import stated
 from stated.daemon import control
-
-STATED = [sys.executable, "-m", "stated"]
-
-
-class NotifySocket:
-    """What systemd does: an AF_UNIX datagram socket whose path goes in NOTIFY_SOCKET."""
-
-    def __init__(self, path):
-        self.path = str(path)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(self.path)
-        self.messages: list[str] = []
-
-    def wait_for(self, text: str, timeout: float = 10.0) -> str:
-        deadline = time.monotonic() + timeout
-        for m in self.messages:
-            if text in m.split("\n"):
-                self.messages.remove(m)
-                return m
-        while time.monotonic() < deadline:
-            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
-            try:
-                m = self.sock.recv(4096).decode()
-            except TimeoutError:
-                break
-            if text in m.split("\n"):
-                return m
-            self.messages.append(m)
-        raise AssertionError(f"no {text!r} from the daemon; got {self.messages}")
-
-    def close(self):
-        self.sock.close()
-
-
-@pytest.fixture
-def notify(tmp_path):
-    n = NotifySocket(tmp_path / "notify.sock")
-    yield n
-    n.close()
-
-
-def start(procs, cfg, notify, watchdog_usec=None):
-    env = dict(os.environ, NOTIFY_SOCKET=notify.path)
-    if watchdog_usec:
-        env["WATCHDOG_USEC"] = str(watchdog_usec)
-    notify.messages.clear()          # only this process's READY counts
-    log = open(str(cfg) + ".log", "a")
-    p = subprocess.Popen([*STATED, "run", "--config", str(cfg)], stderr=log, env=env)
-    procs.append(p)
-    notify.wait_for("READY=1")
-    return p
-
-
-_sockets: dict = {}
-
-
-def ctl(cfg, op):
-    """A control request to the daemon running `cfg` (socket path remembered: tests break the file)."""
-    from stated.format import config as config_mod
-    if str(cfg) not in _sockets:
-        _sockets[str(cfg)] = config_mod.load(cfg).daemon.control_socket
-    return control.request(_sockets[str(cfg)], op)
-
-
-def scrape(cfg) -> dict:
-    port = ctl(cfg, "status")["daemon"]["metrics_port"]
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    out = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    out["_text"] = text
-    return out
-
-
-def m(metrics, name, **labels):
-    return metrics[(name, tuple(sorted(labels.items())))]
 
 
 def test_end_to_end_service(write_config, notify, procs, tmp_path):
@@ -110,16 +29,16 @@ def test_end_to_end_service(write_config, notify, procs, tmp_path):
             t.alloc(entity=1000)
         time.sleep(0.5)       # a repair pass refreshes the dirty count
         ms = scrape(cfg)
-    assert m(ms, "stated_capacity_slots", table="players") == 500
-    assert m(ms, "stated_allocations_total", table="players") == 160
-    assert m(ms, "stated_frees_total", table="players") == 4
-    assert m(ms, "stated_slots", table="players", state="allocated") == 156
-    assert m(ms, "stated_slots", table="players", state="free") == 344
-    assert m(ms, "stated_alloc_failures_total", table="players", reason="duplicate") == 1
-    assert m(ms, "stated_owners", table="players", state="alive") == 3
-    assert m(ms, "stated_attached_processes", table="players") >= 3
-    assert m(ms, "stated_dirty_slots", table="players") == 160     # 156 written + 4 freed (deltas record frees)
-    assert m(ms, "stated_build_info", version=stated.__version__, format_version="1") == 1
+    assert metric(ms, "stated_capacity_slots", table="players") == 500
+    assert metric(ms, "stated_allocations_total", table="players") == 160
+    assert metric(ms, "stated_frees_total", table="players") == 4
+    assert metric(ms, "stated_slots", table="players", state="allocated") == 156
+    assert metric(ms, "stated_slots", table="players", state="free") == 344
+    assert metric(ms, "stated_alloc_failures_total", table="players", reason="duplicate") == 1
+    assert metric(ms, "stated_owners", table="players", state="alive") == 3
+    assert metric(ms, "stated_attached_processes", table="players") >= 3
+    assert metric(ms, "stated_dirty_slots", table="players") == 160     # 156 written + 4 freed (deltas record frees)
+    assert metric(ms, "stated_build_info", version=stated.__version__, format_version="1") == 1
     assert ms[("stated_housekeeping_duration_seconds_count", (("pass", "repair"),))] >= 1
     if shutil.which("promtool"):
         r = subprocess.run(["promtool", "check", "metrics"], input=ms["_text"], capture_output=True, text=True)
@@ -132,7 +51,7 @@ def test_end_to_end_service(write_config, notify, procs, tmp_path):
     notify.wait_for("RELOADING=1")
     notify.wait_for("READY=1")
     assert d.poll() is None
-    assert m(scrape(cfg), "stated_allocations_total", table="players") == 160
+    assert metric(scrape(cfg), "stated_allocations_total", table="players") == 160
     with pytest.raises(stated.DaemonError, match="invalid"):
         ctl(cfg, "reload")
     cfg.write_text(good)
@@ -151,9 +70,9 @@ def test_end_to_end_service(write_config, notify, procs, tmp_path):
     # start again: adopts, counters continue
     start(procs, cfg, notify)
     ms = scrape(cfg)
-    assert m(ms, "stated_allocations_total", table="players") == 160
-    assert m(ms, "stated_slots", table="players", state="allocated") == 150
-    assert m(ms, "stated_slots", table="players", state="orphaned") == 6     # zone-3 detached
+    assert metric(ms, "stated_allocations_total", table="players") == 160
+    assert metric(ms, "stated_slots", table="players", state="allocated") == 150
+    assert metric(ms, "stated_slots", table="players", state="orphaned") == 6     # zone-3 detached
     for w in (w1, w2):
         kill9(w)
 
@@ -168,15 +87,15 @@ def test_dead_owner_release_after_grace(write_config, notify, procs):
     t0 = time.monotonic()
     while time.monotonic() - t0 < 10:
         ms = scrape(cfg)
-        if m(ms, "stated_reaped_slots_total", table="players") == 25:
+        if metric(ms, "stated_reaped_slots_total", table="players") == 25:
             break
         time.sleep(0.1)
     else:
         raise AssertionError("slots of the dead owner were not released")
     assert time.monotonic() - t0 >= 0.4          # not before the grace period
-    assert m(ms, "stated_slots", table="players", state="free") == 100
-    assert m(ms, "stated_frees_total", table="players") == 25
-    assert m(ms, "stated_owners", table="players", state="dead") == 0
+    assert metric(ms, "stated_slots", table="players", state="free") == 100
+    assert metric(ms, "stated_frees_total", table="players") == 25
+    assert metric(ms, "stated_owners", table="players", state="dead") == 0
     with stated.attach(key=key, owner="check") as t:
         assert t.lookup(1000) is None and t.verify() == []
 
@@ -190,14 +109,14 @@ def test_dead_owner_keep_then_restart_takes_all_back(write_config, notify, procs
     kill9(w)
     time.sleep(0.5)
     ms = scrape(cfg)
-    assert m(ms, "stated_slots", table="players", state="orphaned") == 25
-    assert m(ms, "stated_owners", table="players", state="dead") == 1
-    assert m(ms, "stated_reaped_slots_total", table="players") == 0
+    assert metric(ms, "stated_slots", table="players", state="orphaned") == 25
+    assert metric(ms, "stated_owners", table="players", state="dead") == 1
+    assert metric(ms, "stated_reaped_slots_total", table="players") == 0
     with stated.attach(key=key, owner="zone-8") as t:
         assert len(t.owned()) == 25
         assert sorted(t.read(h).name for h in t.owned()) == sorted(f"player-{i}" for i in range(25))
         ms = scrape(cfg)
-        assert m(ms, "stated_slots", table="players", state="orphaned") == 0
+        assert metric(ms, "stated_slots", table="players", state="orphaned") == 0
 
 
 def test_semaphore_removed_while_workers_run(write_config, notify, procs):
@@ -205,7 +124,7 @@ def test_semaphore_removed_while_workers_run(write_config, notify, procs):
     cfg = write_config({"players": {"capacity": 32}}, daemon={"repair_interval": 0.1})
     start(procs, cfg, notify)
     key = ctl(cfg, "status")["tables"][0]["key"]
-    pids = [_fork(_child_tagged_churn, key, f"w{i}", 20000, i) for i in range(3)]
+    pids = [fork_child(tagged_churn, key, f"w{i}", 20000, i) for i in range(3)]
     procs.extend(pids)
     time.sleep(0.3)
     semid = sysv_ipc.Semaphore(key).id

@@ -4,6 +4,7 @@ import random
 from pathlib import Path
 
 import pytest
+from helpers import edit_column, read_frames, write_frames
 
 import stated
 from stated.errors import UnsafePath
@@ -435,36 +436,6 @@ def test_root_owned_dirs_are_trusted_by_other_users(env):
 
 
 # ---- semantic validation after the checksums -------------------------------------------------------------
-def read_frames(path: Path) -> list:
-    import msgpack
-    data = path.read_bytes()
-    pos, frames = snap.PREAMBLE.size, []
-    while pos < len(data):
-        n, _crc = snap.FRAME.unpack_from(data, pos)
-        frames.append(msgpack.unpackb(data[pos + 8:pos + 8 + n], raw=False, strict_map_key=False))
-        pos += 8 + n
-    return frames
-
-
-def write_frames(path: Path, frames: list) -> None:
-    """Write frames with valid checksums: only the contents lie."""
-    import zlib
-
-    import msgpack
-    out = [snap.PREAMBLE.pack(snap.MAGIC, snap.VERSION, 0)]
-    for f in frames:
-        body = msgpack.packb(f, use_bin_type=True)
-        out.append(snap.FRAME.pack(len(body), zlib.crc32(body)) + body)
-    path.write_bytes(b"".join(out))
-
-
-def _col(c, name, fmtc, fn):
-    from array import array
-    a = array(fmtc, c[name])
-    fn(a)
-    c[name] = a.tobytes()
-
-
 def _set(i, v):
     def f(a):
         a[i] = v
@@ -481,11 +452,11 @@ def _all(v):
 SEMANTIC = {
     "counter 2^64-1": lambda fr: fr[0]["counters"].update(allocations=2**64 - 1),
     "negative counter": lambda fr: fr[0]["counters"].update(frees=-1),
-    "duplicate slots": lambda fr: _col(fr[2], "slots", "I", _all(7)),
-    "duplicate entities": lambda fr: _col(fr[2], "entities", "Q", lambda a: a.__setitem__(1, a[0])),
+    "duplicate slots": lambda fr: edit_column(fr[2], "slots", "I", _all(7)),
+    "duplicate entities": lambda fr: edit_column(fr[2], "entities", "Q", lambda a: a.__setitem__(1, a[0])),
     "state not free or allocated": lambda fr: fr[2].update(states=bytes([1, 1, 9]) + fr[2]["states"][3:]),
     "unknown flag bits": lambda fr: fr[2].update(flags=bytes([0x41]) + fr[2]["flags"][1:]),
-    "owner index beyond the owner table": lambda fr: _col(fr[2], "owners", "H", _set(0, 300)),
+    "owner index beyond the owner table": lambda fr: edit_column(fr[2], "owners", "H", _set(0, 300)),
     "seq differs from its file name": lambda fr: fr[0].update(seq=77, base=77),
     "full whose base is not itself": lambda fr: fr[0].update(base=1),
     "owners frame with a duplicate index": lambda fr: fr[1].extend([list(fr[1][0])]),

@@ -19,13 +19,12 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import PLAYER_FIELDS, _in_use
+from helpers import PLAYER_FIELDS, ROOT, fork_lock_holder, key_in_use, popen_daemon
 
 import stated
 from stated.daemon import control
 from stated.format import config as config_mod
 
-ROOT = Path(__file__).resolve().parent.parent
 SOAK = ROOT / "bench" / "soak.py"
 ZONE = ROOT / "examples" / "zone_worker.py"
 SUMMARY = re.compile(r"kills=(?P<kw>\d+)/(?P<kd>\d+) \(workers/daemon\) restarts=(?P<restarts>\d+) "
@@ -55,7 +54,7 @@ def run_soak(tmp_path: Path, key: int, duration: float, timeout: float) -> tuple
     s = {k: int(v) for k, v in m.groupdict().items()}
     assert p.returncode == 0 and s["violations"] == 0, f"seed {seed}: exit {p.returncode}:\n{out[-8000:]}"
     assert not list(tmp_path.glob("stated-soak-*")), "soak.py left its directory behind"
-    assert not _in_use(key), f"soak.py left IPC objects on {key:#x}"
+    assert not key_in_use(key), f"soak.py left IPC objects on {key:#x}"
     return s, out, elapsed
 
 
@@ -75,8 +74,7 @@ def test_soak_10min(tmp_path, new_key):
 # ---- the zone worker on its own --------------------------------------------------------------------
 def _start_daemon(procs, cfg: Path) -> subprocess.Popen:
     with open(str(cfg) + ".log", "a") as log:
-        d = subprocess.Popen([sys.executable, "-m", "stated", "run", "--config", str(cfg)], stderr=log)
-    procs.append(d)
+        d = popen_daemon(procs, cfg, stderr=log)
     sock = config_mod.load(cfg).daemon.control_socket
     deadline = time.monotonic() + 15
     while not control.ping(sock):
@@ -218,9 +216,7 @@ def test_daemon_keeps_working_when_its_notify_socket_is_not_read(write_config, p
     sock.bind(str(tmp_path / "notify.sock"))      # bound, never read: a stuck service manager
     try:
         with open(str(cfg) + ".log", "a") as log:
-            d = subprocess.Popen([sys.executable, "-m", "stated", "run", "--config", str(cfg)], stderr=log,
-                                 env=dict(os.environ, NOTIFY_SOCKET=str(tmp_path / "notify.sock")))
-        procs.append(d)
+            d = popen_daemon(procs, cfg, stderr=log, env=dict(os.environ, NOTIFY_SOCKET=str(tmp_path / "notify.sock")))
         path = config_mod.load(cfg).daemon.control_socket
         deadline = time.monotonic() + 15
         while not path.exists():
@@ -236,18 +232,7 @@ def test_daemon_keeps_working_when_its_notify_socket_is_not_read(write_config, p
 
 def test_a_signal_during_the_lock_wait_does_not_fail_alloc(make_segment):
     key = make_segment(capacity=16)
-    r, w = os.pipe()
-    holder = os.fork()
-    if holder == 0:                                  # holds the allocator lock for 1 s
-        try:
-            t = stated.attach(key=key, owner="holder")
-            t._alloc.acquire()
-            os.write(w, b"x")
-            time.sleep(1.0)
-            t._alloc.release()
-        finally:
-            os._exit(0)
-    os.read(r, 1)
+    holder = fork_lock_holder(key, 1.0)              # holds the allocator lock for 1 s
     waiter = os.fork()
     if waiter == 0:                                  # a worker with a signal handler, waiting for the lock
         code = 1
@@ -269,6 +254,4 @@ def test_a_signal_during_the_lock_wait_does_not_fail_alloc(make_segment):
     finally:
         _, status = os.waitpid(waiter, 0)
         os.waitpid(holder, 0)
-        os.close(r)
-        os.close(w)
     assert os.waitstatus_to_exitcode(status) == 0, "alloc() failed when a signal interrupted its lock wait"

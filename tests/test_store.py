@@ -5,11 +5,11 @@ an in-process worker (`stated.attach`) and the daemon-side store objects (`Store
 """
 from __future__ import annotations
 
-import asyncio
 import math
+from asyncio import run
 
 import pytest
-from conftest import StoreHost, pg_exec, pg_expire, pg_rows, player_layout
+from helpers import StoreHost, pg_exec, pg_expire, pg_rows, player_layout
 
 import stated
 from stated.errors import ConfigError, DuplicateEntity, StoreError
@@ -22,10 +22,6 @@ ALL_TYPES = ["a: i8 = -5", "b: u8 = 200", "c: i16", "d: u16 = 65535", "e: i32", 
              "k: f32 = 1.5", "m: f64", "n: bool = true", "s: str[8] = 'hé'", "y: bytes[4]", "arr: u32[3]",
              "farr: f64[2]", "barr: bool[2]", "i8arr: i8[2]", "u8arr: u8[3]", "u16arr: u16[2]", "i16arr: i16[2]",
              "i32arr: i32[2]", "f32arr: f32[2]", "i64arr: i64[2]", "u64arr: u64[2]"]
-
-
-def run(coro):
-    return asyncio.run(coro)
 
 
 def write_player(t, h, i):

@@ -9,18 +9,14 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import STATED_CMD, DaemonProc, pg_exec, pg_rows, remove_key
+from helpers import STATED, DaemonProc, metrics_text, pg_exec, pg_rows, remove_key, spawn
 
 import stated
 from stated.errors import OwnedElsewhere, StoreError
-
-HERE = Path(__file__).parent
 
 
 def store_config(write_config, dsn: str, host_id: str, name: str = "stated.toml", tables=None, **store) -> Path:
@@ -33,12 +29,11 @@ def store_config(write_config, dsn: str, host_id: str, name: str = "stated.toml"
 
 
 def metrics(d: DaemonProc) -> str:
-    port = int(d.wait_for("metrics on http").rsplit(":", 1)[1].split("/")[0])
-    return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return metrics_text(d.metrics_port())
 
 
 def stated_cli(cfg: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*STATED_CMD, *args, "--config", str(cfg)], capture_output=True, text=True, timeout=60)
+    return subprocess.run([*STATED, *args, "--config", str(cfg)], capture_output=True, text=True, timeout=60)
 
 
 def test_claim_flush_release_through_the_daemon(write_config, pg_dsn, procs):
@@ -103,10 +98,7 @@ def test_host_loss_another_host_claims_every_player_after_the_leases_expire(writ
     cfg_a = store_config(write_config, pg_dsn, "host-a", name="a.toml", lease_ttl=ttl)
     a = DaemonProc(procs, cfg_a)
     a.wait_for("store: connected")
-    w = subprocess.Popen([sys.executable, str(HERE / "workers.py"), "store_worker", str(cfg_a), "zone-a", "40",
-                          "1000"], stdout=subprocess.PIPE, text=True, cwd=HERE)
-    procs.append(w)
-    assert w.stdout.readline().strip() == "ready"
+    w = spawn(procs, "store_worker", cfg_a, "zone-a", 40, 1000)
     time.sleep(0.5)
     for p in (w, a.p):
         os.kill(p.pid, signal.SIGKILL)
@@ -175,7 +167,7 @@ def test_sigterm_final_flush_and_unsaved_count(write_config, pg_private, procs):
 def test_bad_database_settings_at_start(write_config, pg_cluster, pg_dsn, procs):
     # a malformed DSN: refuse to start with one clear line (exit 78), no password in it
     cfg = store_config(write_config, "postgresql://stated:hunter2@db:notaport/game", "host-a", name="bad.toml")
-    r = subprocess.run([*STATED_CMD, "run", "--config", str(cfg)], capture_output=True, text=True, timeout=30)
+    r = subprocess.run([*STATED, "run", "--config", str(cfg)], capture_output=True, text=True, timeout=30)
     assert r.returncode == 78, r.stderr
     assert "malformed dsn" in r.stderr and "hunter2" not in r.stderr
     # unreachable at start: start, log, retry (the game runs, snapshots go on)

@@ -7,20 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+from asyncio import run
 
 import pytest
-from conftest import StoreHost, pg_exec, pg_expire, pg_rows, remove_key
+from helpers import StoreHost, pg_exec, pg_expire, pg_rows, remove_key
 
 import stated
 from stated.errors import OwnedElsewhere
-
-
-def run(coro):
-    return asyncio.run(coro)
-
-
-async def expire_leases(dsn, host_id):
-    await pg_expire(dsn, host_id)
 
 
 def test_claim_is_refused_while_another_host_holds_the_lease(make_segment, pg_dsn):
@@ -35,7 +28,7 @@ def test_claim_is_refused_while_another_host_holds_the_lease(make_segment, pg_ds
             await b.store.claim("players", 42, tb._owner)
         assert ei.value.holder == "host-a" and ei.value.lease_until > time.time() + 20
         assert tb.lookup(42) is None
-        await expire_leases(pg_dsn, "host-a")
+        await pg_expire(pg_dsn, "host-a")
         await b.store.claim("players", 42, tb._owner)
         lease = (await pg_exec(pg_dsn, "SELECT host_id, epoch FROM stated.leases WHERE entity = 42"))[0]
         assert (lease["host_id"], lease["epoch"]) == ("host-b", 2)     # every claim bumps the epoch
@@ -119,7 +112,7 @@ def test_a_host_whose_lease_expired_and_was_claimed_elsewhere_cannot_overwrite(m
         ha = await a.store.claim("players", 7, ta._owner)
         ta.set(ha, "gold", 1)
         assert (await a.store.tick())["players"].written == 1
-        await expire_leases(pg_dsn, "host-a")                 # A was partitioned and did not renew
+        await pg_expire(pg_dsn, "host-a")                 # A was partitioned and did not renew
         hb = await b.store.claim("players", 7, tb._owner)
         assert tb.get(hb, "gold") == 1
         tb.set(hb, "gold", 2)
@@ -255,7 +248,7 @@ def test_flush_of_a_new_entity_takes_its_lease_and_a_lost_pinned_record_is_count
         assert await a.store.flush_handle("players", *h)   # takes the lease, then commits
         assert (await pg_rows(pg_dsn))[5]["gold"] == 10
         p = ta.record(h)                                # pinned: written through a live view
-        await expire_leases(pg_dsn, "host-a")
+        await pg_expire(pg_dsn, "host-a")
         await b.store.claim("players", 5, tb._owner)    # B takes it over
         p.gold = 11
         r1 = await a.store.tick()

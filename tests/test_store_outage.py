@@ -9,22 +9,14 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
+from asyncio import run
 
 import pytest
-from conftest import StoreHost, pg_rows
+from helpers import StoreHost, pg_exec, pg_rows, spawn
 
 import stated
 from stated.errors import StoreUnavailable
-
-HERE = Path(__file__).parent
-
-
-def run(coro):
-    return asyncio.run(coro)
 
 
 def fill(t, n, base=1):
@@ -87,13 +79,9 @@ def test_sigkill_of_the_flusher_mid_flush_loses_no_mark(make_segment, pg_dsn, pr
     key = make_segment(30000)
     t = stated.attach(key=key, owner="w")
     hs = fill(t, 25000)
-    p = subprocess.Popen([sys.executable, str(HERE / "workers.py"), "store_flush", hex(key), pg_dsn, "host-a"],
-                         stdout=subprocess.PIPE, text=True, cwd=HERE)
-    procs.append(p)
-    assert p.stdout.readline().strip() == "ready"
+    p = spawn(procs, "store_flush", hex(key), pg_dsn, "host-a")
 
     async def count():
-        from conftest import pg_exec
         return (await pg_exec(pg_dsn, "SELECT count(*) AS n FROM stated.players"))[0]["n"]
     deadline = time.monotonic() + 60
     while run(count()) < 4000 and time.monotonic() < deadline:

@@ -1,27 +1,10 @@
-import os
-import subprocess
-import sys
 import time
 
 import pytest
+from helpers import kill9, spawn
 
 import stated
 from stated.errors import NotOwner, OwnerBusy, ReadOnlyTable, SlotOutOfRange, StaleHandle, TableFull, TornRecord
-
-WORKERS = os.path.join(os.path.dirname(__file__), "workers.py")
-
-
-def spawn(procs, *args):
-    p = subprocess.Popen([sys.executable, WORKERS, *map(str, args)], stdout=subprocess.PIPE, text=True)
-    procs.append(p)
-    line = p.stdout.readline()
-    assert line.strip() == "ready", line
-    return p
-
-
-def kill9(p):
-    p.kill()
-    p.wait(timeout=10)
 
 
 @pytest.fixture

@@ -65,7 +65,7 @@ def store_flush(key: int, dsn: str, host_id: str) -> None:
     """The daemon's write-behind alone, flushing forever (tests SIGKILL it mid-flush)."""
     import asyncio
 
-    from conftest import StoreHost
+    from helpers import StoreHost
     host = StoreHost(key, dsn, host_id, batch=2000)
 
     async def go():
