@@ -249,6 +249,28 @@ def tagged_churn(key: int, owner: str, ops: int, seed: int) -> None:
     os._exit(min(bad, 100))
 
 
+def sem_value(key: int) -> int:
+    """The value of the table semaphore on `key`: 1 when nobody holds the lock."""
+    return sysv_ipc.Semaphore(key).value
+
+
+def _word(buf, off: int, size: int, value: int | None) -> int:
+    if value is not None:
+        buf[off:off + size] = value.to_bytes(size, "little")
+    return int.from_bytes(buf[off:off + size], "little")
+
+
+def u32(buf, off: int, value: int | None = None) -> int:
+    """The little-endian u32 at `off` of a segment's bytes, written first when `value` is given: a
+    scribble the way another process could make it."""
+    return _word(buf, off, 4, value)
+
+
+def u64(buf, off: int, value: int | None = None) -> int:
+    """As u32, 8 bytes."""
+    return _word(buf, off, 8, value)
+
+
 def spawn(procs: list, *args) -> subprocess.Popen:
     """tests/workers.py MODE KEY OWNER [N [ARGS]] as a real process; returns once it printed "ready"."""
     p = subprocess.Popen([sys.executable, str(WORKERS), *map(str, args)], stdout=subprocess.PIPE, text=True)

@@ -4,8 +4,7 @@ import os
 import time
 
 import pytest
-import sysv_ipc
-from helpers import run_child
+from helpers import run_child, sem_value, u32, u64
 
 import stated
 from stated.format import segment as fmt
@@ -18,24 +17,6 @@ def _seg(t: stated.Table) -> memoryview:
 
 def _slot_off(t: stated.Table, slot: int, field: int) -> int:
     return t._seg.header.regions.slots_offset + fmt.SLOT_SIZE * slot + field
-
-
-def _u32(t, off: int, value: int | None = None) -> int:
-    buf = _seg(t)
-    if value is not None:
-        buf[off:off + 4] = value.to_bytes(4, "little")
-    return int.from_bytes(buf[off:off + 4], "little")
-
-
-def _u64(t, off: int, value: int | None = None) -> int:
-    buf = _seg(t)
-    if value is not None:
-        buf[off:off + 8] = value.to_bytes(8, "little")
-    return int.from_bytes(buf[off:off + 8], "little")
-
-
-def _sem_value(key: int) -> int:
-    return sysv_ipc.Semaphore(key).value
 
 
 @pytest.fixture
@@ -63,17 +44,17 @@ def test_free_inside_own_write_section_leaves_slot_usable(table):
 def test_verify_reports_free_slot_left_mid_section(table):
     h = table.alloc()
     table.free(h)
-    _u32(table, _slot_off(table, h.slot, fmt.S_SEQ), 7)
+    u32(_seg(table), _slot_off(table, h.slot, fmt.S_SEQ), 7)
     assert any("odd seq" in p for p in table.verify())
 
 
 # ---- item 2: wrapping counters and seqs, lock never kept -------------------------------------
 def test_write_section_seq_wraps_like_c(table):
     h = table.alloc()
-    _u32(table, _slot_off(table, h.slot, fmt.S_SEQ), 0xFFFFFFFE)
+    u32(_seg(table), _slot_off(table, h.slot, fmt.S_SEQ), 0xFFFFFFFE)
     with table.write(h) as p:      # 0xFFFFFFFE -> 0xFFFFFFFF (odd) -> 0 (even)
         p.hp = 3
-    assert _u32(table, _slot_off(table, h.slot, fmt.S_SEQ)) == 0
+    assert u32(_seg(table), _slot_off(table, h.slot, fmt.S_SEQ)) == 0
     assert table.read(h).hp == 3
 
 
@@ -81,7 +62,7 @@ def test_owner_reattaches_after_seq_wrap(make_segment):
     key = make_segment(capacity=8)
     t = stated.attach(key=key, owner="w")
     h = t.alloc()
-    _u32(t, _slot_off(t, h.slot, fmt.S_SEQ), 0xFFFFFFFF)   # died inside a section at the wrap
+    u32(_seg(t), _slot_off(t, h.slot, fmt.S_SEQ), 0xFFFFFFFF)   # died inside a section at the wrap
     t.close()
     t2 = stated.attach(key=key, owner="w")                  # settles the slot: was ValueError
     assert t2.read(h).hp == 100
@@ -90,22 +71,22 @@ def test_owner_reattaches_after_seq_wrap(make_segment):
 
 def test_index_seq_wrap_never_keeps_the_lock(table):
     table.alloc(entity=1)
-    _u32(table, fmt.A_INDEX_SEQ, 0xFFFFFFFF)
-    _u32(table, fmt.A_INTENT_OP, fmt.INTENT_ALLOC)          # a dead process's intent: forces a repair
-    _u32(table, fmt.A_INTENT_PID, 0x7FFFFFF0)
+    u32(_seg(table), fmt.A_INDEX_SEQ, 0xFFFFFFFF)
+    u32(_seg(table), fmt.A_INTENT_OP, fmt.INTENT_ALLOC)          # a dead process's intent: forces a repair
+    u32(_seg(table), fmt.A_INTENT_PID, 0x7FFFFFF0)
     h = table.alloc(entity=2)                               # was: ValueError, semaphore kept
     assert table.lookup(2) == h
-    assert _sem_value(table.key) == 1
+    assert sem_value(table.key) == 1
     assert table.verify() == []
 
 
 def test_counters_wrap_at_2_64(table):
-    _u64(table, fmt.COUNTER_OFF["allocations"], 2**64 - 1)
-    _u64(table, fmt.COUNTER_OFF["frees"], 2**64 - 1)
+    u64(_seg(table), fmt.COUNTER_OFF["allocations"], 2**64 - 1)
+    u64(_seg(table), fmt.COUNTER_OFF["frees"], 2**64 - 1)
     h = table.alloc()
     table.free(h)
     assert table.counters()["allocations"] == 0 and table.counters()["frees"] == 0
-    assert _sem_value(table.key) == 1
+    assert sem_value(table.key) == 1
 
 
 # ---- item 3: a full entity index never loops under the lock -----------------------------------
@@ -126,18 +107,18 @@ def test_full_index_insert_and_delete_terminate(table):
     assert time.monotonic() - t0 < 2
     assert table.lookup(78) == h2 and table.lookup(77) is None
     assert table.verify() == [] and table.counters()["rebuilds"] >= 1
-    assert _sem_value(table.key) == 1
+    assert sem_value(table.key) == 1
 
 
 # ---- item 4: scribbled allocator state ---------------------------------------------------------
 def test_free_top_zero_on_empty_table_is_not_full(table):
-    _u32(table, fmt.A_FREE_TOP, 0)
+    u32(_seg(table), fmt.A_FREE_TOP, 0)
     h = table.alloc()                   # was: TableFull on an empty table
     assert table.valid(h) and table.verify() == []
 
 
 def test_free_top_beyond_capacity(table):
-    _u32(table, fmt.A_FREE_TOP, 10**6)
+    u32(_seg(table), fmt.A_FREE_TOP, 10**6)
     h = table.alloc()                   # was: raw IndexError
     table.free(h)
     assert table.verify() == []
@@ -145,9 +126,9 @@ def test_free_top_beyond_capacity(table):
 
 def test_used_scribbled_to_zero_then_free(table):
     h = table.alloc()
-    _u32(table, fmt.A_USED, 0)
+    u32(_seg(table), fmt.A_USED, 0)
     table.free(h)                       # was: raw ValueError (negative into u32), lock kept
-    assert _sem_value(table.key) == 1
+    assert sem_value(table.key) == 1
     assert table._alloc.audit() != []        # the daemon's repair pass finds it and rebuilds
     assert table.verify() == [] and len(table) == 0
 
@@ -170,7 +151,7 @@ def test_slot_owner_out_of_range_then_free(table):
     buf[off:off + 2] = (1000).to_bytes(2, "little")
     with pytest.raises(stated.NotOwner):
         table.free(h)
-    assert _sem_value(table.key) == 1
+    assert sem_value(table.key) == 1
     assert table._alloc.audit() != []
     assert table.verify() == []
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import sysv_ipc
-from conftest import PLAYER_FIELDS, player_layout
+from helpers import PLAYER_FIELDS, ROOT, fork_child, player_layout, sem_value, u32
 
 import stated
 from stated.format import config as config_mod
@@ -27,7 +27,6 @@ from stated.shm.allocator import Handle
 from stated.shm.records import default_record, record_class
 from stated.tools import cheader
 
-ROOT = Path(__file__).resolve().parent.parent
 NATIVE = ROOT / "stated" / "native"
 CSRC = Path(__file__).resolve().parent / "native"
 STRICT = ["-std=c11", "-Wall", "-Wextra", "-Werror", "-pedantic", "-O2"]
@@ -78,16 +77,6 @@ class Attached:
 
     def __exit__(self, *exc):
         self.close()
-
-
-def _u32(buf, off: int, value: int | None = None) -> int:
-    if value is not None:
-        buf[off:off + 4] = value.to_bytes(4, "little")
-    return int.from_bytes(buf[off:off + 4], "little")
-
-
-def _sem_value(key: int) -> int:
-    return sysv_ipc.Semaphore(key).value
 
 
 # ---- the C build ---------------------------------------------------------------------------------------
@@ -267,7 +256,7 @@ def test_owner_claims_between_extension_and_python(make_segment, procs):
     with stated.attach(key=key, owner="zone") as t:
         assert t._owner == idx and t.owned() == [h]
         assert t.read(h).hp == 100 and t.counters()["settled_slots"] == 1
-        seg_seq = _u32(t._seg.buf, t._seg.header.regions.slots_offset + 32 * h.slot)
+        seg_seq = u32(t._seg.buf, t._seg.header.regions.slots_offset + 32 * h.slot)
         assert seg_seq % 2 == 0
     with Attached(key, "zone") as a2:                     # and the extension takes it back from Python
         assert a2.core.owner == idx and a2.core.handles(idx) == [h] and a2.core.owned_slots(idx) == [h.slot]
@@ -285,14 +274,14 @@ def test_extension_rebuilds_scribbled_state(make_segment, scribble):
     with Attached(key, "me") as a, stated.attach(key=key, owner="py") as t:
         c, buf, r = a.core, a.seg.buf, a.seg.header.regions
         if scribble == "free_top_zero":
-            _u32(buf, fmt.A_FREE_TOP, 0)
+            u32(buf, fmt.A_FREE_TOP, 0)
             assert c.valid(c.alloc())
         elif scribble == "free_top_huge":
-            _u32(buf, fmt.A_FREE_TOP, 10**6)
+            u32(buf, fmt.A_FREE_TOP, 10**6)
             c.free(c.alloc())
         elif scribble == "used_zero":
             h = c.alloc()
-            _u32(buf, fmt.A_USED, 0)
+            u32(buf, fmt.A_USED, 0)
             c.free(h)
             assert c.audit() != [] and c.audit() == []
         elif scribble == "full_index":
@@ -312,11 +301,11 @@ def test_extension_rebuilds_scribbled_state(make_segment, scribble):
             assert c.lookup(999) is None and c.alloc(999) == c.lookup(999)
         elif scribble == "index_seq_wrap":
             c.alloc(1)
-            _u32(buf, fmt.A_INDEX_SEQ, 0xFFFFFFFF)
-            _u32(buf, fmt.A_INTENT_OP, fmt.INTENT_ALLOC)
-            _u32(buf, fmt.A_INTENT_PID, 0x7FFFFFF0)
+            u32(buf, fmt.A_INDEX_SEQ, 0xFFFFFFFF)
+            u32(buf, fmt.A_INTENT_OP, fmt.INTENT_ALLOC)
+            u32(buf, fmt.A_INTENT_PID, 0x7FFFFFF0)
             h = c.alloc(2)
-            assert t.lookup(2) == h and _u32(buf, fmt.A_INDEX_SEQ) % 2 == 0
+            assert t.lookup(2) == h and u32(buf, fmt.A_INDEX_SEQ) % 2 == 0
         elif scribble == "counters_wrap":
             for n in ("allocations", "frees"):
                 buf[fmt.COUNTER_OFF[n]:fmt.COUNTER_OFF[n] + 8] = (2**64 - 1).to_bytes(8, "little")
@@ -329,7 +318,7 @@ def test_extension_rebuilds_scribbled_state(make_segment, scribble):
             with pytest.raises(stated.NotOwner):
                 c.free(h)
             assert c.audit() != []
-        assert _sem_value(key) == 1
+        assert sem_value(key) == 1
         assert c.verify() == [] and t.verify() == []
 
 
@@ -406,24 +395,10 @@ def _hold_lock(key: int, ready_w: int, hold: float, how: str = "sem") -> None:
     os._exit(0)
 
 
-def _fork(fn, *args) -> int:
-    pid = os.fork()
-    if pid == 0:
-        code = 0
-        try:
-            fn(*args)
-        except BaseException:  # noqa: BLE001 - a child never returns into pytest
-            import traceback
-            traceback.print_exc()
-            code = 70
-        os._exit(code)
-    return pid
-
-
 def test_lock_wait_is_one_deadline_across_signals(make_segment, procs):
     key = make_segment(capacity=4)
     r, w = os.pipe()
-    pid = _fork(_hold_lock, key, w, 60)
+    pid = fork_child(_hold_lock, key, w, 60)
     procs.append(pid)
     os.read(r, 1)
     calls = []
@@ -454,7 +429,7 @@ def test_lock_wait_is_one_deadline_across_signals(make_segment, procs):
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         procs.remove(pid)
-    assert _sem_value(key) == 1                             # nobody kept it
+    assert sem_value(key) == 1                             # nobody kept it
     with stated.attach(key=key, owner="after") as t:
         t.free(t.alloc())
 
@@ -465,7 +440,7 @@ def test_swapped_semaphore_waits_for_the_live_holder(make_segment, procs):
     waits for it instead of entering the critical section with it."""
     key = make_segment(capacity=4)
     r, w = os.pipe()
-    pid = _fork(_hold_lock, key, w, 0.4, "native")
+    pid = fork_child(_hold_lock, key, w, 0.4, "native")
     procs.append(pid)
     os.read(r, 1)
     sysv_ipc.Semaphore(key).remove()
@@ -588,7 +563,7 @@ def test_native_sigkill_torture(make_segment, procs):
     with stated.attach(key=key, owner="checker", lock_timeout=5) as checker, Attached(key) as ac:
         for i in range(200):
             r, w = os.pipe()
-            pid = _fork(_ext_churn, key, "chaos", i, w, i % 2 == 1)
+            pid = fork_child(_ext_churn, key, "chaos", i, w, i % 2 == 1)
             procs.append(pid)
             os.close(w)
             if i % 3:                                      # most kills inside the loop, some anywhere
@@ -624,8 +599,8 @@ def _mixed_rounds(key: int, rounds: int, churn_exe: Path, procs, seed: int) -> d
             # free-running round land in start-up: fork, attach, exec)
             in_loop = i % 2 == 0
             r, w = os.pipe()
-            kids = {"py": _fork(_py_churn, key, "py", rnd.randrange(1 << 30), w),
-                    "ext": _fork(_ext_churn, key, "ext", rnd.randrange(1 << 30), w)}
+            kids = {"py": fork_child(_py_churn, key, "py", rnd.randrange(1 << 30), w),
+                    "ext": fork_child(_ext_churn, key, "ext", rnd.randrange(1 << 30), w)}
             cproc = subprocess.Popen([str(churn_exe), hex(key), "c", str(rnd.randrange(1 << 30))],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             procs.extend([*kids.values(), cproc])
@@ -658,7 +633,7 @@ def _mixed_rounds(key: int, rounds: int, churn_exe: Path, procs, seed: int) -> d
                 killed[kind] += 1
                 time.sleep(rnd.uniform(0, 0.004))
             buf = checker._seg.buf
-            op, ipid = _u32(buf, fmt.A_INTENT_OP), _u32(buf, fmt.A_INTENT_PID)
+            op, ipid = u32(buf, fmt.A_INTENT_OP), u32(buf, fmt.A_INTENT_PID)
             if op and ipid in pids:
                 in_mutation[pids[ipid]] += 1
             _check_table(key, checker, ac.core)            # takes the lock: repairs what the kill left
@@ -744,7 +719,7 @@ def _py_writer(key: int, ready_w: int) -> None:
 def test_seqlock_python_writer_c_reader_never_torn(make_segment, procs, cbin):
     key = make_segment(capacity=4)
     r, w = os.pipe()
-    pid = _fork(_py_writer, key, w)
+    pid = fork_child(_py_writer, key, w)
     procs.append(pid)
     os.read(r, 1)
     try:
