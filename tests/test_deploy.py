@@ -19,6 +19,9 @@ from pathlib import Path
 import pytest
 from helpers import ALERT_RULES, ROOT, UNIT, alert_rules, require_tool, unit_settings
 
+from stated.format import config as config_mod
+from stated.format import segment as fmt
+
 SYSUSERS = ROOT / "systemd" / "stated.sysusers.conf"
 TMPFILES = ROOT / "systemd" / "stated.tmpfiles.conf"
 SYSCTL = ROOT / "deploy" / "sysctl.d" / "60-stated.conf"
@@ -371,11 +374,9 @@ def test_k8s_memory_matches_the_tables():
     """Requests and limits follow the rule written next to them: request >= measured RSS + the
     segments (shared memory may be charged to this container), limit >= measured + 3 x segments,
     and neither absurdly larger (a 1 GiB limit for 3 MiB of state hides leaks)."""
-    config = pytest.importorskip("stated.config")
-    fmt = pytest.importorskip("stated.format")
     yaml = pytest.importorskip("yaml")
     docs = {d["kind"]: d for d in yaml.safe_load_all(K8S.read_text()) if d}
-    cfg = config.loads(docs["ConfigMap"]["data"]["stated.toml"], "stated-pod.yaml", Path("/etc/stated"))
+    cfg = config_mod.loads(docs["ConfigMap"]["data"]["stated.toml"], "stated-pod.yaml", Path("/etc/stated"))
     seg_mib = sum(fmt.regions(t.capacity, t.layout.record_size, 4096).total_size     # schema blob < 4 KiB
                   for t in cfg.tables.values()) / 2**20
     res = next(c for c in docs["Deployment"]["spec"]["template"]["spec"]["initContainers"]
@@ -387,10 +388,9 @@ def test_k8s_memory_matches_the_tables():
 
 
 def test_k8s_config_loads_with_stated():
-    config = pytest.importorskip("stated.config")
     yaml = pytest.importorskip("yaml")
     cm = next(d for d in yaml.safe_load_all(K8S.read_text()) if d and d["kind"] == "ConfigMap")
-    cfg = config.loads(cm["data"]["stated.toml"], "stated-pod.yaml", Path("/etc/stated"))
+    cfg = config_mod.loads(cm["data"]["stated.toml"], "stated-pod.yaml", Path("/etc/stated"))
     assert cfg.tables
 
 
