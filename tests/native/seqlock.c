@@ -39,8 +39,6 @@ int main(int argc, char **argv)
             fprintf(stderr, "alloc: %s\n", stated_errmsg(&t));
             return 4;
         }
-        printf("ready %u %u\n", h.slot, h.generation);
-        fflush(stdout);
         uint32_t words = t.record_size / 4u;
         for (uint32_t v = 1;; v++) {
             uint32_t *rec;
@@ -51,6 +49,10 @@ int main(int argc, char **argv)
             for (uint32_t i = 0; i < words; i++)      /* word by word: a reader can only be torn by the protocol */
                 __atomic_store_n(&rec[i], v, __ATOMIC_RELAXED);
             stated_end(&t, h);
+            if (v == 1) {   /* ready only now: until the first section ends the record holds field defaults */
+                printf("ready %u %u\n", h.slot, h.generation);
+                fflush(stdout);
+            }
             for (volatile int k = 0; k < 300; k++) {   /* a gap between sections, as real writers leave */
             }
         }
