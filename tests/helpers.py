@@ -271,6 +271,14 @@ def u64(buf, off: int, value: int | None = None) -> int:
     return _word(buf, off, 8, value)
 
 
+def index_home(entity: int, index_capacity: int) -> int:
+    """The entity index entry where probing for `entity` starts (docs/format.md "Entity index":
+    Fibonacci hashing), computed from the format's constant as a C worker would: for tests that
+    plant index entries or need an entity whose entry lies on a given page."""
+    from stated.format.segment import HASH_MUL, U64
+    return ((entity * HASH_MUL) & U64) >> (64 - (index_capacity.bit_length() - 1))
+
+
 def spawn(procs: list, *args) -> subprocess.Popen:
     """tests/workers.py MODE KEY OWNER [N [ARGS]] as a real process; returns once it printed "ready"."""
     p = subprocess.Popen([sys.executable, str(WORKERS), *map(str, args)], stdout=subprocess.PIPE, text=True)

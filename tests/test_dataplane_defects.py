@@ -4,7 +4,7 @@ import os
 import time
 
 import pytest
-from helpers import run_child, sem_value, u32, u64
+from helpers import index_home, run_child, sem_value, u32, u64
 
 import stated
 from stated.format import segment as fmt
@@ -135,9 +135,10 @@ def test_used_scribbled_to_zero_then_free(table):
 
 def test_phantom_index_entry_never_yields_a_free_slot(table):
     h = table.alloc(entity=1)
-    table.free(h)
     r = table._seg.header.regions
-    home = table._alloc.index.home(999)
+    assert table.views.index_slot1[index_home(1, r.index_capacity)] == h.slot + 1   # where the core put it
+    table.free(h)
+    home = index_home(999, r.index_capacity)
     fmt.INDEX_ENTRY.pack_into(_seg(table), r.index_offset + home * fmt.INDEX_ENTRY_SIZE, 999, h.slot + 1, 0)
     assert table.lookup(999) is None    # was: a handle to a free slot
     h2 = table.alloc(entity=999)        # was: DuplicateEntity
@@ -154,6 +155,21 @@ def test_slot_owner_out_of_range_then_free(table):
     assert sem_value(table.key) == 1
     assert table._alloc.audit() != []
     assert table.verify() == []
+
+
+def test_holder_pid_scribbled_to_a_live_pid_costs_one_timeout_not_the_table(table):
+    """holder_pid naming a live process that is not inside (here pid 1, which never exits): the
+    waiter gives up after the lock timeout as for a holder under a swapped semaphore, and clears the
+    word, so the table is not locked for good (found by the scribble test under a daemon)."""
+    table.alloc(entity=1)
+    u32(_seg(table), fmt.A_HOLDER_PID, 1)
+    t0 = time.monotonic()
+    with pytest.raises(stated.LockTimeout, match="last holder pid 1"):
+        table.alloc(entity=2)
+    assert 0.4 < time.monotonic() - t0 < 2
+    assert sem_value(table.key) == 1
+    h = table.alloc(entity=2)                   # was: LockTimeout on every call, for ever
+    assert table.lookup(2) == h and table.verify() == [] and u32(_seg(table), fmt.A_HOLDER_PID) == 0
 
 
 # ---- item 7: views after close, arrays through read-only views --------------------------------

@@ -1,7 +1,8 @@
 """The native core (stated/native/stated_core.h): its C build under gcc and clang, its C unit tests
-(also under ASan + UBSan), the CPython extension stated.shm._native against the Python allocator on the
-same real segments, the SIGKILL tortures (native alone, and Python + extension + C processes mixed in
-one table), and a two-process seqlock stress in both directions."""
+(also under ASan + UBSan), the CPython extension stated.shm._native used directly next to Python's
+Table (which runs the same core through it) on the same real segments, the SIGKILL tortures (native
+alone, and Table + bare extension + C processes mixed in one table), and a two-process seqlock stress
+in both directions."""
 from __future__ import annotations
 
 import ctypes
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import sysv_ipc
-from helpers import PLAYER_FIELDS, ROOT, fork_child, player_layout, sem_value, u32
+from helpers import PLAYER_FIELDS, ROOT, fork_child, index_home, player_layout, sem_value, u32
 
 import stated
 from stated.format import config as config_mod
@@ -146,7 +147,7 @@ def test_c_unit_tests_under_asan_ubsan(cc, tmp_path, make_segment):
     assert "runtime error" not in r.stderr and "AddressSanitizer" not in r.stderr, r.stderr
 
 
-# ---- the extension against the Python allocator ------------------------------------------------------------
+# ---- the bare extension next to Python's Table ---------------------------------------------------------------
 def test_extension_and_python_share_one_table(make_segment):
     key = make_segment(capacity=32)
     with Attached(key, "ext") as a, stated.attach(key=key, owner="py") as t:
@@ -295,7 +296,7 @@ def test_extension_rebuilds_scribbled_state(make_segment, scribble):
         elif scribble == "phantom":
             h = c.alloc(1)
             c.free(h)
-            home = t._alloc.index.home(999)
+            home = index_home(999, r.index_capacity)
             fmt.INDEX_ENTRY.pack_into(buf, r.index_offset + home * fmt.INDEX_ENTRY_SIZE, 999, h.slot + 1, 0)
             assert c.lookup(999) is None
             assert c.lookup(999) is None and c.alloc(999) == c.lookup(999)
@@ -368,6 +369,136 @@ def test_sections_reads_and_dirty_scans(make_segment):
     with pytest.raises(stated.StatedError, match="closed"):
         with live:
             pass
+
+
+def test_write_checks_and_caches_the_slot_section(make_segment):
+    """Core.write(h), Table.write's C path: the checks of a write section, one section per slot made
+    over view_factory(slot) and reused, disarmed by free and by close."""
+    key = make_segment(capacity=8)
+    made = []
+    with Attached(key, "w") as a, Attached(key, "other") as b:
+        c = a.core
+        h = c.alloc(1)
+        with pytest.raises(TypeError, match="view_factory"):
+            c.write(h)
+        c.view_factory = lambda slot: made.append(slot) or a.view(slot)
+        s = c.write(h)
+        assert c.write(h) is s and made == [h.slot]      # made once, then cached
+        with s as p:
+            p.hp = 5
+            with pytest.raises(stated.StatedError, match="do not nest"):
+                c.write(h)
+        assert c.read(h, a.cls).hp == 5 and c.changed_slots() == [h.slot]
+        with pytest.raises(stated.NotOwner):
+            b.core.write(h)
+        with pytest.raises(stated.SlotOutOfRange):
+            c.write((8, 1))
+        with pytest.raises(TypeError):
+            c.view_factory = 5
+        c.free(h)
+        with pytest.raises(stated.StaleHandle):
+            c.write(h)
+        with pytest.raises(stated.StaleHandle, match="freed"):
+            with s:                                     # disarmed by free: never touches the slot again
+                pass
+        h2 = c.alloc(2)
+        assert h2.slot == h.slot and c.write(h2) is not s and made == [h.slot, h.slot]
+        s2 = c.write(h2)
+    with pytest.raises(stated.StatedError):
+        with s2:                                        # disarmed by close
+            pass
+    with Attached(key, readonly=True) as ro, pytest.raises(stated.ReadOnlyTable):
+        ro.core.write(h2)
+
+
+def test_allocator_allocates_and_frees_for_an_owner_with_its_record(make_segment):
+    """What the daemon's store does for claim/release: allocate for a worker's owner index with a record
+    loaded from the database (Core.alloc(entity, init)), free it for that owner; the worker's Table
+    forgets the slot (its cached write section is disarmed)."""
+    from stated.shm.allocator import Allocator
+    key = make_segment(capacity=4)
+    with stated.attach(key=key, owner="zone") as t:
+        seg = segment.open(key)
+        a = Allocator(seg, table="players")
+        try:
+            row = bytearray(default_record(t._cls))
+            t._cls.from_buffer(row).hp = 42
+            h = a.alloc(77, t._owner, bytes(row))
+            assert a.core.owner == 0                                  # the daemon's own stays unset
+            assert t.lookup(77) == h == a.lookup(77) and t.read(h).hp == 42 and t.entity(h) == 77
+            assert t.owned() == [h]
+            with pytest.raises(ValueError, match="records are"):
+                a.alloc(78, t._owner, b"short")
+            s = t.write(h)
+            with pytest.raises(stated.NotOwner):
+                a.free(h, t._owner + 1)
+            a.free(h, t._owner)
+            t._forget(h.slot)                                         # as Table.release() does
+            with pytest.raises(stated.StaleHandle):
+                with s:
+                    pass
+            assert t.lookup(77) is None and a.verify() == [] and a.core.owner == 0
+        finally:
+            a.release_views()
+            seg.detach()
+
+
+def test_core_in_a_reference_cycle_is_collected(make_segment):
+    """A Core is garbage-collected: a Table dropped without close() (its bound view factory refers to
+    the Table, which refers to the Core) does not keep the segment's buffer exported for good."""
+    import gc
+    import weakref
+
+    class Factory:
+        def __call__(self, slot):
+            return None
+    key = make_segment(capacity=4)
+    seg = segment.open(key)
+    try:
+        f = Factory()
+        f.core = _native.Core(seg.buf, key)                 # Factory -> Core -> Factory
+        f.core.view_factory = f
+        gone = weakref.ref(f)
+        del f
+        gc.collect()
+        assert gone() is None
+    finally:
+        assert seg.detach()                                  # no export left: the Core released the buffer
+
+
+def test_timeouts_repair_locked_and_conditional_owner_state(make_segment):
+    key = make_segment(capacity=4)
+    with Attached(key, "w", lock_timeout=0.5, read_timeout=0.2) as a:
+        c = a.core
+        assert (c.lock_timeout, c.read_timeout) == (0.5, 0.2)
+        c.lock_timeout, c.read_timeout = 0.25, 0.05          # a reload changes them
+        assert (c.lock_timeout, c.read_timeout) == (0.25, 0.05)
+        for bad in (0, -1.0, float("nan"), "x"):
+            with pytest.raises((ValueError, TypeError)):
+                c.lock_timeout = bad
+        with pytest.raises(stated.StatedError, match="outside acquire"):
+            c.repair_locked()                               # never without the lock
+        before = dict(zip(fmt.COUNTERS, c.counters()))["lock_repairs"]
+        c.acquire()
+        try:
+            c.repair_locked()
+        finally:
+            c.release()
+        assert dict(zip(fmt.COUNTERS, c.counters()))["lock_repairs"] == before + 1 and sem_value(key) == 1
+        r, w = os.pipe()
+        pid = fork_child(_hold_lock, key, w, 5, "native")
+        os.read(r, 1)
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(stated.LockTimeout, match="0.25s"):
+                c.alloc()
+            assert time.monotonic() - t0 < 0.6              # the new lock timeout
+        finally:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        idx = c.owner
+        assert c.set_owner_state(idx, fmt.OWNER_DEAD, 0) is False     # 0 is a pid like any other here
+        assert c.set_owner_state(idx, fmt.OWNER_DETACHED, None) is True   # None: unconditionally
 
 
 def test_readonly_core_reads_and_looks_up(make_segment):
@@ -507,7 +638,7 @@ def _ext_churn(key: int, owner: str, seed: int, ready_w: int = -1, tight: bool =
 
 
 def _py_churn(key: int, owner: str, seed: int, ready_w: int = -1) -> None:
-    """Forked child, until killed: the pure-Python allocator doing the same."""
+    """Forked child, until killed: the same through Python's Table (its write sections, reads, owned())."""
     rnd = random.Random(seed)
     t = stated.attach(key=key, owner=owner, lock_timeout=10)
     me = os.getpid()
@@ -651,7 +782,7 @@ def _mixed_rounds(key: int, rounds: int, churn_exe: Path, procs, seed: int) -> d
 
 
 def test_mixed_sigkill_torture(make_segment, procs, cbin):
-    """Python-allocator, extension and C processes allocate, write and free in one table while being
+    """Table, bare-extension and C processes allocate, write and free in one table while being
     SIGKILLed: 0 violations (verify() == [] after every round, no slot ever held twice, every free
     slot allocatable), repairs counted."""
     key = make_segment(capacity=64, fields=[*PLAYER_FIELDS, "blob: bytes[32768]"])   # see the native torture

@@ -8,7 +8,10 @@ marked slow (`make test-slow`).
 """
 from __future__ import annotations
 
+import ctypes
+import faulthandler
 import json
+import mmap
 import os
 import random
 import re
@@ -19,11 +22,12 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import PLAYER_FIELDS, ROOT, fork_lock_holder, key_in_use, popen_daemon
+from helpers import PLAYER_FIELDS, ROOT, fork_lock_holder, index_home, key_in_use, popen_daemon
 
 import stated
 from stated.daemon import control
 from stated.format import config as config_mod
+from stated.format import segment as fmt
 
 SOAK = ROOT / "bench" / "soak.py"
 ZONE = ROOT / "examples" / "zone_worker.py"
@@ -152,34 +156,63 @@ def test_zone_worker_resumes_its_players_after_kill_9(write_config, procs, tmp_p
 # ---- regression tests for bugs the soak run found in stated/ (fixed) ---------------------------------------
 
 
-def _die_inside(key: int, op: str) -> None:
-    """A child attached as owner 'w' that dies inside alloc (after the slot is marked allocated) or
-    free (after it is marked free), before the allocator counts the operation."""
+def _entity_on_own_index_page(t: stated.Table) -> tuple[int, int, int]:
+    """(entity, lo, hi): an entity whose home entry of the entity index lies in [lo, hi), the whole
+    pages of the index region (offsets into the segment; no slot, free stack or record byte there)."""
+    r = t._seg.header.regions
+    end = r.index_offset + r.index_capacity * fmt.INDEX_ENTRY_SIZE
+    lo, hi = -(-r.index_offset // fmt.PAGE) * fmt.PAGE, end // fmt.PAGE * fmt.PAGE
+    assert hi > lo, "the index region spans no whole page: use a larger capacity"
+    ent = next(e for e in range(7, 10**6)
+               if lo <= r.index_offset + index_home(e, r.index_capacity) * fmt.INDEX_ENTRY_SIZE < hi)
+    return ent, lo, hi
+
+
+def _die_inside(key: int, op: str) -> int:
+    """A child attached as owner 'w' dies inside the core's alloc (after the slot is marked allocated)
+    or free (after it is marked free), before the allocator counts the operation: the child maps the
+    entity index's pages read-only, so the core's first store into the index (the insert of alloc,
+    the delete of free) faults there, holding the lock with its intent mark set. Returns the entity."""
+    with stated.attach(key=key) as t:
+        ent, lo, hi = _entity_on_own_index_page(t)
     pid = os.fork()
     if pid == 0:
         try:
-            from stated.shm import index
+            faulthandler.disable()                          # die of the fault, quietly
             t = stated.attach(key=key, owner="w")
+            h = t.lookup(ent)
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+            if libc.mprotect(t._seg.shm.address + lo, hi - lo, mmap.PROT_READ) != 0:
+                os._exit(4)
             if op == "alloc":
-                index.EntityIndex.insert = lambda self, e, s, publish=True: os._exit(0)
-                t.alloc(entity=7)
+                t.alloc(entity=ent)
             else:
-                index.EntityIndex.delete = lambda self, e: os._exit(0)
-                t.free(t.lookup(7))
+                t.free(h)
         finally:
             os._exit(3)
     _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGSEGV, os.waitstatus_to_exitcode(status)
+    return ent
 
 
 def test_allocation_counters_agree_with_used_after_a_death_mid_alloc_or_free(make_segment):
-    key = make_segment(capacity=16)
-    for op in ("alloc", "free"):
-        _die_inside(key, op)
+    key = make_segment(capacity=1024)
+    for op, intent, state in (("alloc", fmt.INTENT_ALLOC, fmt.SLOT_ALLOCATED),
+                              ("free", fmt.INTENT_FREE, fmt.SLOT_FREE)):
         with stated.attach(key=key) as t:
+            before = t.counters()
+        ent = _die_inside(key, op)
+        with stated.attach(key=key) as t:
+            v = t.views
+            slot = v.h32[fmt.W_INTENT_SLOT]
+            assert v.h32[fmt.W_INTENT_OP] == intent and v.state[slot] == state, "did not die mid-operation"
             assert t.verify() == []                 # takes the lock: repairs after the dead holder
             c = t.counters()
             assert c["allocations"] - c["frees"] == len(t), (op, c["allocations"], c["frees"], len(t))
+            counted = "allocations" if op == "alloc" else "frees"    # the op took effect: counted once
+            assert c[counted] == before[counted] + 1, (op, before, c)
+            assert (t.lookup(ent) is not None) == (op == "alloc") and t.counters()["lock_repairs"] >= 1
 
 
 def test_readonly_lookup_never_misses_a_present_entity_under_churn(make_segment):

@@ -28,11 +28,13 @@ PyDoc_STRVAR(MODULE_DOC,
 "    once: a child makes its own Core).\n"
 "\n"
 "  owner (int, read/write): this worker's owner index (claim_owner sets it; 0 = none).\n"
+"  lock_timeout, read_timeout (float seconds, read/write: a config reload changes them).\n"
 "  capacity, record_size, key, semid, pid, readonly, closed (read-only attributes).\n"
 "  claim_owner(name) -> int           attach as owner `name` (OwnerBusy, OwnersExhausted)\n"
-"  set_owner_state(index, state, only_pid=0) -> bool\n"
+"  set_owner_state(index, state, only_pid=None) -> bool   only_pid: only while attached by that pid\n"
 "  reap_owner(index) -> int           free every slot of a non-attached owner\n"
-"  alloc(entity=None) -> handle       TableFull, DuplicateEntity, NotOwner, LockTimeout\n"
+"  alloc(entity=None, init=None) -> handle   TableFull, DuplicateEntity, NotOwner, LockTimeout;\n"
+"                                     init: this record's bytes instead of the table's initialiser\n"
 "  free(handle, force=False)          StaleHandle, NotOwner, SlotOutOfRange\n"
 "  lookup(entity) -> handle | None    lock-free (falls back to the lock under churn)\n"
 "  valid(handle) -> bool;  entity(handle) -> int | None\n"
@@ -43,6 +45,12 @@ PyDoc_STRVAR(MODULE_DOC,
 "  read_bytes(handle) -> bytes\n"
 "  write_begin(handle) / write_end(handle)   a write section (seq odd/even, dirty at the end);\n"
 "                                     write_begin checks owner and generation and refuses nesting\n"
+"  write(handle) -> Section           Table.write in one call: checks owner, generation and nesting\n"
+"                                     (StatedError), returns the slot's section over\n"
+"                                     view_factory(slot), made once and cached until free()/close()\n"
+"  view_factory (read/write)          callable slot -> record view, for write()\n"
+"  forget(slot)                       the slot was freed by another process (the daemon): the\n"
+"                                     section write() cached for it is disarmed and dropped\n"
 "  section(slot, view) -> Section     a reusable `with` object: __enter__ makes seq odd and\n"
 "                                     returns `view`, __exit__ makes it even and marks dirty;\n"
 "                                     disarm() (after the slot was freed) makes both no-ops\n"
@@ -53,6 +61,7 @@ PyDoc_STRVAR(MODULE_DOC,
 "  owned_slots(owner) -> list;  handles(owner=0) -> list of handles (0: every allocated slot)\n"
 "  copy_slot(slot, wait=0.05) -> (generation, state, flags, owner, entity, bytes, torn)\n"
 "  acquire(); release(); repair(); reopen_semaphore(); intent_pending() -> bool\n"
+"  repair_locked()                    repair() inside acquire() ... release()\n"
 "  verify(lock=True) -> list[str]     every invariant ([] = consistent)\n"
 "  audit() -> list[str]               the daemon's check: problems found (and rebuilt)\n"
 "  counters() -> tuple                the u64 counters in format.COUNTERS order\n"
@@ -133,8 +142,15 @@ typedef struct {
     int busy;                       /* a call that may drop the GIL is running: close() must wait */
     PyTypeObject *handle_type;      /* tuple subclass, or NULL: plain tuples */
     PyObject *init;                 /* bytes kept alive for t.init */
-    PyThreadState *ts;
+    PyObject *sections;             /* slot -> Section cached by write(), or NULL */
+    PyObject *view_factory;         /* write()'s view for a slot: view_factory(slot), or NULL */
 } CoreObject;
+
+/* The thread state saved while a blocking wait runs without the GIL: per thread, not per Core, so
+ * that two threads each blocked in a call of the same Core (the core is not thread-safe, but a
+ * daemon thread copying snapshots while the loop takes the lock must not corrupt the interpreter)
+ * each restore their own. Waits never nest within one thread. */
+static _Thread_local PyThreadState *blocked_ts;
 
 static PyObject *raise_rc(CoreObject *self, int rc)
 {
@@ -146,15 +162,15 @@ static PyObject *raise_rc(CoreObject *self, int rc)
 
 static void hook_block_begin(void *ctx)
 {
-    CoreObject *self = (CoreObject *)ctx;
-    self->ts = PyEval_SaveThread();
+    (void)ctx;
+    blocked_ts = PyEval_SaveThread();
 }
 
 static void hook_block_end(void *ctx)
 {
-    CoreObject *self = (CoreObject *)ctx;
-    PyEval_RestoreThread(self->ts);
-    self->ts = NULL;
+    (void)ctx;
+    PyEval_RestoreThread(blocked_ts);
+    blocked_ts = NULL;
 }
 
 static int hook_interrupted(void *ctx)
@@ -362,8 +378,12 @@ static int Core_init(CoreObject *self, PyObject *args, PyObject *kw)
     return 0;
 }
 
+static void disarm_sections(CoreObject *self);
+static int drop_section(CoreObject *self, uint32_t slot);
+
 static void Core_release_all(CoreObject *self)
 {
+    disarm_sections(self);
     if (self->have_view) {
         PyBuffer_Release(&self->view);
         self->have_view = 0;
@@ -371,9 +391,28 @@ static void Core_release_all(CoreObject *self)
     self->t.base = NULL;
 }
 
+/* A Core is garbage-collected: its cached sections refer back to it, and its view factory is
+ * usually a bound method of the Table that owns it. */
+static int Core_traverse(CoreObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->sections);
+    Py_VISIT(self->view_factory);
+    Py_VISIT(self->handle_type);
+    return 0;
+}
+
+static int Core_clear(CoreObject *self)
+{
+    Py_CLEAR(self->sections);
+    Py_CLEAR(self->view_factory);
+    return 0;
+}
+
 static void Core_dealloc(CoreObject *self)
 {
+    PyObject_GC_UnTrack(self);
     Core_release_all(self);
+    Core_clear(self);
     Py_XDECREF(self->handle_type);
     Py_XDECREF(self->init);
     Py_TYPE(self)->tp_free((PyObject *)self);
@@ -393,12 +432,12 @@ static PyObject *Core_close(CoreObject *self, PyObject *Py_UNUSED(ignored))
 static PyObject *Core_alloc(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     CHECK_OPEN(self);
-    if (nargs > 1) {
-        PyErr_SetString(PyExc_TypeError, "alloc(entity=None)");
+    if (nargs > 2) {
+        PyErr_SetString(PyExc_TypeError, "alloc(entity=None, init=None)");
         return NULL;
     }
     uint64_t entity = 0;
-    int has = nargs == 1 && args[0] != Py_None;
+    int has = nargs >= 1 && args[0] != Py_None;
     if (has) {
         int ok = 0;
         if (parse_u64(args[0], &entity, &ok) < 0)
@@ -408,10 +447,23 @@ static PyObject *Core_alloc(CoreObject *self, PyObject *const *args, Py_ssize_t 
             return NULL;
         }
     }
+    Py_buffer init = {0};
+    int have_init = nargs == 2 && args[1] != Py_None;
+    if (have_init) {                /* this record's initialiser instead of the table's (a row loaded by the daemon) */
+        if (PyObject_GetBuffer(args[1], &init, PyBUF_SIMPLE) != 0)
+            return NULL;
+        if (init.len != (Py_ssize_t)self->t.record_size) {
+            PyErr_Format(PyExc_ValueError, "init is %zd bytes: records are %u bytes", init.len, self->t.record_size);
+            PyBuffer_Release(&init);
+            return NULL;
+        }
+    }
     stated_handle h;
     self->busy++;
-    int rc = stated_alloc_ex(&self->t, has ? &entity : NULL, NULL, &h);
+    int rc = stated_alloc_ex(&self->t, has ? &entity : NULL, have_init ? init.buf : NULL, &h);
     self->busy--;
+    if (have_init)
+        PyBuffer_Release(&init);
     if (rc)
         return raise_rc(self, rc);
     return make_handle(self, h.slot, h.generation);
@@ -435,6 +487,8 @@ static PyObject *Core_free(CoreObject *self, PyObject *const *args, Py_ssize_t n
     self->busy--;
     if (rc)
         return raise_rc(self, rc);
+    if (drop_section(self, h.slot) < 0)
+        return NULL;
     Py_RETURN_NONE;
 }
 
@@ -596,6 +650,62 @@ typedef struct {
 
 static PyTypeObject SectionType;
 
+static SectionObject *new_section(CoreObject *self, Py_ssize_t slot, PyObject *view)
+{
+    SectionObject *s = PyObject_GC_New(SectionObject, &SectionType);
+    if (!s)
+        return NULL;
+    s->core = (CoreObject *)Py_NewRef((PyObject *)self);
+    s->slot = slot;
+    s->view = Py_NewRef(view);
+    PyObject_GC_Track(s);
+    return s;
+}
+
+/* every section write() cached: disarmed (enter raises StaleHandle, exit does nothing), dropped */
+static void disarm_sections(CoreObject *self)
+{
+    PyObject *d = self->sections;
+    if (!d)
+        return;
+    self->sections = NULL;
+    Py_ssize_t pos = 0;
+    PyObject *k, *v;
+    while (PyDict_Next(d, &pos, &k, &v))
+        ((SectionObject *)v)->slot = -1;
+    Py_DECREF(d);
+}
+
+/* the section write() cached for `slot` (the slot was freed): disarmed, dropped */
+static int drop_section(CoreObject *self, uint32_t slot)
+{
+    if (!self->sections || PyDict_GET_SIZE(self->sections) == 0)
+        return 0;
+    PyObject *key = PyLong_FromUnsignedLong(slot);
+    if (!key)
+        return -1;
+    PyObject *v = PyDict_GetItemWithError(self->sections, key);     /* borrowed */
+    int r = 0;
+    if (v) {
+        ((SectionObject *)v)->slot = -1;
+        r = PyDict_DelItem(self->sections, key);
+    } else if (PyErr_Occurred()) {
+        r = -1;
+    }
+    Py_DECREF(key);
+    return r;
+}
+
+static PyObject *Core_forget(CoreObject *self, PyObject *arg)
+{
+    unsigned long slot = PyLong_AsUnsignedLong(arg);
+    if (slot == (unsigned long)-1 && PyErr_Occurred())
+        return NULL;
+    if (slot <= UINT32_MAX && drop_section(self, (uint32_t)slot) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
 static PyObject *Core_section(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     CHECK_OPEN(self);
@@ -614,13 +724,70 @@ static PyObject *Core_section(CoreObject *self, PyObject *const *args, Py_ssize_
         PyErr_Format(E_ReadOnly, "table '%s' is attached readonly; cannot write", self->t.name);
         return NULL;
     }
-    SectionObject *s = PyObject_GC_New(SectionObject, &SectionType);
-    if (!s)
+    return (PyObject *)new_section(self, slot, args[1]);
+}
+
+/* write(h): Table.write's checks and its per-slot section, in one C call (the hot path of a write
+ * section): the handle names an allocated slot of this owner, not inside a section already; the
+ * section is made once per slot over view_factory(slot) and cached until the slot is freed (by
+ * free() of this Core) or the Core is closed. */
+static PyObject *Core_write(CoreObject *self, PyObject *arg)
+{
+    CHECK_OPEN(self);
+    stated_handle h;
+    if (parse_handle(self, arg, &h) < 0)
         return NULL;
-    s->core = (CoreObject *)Py_NewRef((PyObject *)self);
-    s->slot = slot;
-    s->view = Py_NewRef(args[1]);
-    PyObject_GC_Track(s);
+    int rc = stated__writable_slot(&self->t, h);
+    if (rc)
+        return raise_rc(self, rc);
+    if (__atomic_load_n(&self->t.slots[h.slot].seq, __ATOMIC_RELAXED) & 1u)
+        return raise_rc(self, stated__fail(&self->t, STATED_ERR_NESTED, "slot %u: already inside a write section "
+                                           "(write sections do not nest)", h.slot));
+    PyObject *key = PyTuple_GET_ITEM(arg, 0);
+    if (!PyLong_CheckExact(key))
+        key = PyLong_FromUnsignedLong(h.slot);
+    else
+        Py_INCREF(key);
+    if (!key)
+        return NULL;
+    if (self->sections) {
+        PyObject *got = PyDict_GetItemWithError(self->sections, key);
+        if (got) {
+            Py_DECREF(key);
+            return Py_NewRef(got);
+        }
+        if (PyErr_Occurred()) {
+            Py_DECREF(key);
+            return NULL;
+        }
+    } else if (!(self->sections = PyDict_New())) {
+        Py_DECREF(key);
+        return NULL;
+    }
+    if (!self->view_factory) {
+        Py_DECREF(key);
+        PyErr_SetString(PyExc_TypeError, "write() needs view_factory (slot -> the record view) to be set");
+        return NULL;
+    }
+    PyObject *view = PyObject_CallOneArg(self->view_factory, key);
+    if (!view) {
+        Py_DECREF(key);
+        return NULL;
+    }
+    if (!self->have_view) {             /* the factory closed us */
+        Py_DECREF(view);
+        Py_DECREF(key);
+        PyErr_Format(E_Stated, "table '%s' is closed; attach again", self->t.name);
+        return NULL;
+    }
+    SectionObject *s = new_section(self, (Py_ssize_t)h.slot, view);
+    Py_DECREF(view);
+    if (!s || !self->sections || PyDict_SetItem(self->sections, key, (PyObject *)s) < 0) {
+        Py_XDECREF(s);
+        Py_DECREF(key);
+        return PyErr_Occurred() ? NULL : raise_rc(self, STATED_ERR_INVAL);
+    }
+    Py_DECREF(key);
     return (PyObject *)s;
 }
 
@@ -742,11 +909,22 @@ static PyObject *Core_claim_owner(CoreObject *self, PyObject *arg)
 static PyObject *Core_set_owner_state(CoreObject *self, PyObject *args)
 {
     CHECK_OPEN(self);
-    unsigned int idx, state, only_pid = 0;
-    if (!PyArg_ParseTuple(args, "II|I", &idx, &state, &only_pid))
+    unsigned int idx, state;
+    PyObject *pid_obj = Py_None;
+    if (!PyArg_ParseTuple(args, "II|O", &idx, &state, &pid_obj))
         return NULL;
+    unsigned long only_pid = 0;
+    if (pid_obj != Py_None) {       /* conditional on that pid, 0 included (the Python contract) */
+        only_pid = PyLong_AsUnsignedLong(pid_obj);
+        if (only_pid == (unsigned long)-1 && PyErr_Occurred())
+            return NULL;
+        if (only_pid > UINT32_MAX) {
+            PyErr_SetString(PyExc_ValueError, "only_pid must fit a u32");
+            return NULL;
+        }
+    }
     self->busy++;
-    int rc = stated_set_owner_state(&self->t, idx, state, only_pid);
+    int rc = stated__set_owner_state(&self->t, idx, state, pid_obj != Py_None, (uint32_t)only_pid);
     self->busy--;
     if (rc < 0)
         return raise_rc(self, rc);
@@ -792,6 +970,21 @@ static PyObject *Core_repair(CoreObject *self, PyObject *Py_UNUSED(ignored))
     self->busy++;
     int rc = stated_repair(&self->t);
     self->busy--;
+    if (rc)
+        return raise_rc(self, rc);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Core_repair_locked(CoreObject *self, PyObject *Py_UNUSED(ignored))
+{
+    CHECK_OPEN(self);
+    if (self->t.readonly)
+        return raise_rc(self, stated__fail(&self->t, STATED_ERR_READONLY, "attached read-only; cannot repair"));
+    if (__atomic_load_n(&self->t.hdr->alloc.holder_pid, __ATOMIC_ACQUIRE) != self->t.pid) {
+        PyErr_Format(E_Stated, "table '%s': repair_locked() outside acquire() ... release()", self->t.name);
+        return NULL;
+    }
+    int rc = stated_repair_locked(&self->t);
     if (rc)
         return raise_rc(self, rc);
     Py_RETURN_NONE;
@@ -1023,6 +1216,65 @@ static int Core_set_owner(CoreObject *self, PyObject *v, void *c)
     return 0;
 }
 
+static int set_timeout(CoreObject *self, PyObject *v, int64_t *field, const char *what)
+{
+    if (!v) {
+        PyErr_Format(PyExc_AttributeError, "cannot delete %s", what);
+        return -1;
+    }
+    double s = PyFloat_AsDouble(v);
+    if (s == -1.0 && PyErr_Occurred())
+        return -1;
+    if (!(s > 0.0) || s > 1e9) {        /* also refuses NaN */
+        PyErr_Format(PyExc_ValueError, "%s must be a positive number of seconds, got %R", what, v);
+        return -1;
+    }
+    (void)self;
+    *field = (int64_t)(s * 1e9);
+    return 0;
+}
+
+static PyObject *Core_get_lock_timeout(CoreObject *self, void *c)
+{
+    (void)c;
+    return PyFloat_FromDouble((double)self->t.lock_timeout_ns / 1e9);
+}
+
+static int Core_set_lock_timeout(CoreObject *self, PyObject *v, void *c)
+{
+    (void)c;
+    return set_timeout(self, v, &self->t.lock_timeout_ns, "lock_timeout");
+}
+
+static PyObject *Core_get_read_timeout(CoreObject *self, void *c)
+{
+    (void)c;
+    return PyFloat_FromDouble((double)self->t.read_timeout_ns / 1e9);
+}
+
+static int Core_set_read_timeout(CoreObject *self, PyObject *v, void *c)
+{
+    (void)c;
+    return set_timeout(self, v, &self->t.read_timeout_ns, "read_timeout");
+}
+
+static PyObject *Core_get_view_factory(CoreObject *self, void *c)
+{
+    (void)c;
+    return Py_NewRef(self->view_factory ? self->view_factory : Py_None);
+}
+
+static int Core_set_view_factory(CoreObject *self, PyObject *v, void *c)
+{
+    (void)c;
+    if (v && v != Py_None && !PyCallable_Check(v)) {
+        PyErr_SetString(PyExc_TypeError, "view_factory must be callable (slot -> record view) or None");
+        return -1;
+    }
+    Py_XSETREF(self->view_factory, v && v != Py_None ? Py_NewRef(v) : NULL);
+    return 0;
+}
+
 #define GETTER(fname, expr)                                          \
     static PyObject *Core_get_##fname(CoreObject *self, void *c)     \
     {                                                                \
@@ -1040,6 +1292,12 @@ GETTER(table, PyUnicode_FromString(self->t.name))
 
 static PyGetSetDef Core_getset[] = {
     {"owner", (getter)Core_get_owner, (setter)Core_set_owner, "this worker's owner index (0 = none)", NULL},
+    {"view_factory", (getter)Core_get_view_factory, (setter)Core_set_view_factory,
+     "write()'s record view of a slot: view_factory(slot) (called once per slot; None: unset)", NULL},
+    {"lock_timeout", (getter)Core_get_lock_timeout, (setter)Core_set_lock_timeout, "seconds a lock wait may take",
+     NULL},
+    {"read_timeout", (getter)Core_get_read_timeout, (setter)Core_set_read_timeout,
+     "seconds a consistent read waits for a writer", NULL},
     {"capacity", (getter)Core_get_capacity, NULL, NULL, NULL},
     {"record_size", (getter)Core_get_record_size, NULL, NULL, NULL},
     {"key", (getter)Core_get_key, NULL, NULL, NULL},
@@ -1053,7 +1311,7 @@ static PyGetSetDef Core_getset[] = {
 
 #define FAST(f) (PyCFunction)(void (*)(void))(f)
 static PyMethodDef Core_methods[] = {
-    {"alloc", FAST(Core_alloc), METH_FASTCALL, "alloc(entity=None) -> handle"},
+    {"alloc", FAST(Core_alloc), METH_FASTCALL, "alloc(entity=None, init=None) -> handle"},
     {"free", FAST(Core_free), METH_FASTCALL, "free(handle, force=False)"},
     {"lookup", (PyCFunction)Core_lookup, METH_O, "lookup(entity) -> handle | None"},
     {"valid", (PyCFunction)Core_valid, METH_O, "valid(handle) -> bool"},
@@ -1063,14 +1321,18 @@ static PyMethodDef Core_methods[] = {
     {"write_begin", (PyCFunction)Core_write_begin, METH_O, "write_begin(handle): seq odd"},
     {"write_end", (PyCFunction)Core_write_end, METH_O, "write_end(handle): seq even, dirty"},
     {"section", FAST(Core_section), METH_FASTCALL, "section(slot, view) -> Section"},
+    {"write", (PyCFunction)Core_write, METH_O, "write(handle) -> the slot's cached Section, checked"},
+    {"forget", (PyCFunction)Core_forget, METH_O, "forget(slot): freed elsewhere; write()'s section disarmed"},
     {"mark_dirty", (PyCFunction)Core_mark_dirty, METH_O, "mark_dirty(handle)"},
     {"claim_owner", (PyCFunction)Core_claim_owner, METH_O, "claim_owner(name) -> owner index"},
     {"set_owner_state", (PyCFunction)Core_set_owner_state, METH_VARARGS,
-     "set_owner_state(index, state, only_pid=0) -> bool"},
+     "set_owner_state(index, state, only_pid=None) -> bool"},
     {"reap_owner", (PyCFunction)Core_reap_owner, METH_O, "reap_owner(index) -> slots freed"},
     {"acquire", (PyCFunction)Core_acquire, METH_NOARGS, "take the table lock (settling or repairing first)"},
     {"release", (PyCFunction)Core_release, METH_NOARGS, "give the table lock back"},
     {"repair", (PyCFunction)Core_repair, METH_NOARGS, "rebuild derived state from the slot table (takes the lock)"},
+    {"repair_locked", (PyCFunction)Core_repair_locked, METH_NOARGS,
+     "repair() for a caller that already holds the lock (acquire() ... release())"},
     {"reopen_semaphore", (PyCFunction)Core_reopen_semaphore, METH_NOARGS, "semget again (it was removed)"},
     {"intent_pending", (PyCFunction)Core_intent_pending, METH_NOARGS, "an intent mark is set"},
     {"verify", (PyCFunction)(void (*)(void))Core_verify, METH_VARARGS | METH_KEYWORDS, "verify(lock=True) -> problems"},
@@ -1093,8 +1355,10 @@ static PyTypeObject CoreType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "stated.shm._native.Core",
     .tp_basicsize = sizeof(CoreObject),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .tp_doc = "One attached table over the native core; see the module docstring.",
+    .tp_traverse = (traverseproc)Core_traverse,
+    .tp_clear = (inquiry)Core_clear,
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)Core_init,
     .tp_dealloc = (destructor)Core_dealloc,

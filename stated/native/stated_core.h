@@ -628,8 +628,17 @@ int stated_acquire(stated_table *t)
             continue;                        /* changed under us: look at the new value */
         }
         if (stated__now_ns() > deadline) {
+            /* The word named a live process for the whole lock timeout while we held the semaphore:
+             * a holder stuck under a removed semaphore, or a scribbled word. Fail as a timeout, and
+             * clear it (CAS: not if it changed meanwhile), so that it costs one timeout rather than
+             * every acquire of every process for as long as that pid lives. */
+            int rc = stated__timeout(t);
+            if (__atomic_compare_exchange_n(&A(t)->holder_pid, &cur, 0u, false, __ATOMIC_RELEASE, __ATOMIC_RELAXED))
+                stated__log(t, STATED_LOG_WARNING, "holder_pid named live pid %u for over the lock timeout while this "
+                            "process held the semaphore (a holder stuck under a removed semaphore, or a scribbled "
+                            "word); cleared it", (unsigned)cur);
             stated__sem_post(t);
-            return stated__timeout(t);
+            return rc;
         }
         int rc = stated__sleep(t, STATED__POLL_NS);
         if (rc) {
@@ -1300,7 +1309,10 @@ int stated_claim_owner(stated_table *t, const char *name, uint32_t *index)
     return 0;
 }
 
-int stated_set_owner_state(stated_table *t, uint32_t index, uint32_t state, uint32_t only_pid)
+/* `conditional`: only while the entry is attached and names `only_pid` (which may be 0: a pid an
+ * entry can hold only when scribbled, and the daemon still marks such an entry dead) */
+static int stated__set_owner_state(stated_table *t, uint32_t index, uint32_t state, int conditional,
+                                   uint32_t only_pid)
 {
     if (index < 1u || index > STATED_OWNERS_CAPACITY)
         return stated__fail(t, STATED_ERR_INVAL, "owner index %u is outside [1, %u]", index, STATED_OWNERS_CAPACITY);
@@ -1309,13 +1321,18 @@ int stated_set_owner_state(stated_table *t, uint32_t index, uint32_t state, uint
         return rc;
     struct stated_owner *o = &t->owners[index - 1];
     int changed = 0;
-    if (!only_pid || (S_LD(&o->pid) == only_pid && S_LD(&o->state) == STATED_OWNER_ATTACHED)) {
+    if (!conditional || (S_LD(&o->pid) == only_pid && S_LD(&o->state) == STATED_OWNER_ATTACHED)) {
         S_ST(&o->since_ms, stated__unix_ms());
         S_STR(&o->state, state);
         changed = 1;
     }
     stated_release(t);
     return changed;
+}
+
+int stated_set_owner_state(stated_table *t, uint32_t index, uint32_t state, uint32_t only_pid)
+{
+    return stated__set_owner_state(t, index, state, only_pid != 0u, only_pid);
 }
 
 int64_t stated_reap_owner(stated_table *t, uint32_t index)

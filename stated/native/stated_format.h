@@ -322,8 +322,9 @@ _Static_assert(offsetof(struct stated_index_entry, reserved) == 12, "stated_inde
  * 7. str[N] fields are UTF-8, NUL-padded, and NOT NUL-terminated when N bytes long:
  *    print with "%.*s" and strnlen-like loops. bytes[N] are raw. bool is 0 or 1.
  * 8. Memory ordering: these helpers use __atomic builtins and are correct on any CPU.
- *    The Python side's seqlock relies on x86-64 total store order; on weakly ordered
- *    CPUs (ARM) Python writers are not fenced (docs/format.md, "Memory ordering").
+ *    Python goes through the same native core (write sections, reads, lookups, alloc and
+ *    free are fenced); only its live views (table.record(h)) make plain stores
+ *    (docs/format.md, "Memory ordering").
  * ------------------------------------------------------------------------------------ */
 
 /* ---- segment-level helpers ----------------------------------------------------------- */

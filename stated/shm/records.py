@@ -14,12 +14,11 @@ A view is a ctypes structure laid over the record's bytes in shared memory, so
 The same class, instantiated with `from_buffer_copy`, is the detached record a
 consistent read returns: same attributes, no link to shared memory.
 
-ORDERING ASSUMPTION (the one place it is written down): the seqlock in
-table.py relies on x86-64's total store order: stores become visible to other
-cores in program order and loads are not reordered with older loads. CPython
-executes each memoryview/ctypes access as a plain load or store in bytecode
-order, so on x86-64 no explicit fences are needed. On weakly ordered CPUs
-(ARM) the pure-Python seqlock is NOT sufficient; see docs/format.md.
+Memory ordering: a view's attribute access is one plain load or store. The
+seqlock around them (write sections, consistent reads) is the native core's,
+with the fences it needs on any CPU (docs/format.md "Memory ordering"); a
+single aligned field of <= 8 bytes is atomic on its own, a whole record written
+through a view outside a section is not.
 """
 from __future__ import annotations
 

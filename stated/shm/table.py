@@ -12,29 +12,32 @@ Three ways to a record, fastest first:
 - `with t.write(h) as p: ...` and `t.read(h)`: a seqlock write section (marks
   the slot dirty) and a consistent whole-record read. A reader gives up with
   TornRecord after `read_timeout` if the writer died mid-section.
+
+Allocation, lookup, the write section's seqlock steps and the consistent read are the native
+core's (`stated.shm._native`, the same C code C workers compile; see allocator.py): this class
+binds its methods once and adds only what is Python's own — ctypes views and their lifetimes,
+field checks, and the error messages of the column paths.
 """
 from __future__ import annotations
 
 import logging
-import time
 import weakref
 from typing import Any, NamedTuple
 
-from ..errors import NotOwner, ReadOnlyTable, SlotOutOfRange, StaleHandle, StatedError, StoreError, TornRecord
+from ..errors import NotOwner, ReadOnlyTable, SlotOutOfRange, StaleHandle, StatedError, StoreError
 from ..format import config as config_mod
 from ..format import segment as fmt
 from ..format.schema import check_value
-from ..format.segment import U32
 from . import segment as segment_mod
+from ._native import Section
 from .allocator import Allocator, Handle
-from .owners import Liveness, Owner
+from .owners import Owner
 from .records import RecordBase, dead_class, default_record, readonly_class, record_class
 from .segment import Segment
 
 log = logging.getLogger("stated.table")
 
 _F32_MAX = 3.4028234663852886e38
-_new_handle = tuple.__new__     # Handle(slot, gen) without NamedTuple's slower __new__
 
 __all__ = ["attach", "Table", "Handle"]
 
@@ -66,7 +69,7 @@ def attach(name: str | None = None, *, key: int | None = None, owner: str | None
     seg = segment_mod.open(key, readonly=readonly, expect=expect, expect_capacity=capacity, table=name, trust=trust)
     try:
         return Table(seg, name=name or f"{key:#010x}", owner=None if readonly else owner,
-                     lock_timeout=lock_timeout or 2.0, read_timeout=read_timeout, liveness=Liveness(proc_root),
+                     lock_timeout=lock_timeout or 2.0, read_timeout=read_timeout, proc_root=proc_root,
                      trust=trust, store=store)
     except BaseException:
         seg.detach()
@@ -96,60 +99,38 @@ class StoreLink:
         return call(self.socket, op, self.timeout, **args)
 
 
-class _WriteSection:
-    """`with t.write(h) as p`: seq odd on entry, even on exit, slot marked dirty.
-
-    The seq is a u32 that wraps as C's would (parity survives the wrap: 2^32 is even). A slot
-    freed inside its own section (a player dies mid-update) disarms the section: free() has
-    settled the seq already, and the slot may belong to someone else by the time we exit.
-    """
-
-    __slots__ = ("_seq", "_dirty", "_slot", "_view")
-
-    def __init__(self, seq: memoryview, dirty: memoryview, slot: int, view: RecordBase):
-        self._seq, self._dirty, self._slot, self._view = seq, dirty, slot, view
-
-    def __enter__(self) -> RecordBase:
-        slot = self._slot
-        if slot < 0:
-            raise StaleHandle("this write section's slot was freed; look the entity up again")
-        self._seq[slot] = (self._seq[slot] + 1) & U32
-        return self._view
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        slot = self._slot
-        if slot >= 0:
-            self._seq[slot] = (self._seq[slot] + 1) & U32
-            self._dirty[slot] = 1
-
-    def disarm(self) -> None:
-        self._slot = -1
-
-
 class Table:
     """One attached table. Not thread-safe: use one Table per thread."""
 
     def __init__(self, seg: Segment, *, name: str, owner: str | None = None, lock_timeout: float = 2.0,
-                 read_timeout: float = 0.1, liveness: Liveness | None = None,
-                 trust: segment_mod.Trust | None = None, store: StoreLink | None = None):
+                 read_timeout: float = 0.1, proc_root: str = "/proc", trust: segment_mod.Trust | None = None,
+                 store: StoreLink | None = None):
         h = seg.header
         self.name, self.key, self.readonly = name, seg.key, seg.readonly
         self.capacity, self.layout = h.capacity, h.layout
-        self.read_timeout = read_timeout
         self.store = store              # set when the table is stored ([store] in the config)
         self._seg = seg
         self._closed = False
-        self._alloc = Allocator(seg, table=name, lock_timeout=lock_timeout, liveness=liveness, trust=trust)
-        sv = self._alloc.views      # the format's named columns: sv.seq[slot], sv.generation[slot], ...
-        self._seq, self._gen, self._own, self._state = sv.seq, sv.generation, sv.owner, sv.state
-        self._dirty, self._pinned, self._flags, self._entity = sv.dirty, sv.pinned, sv.flags, sv.entity
-        rs = self.record_size = h.record_size
-        self._rec = sv.records
-        self._rec_off_abs = h.regions.records_offset
         cls = record_class(h.layout, name)
         self._cls = cls
         self._view_cls = readonly_class(cls) if seg.readonly else cls
-        self._init = default_record(cls)
+        self._alloc = Allocator(seg, table=name, lock_timeout=lock_timeout, read_timeout=read_timeout,
+                                proc_root=proc_root, trust=trust, init=default_record(cls))
+        core = self._core = self._alloc.core
+        core.view_factory = self._view       # write(h)'s section is made over the slot's live view
+        # the core's methods, bound once: the hot paths call them without an attribute lookup
+        self._c_alloc, self._c_free, self._c_read = core.alloc, core.free, core.read
+        self._c_valid, self._c_handles, self._c_mark_dirty = core.valid, core.handles, core.mark_dirty
+        # the two hot paths that are one core call, bound on the instance so that they cost what the
+        # core's call costs (the methods of the same names below document them and do the same)
+        self.lookup = core.lookup           # type: ignore[method-assign,assignment]
+        self.write = core.write             # type: ignore[method-assign,assignment]
+        sv = self._alloc.views      # the format's named columns: sv.seq[slot], sv.generation[slot], ...
+        self._gen, self._own, self._state = sv.generation, sv.owner, sv.state
+        self._dirty, self._pinned = sv.dirty, sv.pinned
+        rs = self.record_size = h.record_size
+        self._rec = sv.records
+        self._rec_off_abs = h.regions.records_offset
         self._views: dict[int, RecordBase] = {}
         # every view handed out and still referenced somewhere (views are unhashable: keyed by id)
         self._all_views: dict[int, weakref.ref[RecordBase]] = {}
@@ -157,7 +138,6 @@ class Table:
                                      f"was freed; look the entity up again and take a new view")
         self._closed_cls = dead_class(self._view_cls, StatedError, f"table {name!r} was closed; this record "
                                       f"view can no longer be used")
-        self._sections: dict[int, _WriteSection] = {}
         self._casts: dict[str, memoryview] = {}
         self._acc: dict[str, tuple] = {}
         self._cols: list[memoryview] = []
@@ -177,7 +157,20 @@ class Table:
         self.owner = owner
         self._owner = 0
         if owner is not None:
-            self._owner = self._alloc.claim_owner(owner)
+            try:
+                self._owner = self._alloc.claim_owner(owner)
+            except BaseException:
+                self._alloc.release_views()     # the caller detaches the segment
+                raise
+
+    @property
+    def read_timeout(self) -> float:
+        """Seconds read() waits for a writer inside its write section before TornRecord."""
+        return self._core.read_timeout
+
+    @read_timeout.setter
+    def read_timeout(self, seconds: float) -> None:
+        self._core.read_timeout = seconds
 
     # ---- lifecycle --------------------------------------------------------------------------
     def close(self) -> None:
@@ -202,9 +195,6 @@ class Table:
                 views_alive = True
         self._all_views.clear()
         self._views.clear()
-        for ws in self._sections.values():
-            ws.disarm()
-        self._sections.clear()
         for col in self._cols:
             col.release()
         self._cols.clear()
@@ -233,14 +223,13 @@ class Table:
     def alloc(self, entity: int | None = None) -> Handle:
         """Allocate a slot for this owner, its record set to the field defaults.
 
-        Raises TableFull, DuplicateEntity (entity already has a slot), LockTimeout.
+        Raises TableFull, DuplicateEntity (entity already has a slot), LockTimeout; NotOwner
+        without an owner, ReadOnlyTable on a read-only attach.
         """
-        if not self._owner:
-            raise self._cannot_write("allocate")
         if entity is None and self.store is not None:
             raise StoreError(f"table {self.name!r} is stored in the database: alloc() needs an entity (the row's "
                              f"primary key); use claim(entity) to load an existing one")
-        return self._alloc.alloc(entity, self._owner, self._init)
+        return self._c_alloc(entity)
 
     # ---- durable store (stored tables): through the local daemon ------------------------------------
     def claim(self, entity: int) -> Handle:
@@ -250,7 +239,7 @@ class Table:
         stored table, a row that does not fit the layout), DuplicateEntity (already here)."""
         link = self._store_link("claim")
         r = link.call("store_claim", table=self.name, entity=entity, owner=self.owner)
-        return _new_handle(Handle, (r["slot"], r["generation"]))
+        return Handle(r["slot"], r["generation"])
 
     def flush(self, h: Handle) -> None:
         """Return once the record, as it is now, is committed in the database (trades, purchases)."""
@@ -278,40 +267,36 @@ class Table:
 
     def free(self, h: Handle) -> None:
         """Give the slot back. The handle (and any copy of it) becomes stale."""
-        if not self._owner:
-            raise self._cannot_write("free")
-        self._alloc.free(h, self._owner)
-        self._forget(h[0])
+        self._c_free(h)                     # (the core disarms the slot's write section)
+        v = self._views.pop(h[0], None)
+        if v is not None:
+            object.__setattr__(v, "__class__", self._stale_cls)
 
     def _forget(self, slot: int) -> None:
-        """The slot was freed: views of it raise from now on, its write section is disarmed."""
+        """The slot was freed by another process (the daemon, for release()): views of it raise from
+        now on, its write section is disarmed."""
+        self._core.forget(slot)
         v = self._views.pop(slot, None)
         if v is not None:
             object.__setattr__(v, "__class__", self._stale_cls)
-        ws = self._sections.pop(slot, None)
-        if ws is not None:
-            ws.disarm()
 
     def lookup(self, entity: int) -> Handle | None:
-        """Handle of the record holding `entity`, or None."""
-        return self._alloc.lookup(entity)
+        """Handle of the record holding `entity`, or None (lock-free)."""
+        return self._core.lookup(entity)
 
     def owned(self) -> list[Handle]:
         """Handles of every slot this owner holds: how a restarted worker finds its players."""
         if not self._owner:
             return []
-        gen = self._gen
-        return [_new_handle(Handle, (s, gen[s])) for s in self._alloc.slots_of(self._owner)]
+        return self._c_handles(self._owner)
 
     def handles(self) -> list[Handle]:
         """Every allocated slot's handle, whoever owns it (an O(capacity) scan)."""
-        gen = self._gen
-        return [_new_handle(Handle, (i, gen[i])) for i, st in enumerate(self._state) if st == fmt.SLOT_ALLOCATED]
+        return self._c_handles(0)
 
     def entity(self, h: Handle) -> int | None:
-        self._check(h)
-        s = h[0]
-        return self._entity[s] if self._flags[s] & fmt.FLAG_HAS_ENTITY else None
+        """The entity id the slot is indexed under (None: allocated without one)."""
+        return self._core.entity(h)
 
     @property
     def views(self) -> fmt.SegmentViews:
@@ -329,11 +314,10 @@ class Table:
 
     def valid(self, h: Handle) -> bool:
         """True while `h` still names a live allocation."""
-        slot, gen = h
-        return 0 <= slot < self.capacity and self._gen[slot] == gen and self._state[slot] == fmt.SLOT_ALLOCATED
+        return self._c_valid(h)
 
     def __len__(self) -> int:
-        return self._alloc.used()
+        return self._core.used()
 
     # ---- record access (hot path) ------------------------------------------------------------
     def get(self, h: Handle, name: str) -> Any:
@@ -376,10 +360,9 @@ class Table:
                 col[slot] = value
             except (ValueError, TypeError) as e:
                 raise ValueError(f"table {self.name!r} field {name!r}: {value!r} does not fit ({e})") from None
-            self._dirty[slot] = 1
+            self._c_mark_dirty(h)       # a release store: the field's store is ordered before it on any CPU
         else:
-            p = self._view(slot)
-            with _WriteSection(self._seq, self._dirty, slot, p):
+            with self._core.write(h) as p:
                 setattr(p, name, value)
 
     def record(self, h: Handle) -> RecordBase:
@@ -395,66 +378,19 @@ class Table:
             self._pinned[slot] = 1
         return self._view(slot)
 
-    def write(self, h: Handle) -> _WriteSection:
-        """`with t.write(h) as p:` a seqlock write section over the live view."""
-        slot, gen = h
-        try:
-            ok = self._gen[slot] == gen and slot >= 0 and self._own[slot] == self._owner
-        except IndexError:
-            raise self._out_of_range(slot) from None
-        if not ok or not self._owner:
-            raise self._refused(h)
-        if self._seq[slot] & 1:
-            raise StatedError(f"table {self.name!r} slot {slot}: already inside a write section (write "
-                              f"sections do not nest)")
-        ws = self._sections.get(slot)
-        if ws is None:          # one reusable section object per slot: no allocation per write
-            ws = self._sections[slot] = _WriteSection(self._seq, self._dirty, slot, self._view(slot))
-        return ws
+    def write(self, h: Handle) -> Section:
+        """`with t.write(h) as p:` a seqlock write section over the live view (marks the slot dirty).
+
+        Refused (nothing written) for a stale handle (StaleHandle), another owner's slot (NotOwner),
+        a read-only attach (ReadOnlyTable), a slot already inside a section (StatedError: sections
+        do not nest). The section object is made once per slot and reused; free() disarms it.
+        """
+        return self._core.write(h)
 
     def read(self, h: Handle) -> RecordBase:
-        """A consistent copy of the whole record (never torn). Raises StaleHandle, TornRecord."""
-        slot, gen = h
-        seq = self._seq
-        try:
-            s1 = seq[slot]
-        except IndexError:
-            raise self._out_of_range(slot) from None
-        if not s1 & 1 and slot >= 0:
-            r = self._cls.from_buffer_copy(self._rec, slot * self.record_size)
-            if seq[slot] == s1 and self._gen[slot] == gen:
-                return r
-        return self._read_slow(h)
-
-    def _read_slow(self, h: Handle) -> RecordBase:
-        slot, gen = h
-        if slot < 0:
-            raise self._out_of_range(slot)
-        seq, generation, rs = self._seq, self._gen, self.record_size
-        deadline = None
-        spins = 0
-        while True:
-            s1 = seq[slot]
-            if generation[slot] != gen:
-                raise self._stale(h)
-            if not s1 & 1:
-                r = self._cls.from_buffer_copy(self._rec, slot * rs)
-                if seq[slot] == s1:
-                    if generation[slot] != gen:
-                        raise self._stale(h)
-                    return r
-            spins += 1
-            if spins & 63 == 0:
-                now = time.monotonic()
-                if deadline is None:
-                    deadline = now + self.read_timeout
-                elif now > deadline:
-                    if not self.readonly:
-                        self._alloc.views.bump("torn_reads")
-                    raise TornRecord(f"table {self.name!r} slot {slot}: its writer has been mid-write for over "
-                                     f"{self.read_timeout}s (owner #{self._own[slot]} probably died "
-                                     f"inside a write section); the daemon or the owner's next attach settles it")
-                time.sleep(0)
+        """A consistent copy of the whole record (never torn). Raises StaleHandle, TornRecord (after
+        `read_timeout`, when its writer died inside a write section), SlotOutOfRange."""
+        return self._c_read(h, self._cls)
 
     def _view(self, slot: int) -> RecordBase:
         v = self._views.get(slot)
@@ -477,14 +413,8 @@ class Table:
         return self._alloc.counters()
 
     def verify(self) -> list[str]:
-        """Check allocator invariants under the lock; [] when consistent."""
-        if self.readonly:
-            return self._alloc.verify()
-        self._alloc.acquire()
-        try:
-            return self._alloc.verify()
-        finally:
-            self._alloc.release()
+        """Check allocator invariants under the lock (an observer's answer is racy); [] when consistent."""
+        return self._alloc.verify()
 
     def _check(self, h: Handle) -> None:
         slot, gen = h
