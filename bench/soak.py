@@ -491,29 +491,25 @@ class Soak:
     # ---- snapshots -----------------------------------------------------------------------------------
     def chain_state(self) -> tuple[dict[int, Slot], dict | None, list[str]]:
         """What a restore must produce: the newest valid chain, applied slot by slot."""
-        chain, warnings = snap_mod.chain(self.state_dir)
-        for w in warnings:
+        chain = snap_mod.chain(self.state_dir)
+        for w in chain.warnings:
             self.log(f"snapshot chain: {w}")
         if not chain:        # killed before its first snapshot: the next start creates an empty table
             return {}, None, []
         raw: dict[int, tuple] = {}
-        for _path, h, _owners, chunks in chain:
-            rs = h["record_size"]
-            for c in chunks:
-                sl = memoryview(c["slots"]).cast("I")
-                gens = memoryview(c["gens"]).cast("I")
-                ows = memoryview(c["owners"]).cast("H")
-                ents = memoryview(c["entities"]).cast("Q")
-                for i in range(c["n"]):
-                    raw[sl[i]] = (c["states"][i], gens[i], ows[i], ents[i], c["flags"][i],
-                                  struct.unpack_from("<Q", c["records"], i * rs + self.writes_off)[0])
-        names = {idx: name for idx, name, _st, _since in chain[-1][2]}
+        for f in chain.files:
+            rs = f.header.record_size
+            for c in f.chunks:
+                for i in range(c.n):
+                    raw[c.slots[i]] = (c.states[i], c.gens[i], c.owners[i], c.entities[i], c.flags[i],
+                                       struct.unpack_from("<Q", c.records, i * rs + self.writes_off)[0])
+        names = {o.index: o.name for o in chain.newest.owners}
         out = {}
         for slot, (st, gen, ow, ent, fl, w) in raw.items():
             if st == fmt.SLOT_ALLOCATED:
                 out[slot] = Slot(slot, gen, names.get(ow, f"#{ow}") if ow else None,
                                  ent if fl & fmt.FLAG_HAS_ENTITY else None, w)
-        return out, chain[-1][1]["counters"], [p.name for p, *_ in chain]
+        return out, chain.newest.header.counters, chain.names()
 
     def compare(self, have: dict[int, Slot], want: dict[int, Slot], where: str, torn=frozenset()) -> None:
         """Slot by slot. In `torn` slots (a writer died inside a write section) the record may differ:

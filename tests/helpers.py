@@ -305,8 +305,8 @@ def popen_daemon(procs: list, cfg: Path, *extra: str, **popen_kw) -> subprocess.
 class DaemonProc:
     """`stated run` as a real subprocess whose log (stderr) is collected by a reader thread."""
 
-    def __init__(self, procs: list, cfg: Path, *extra: str):
-        self.p = popen_daemon(procs, cfg, *extra, stderr=subprocess.PIPE, text=True)
+    def __init__(self, procs: list, cfg: Path, *extra: str, env: dict[str, str] | None = None):
+        self.p = popen_daemon(procs, cfg, *extra, stderr=subprocess.PIPE, text=True, env=env)
         self.log: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()
 

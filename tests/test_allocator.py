@@ -151,3 +151,42 @@ def test_lock_timeout_is_bounded_and_counted(make_segment, procs):
         os.waitpid(pid, 0)
         procs.remove(pid)
         t.alloc()
+
+
+@pytest.mark.parametrize("scribble, problem", [
+    ("owner_count", "owner #1 slot count 0 != 20"),
+    ("foreign_owner", "owner #7 slot count 0 != 1"),
+    ("owner_beyond", "owner #1 slot count 20 != 19"),
+    ("odd_free", "a free slot is left inside a write section"),
+    ("lost_entity", "entity index holds 10 entries (count word 10) for 9 entities"),
+    ("invalid_state", "1 slots with an invalid state"),
+])
+def test_audit_names_each_disagreement_and_rebuilds(make_segment, scribble, problem):
+    """The daemon's audit finds each kind of disagreement between the slot table and what is derived
+    from it (owner counts, owners beyond the table, odd seqs of free slots, the entity index, slot
+    states), naming it, with 20 allocated slots among 100; the rebuild ends it."""
+    from stated.format import segment as fmt
+    key = make_segment(capacity=100)
+    with stated.attach(key=key, owner="w") as t:
+        hs = [t.alloc(entity=i + 1 if i < 10 else None) for i in range(20)]
+        t.free(t.alloc())
+        a = t._alloc
+        v = a.views
+        assert a.audit() == []
+        free_slot = next(s for s in range(100) if v.state[s] == fmt.SLOT_FREE)
+        if scribble == "owner_count":
+            v.owner_slots[0] = 0
+        elif scribble == "foreign_owner":
+            v.owner[hs[3].slot] = 7
+            v.owner_slots[0] = 19
+        elif scribble == "owner_beyond":
+            v.owner[hs[3].slot] = 256 + 1      # low byte 1, but no owner index
+        elif scribble == "odd_free":
+            v.seq[free_slot] = 3
+        elif scribble == "lost_entity":
+            v.flags[hs[2].slot] = 0
+        elif scribble == "invalid_state":
+            v.state[free_slot] = 9
+        problems = a.audit()
+        assert any(problem in p for p in problems), problems
+        assert a.audit() == [] and t.verify() == []

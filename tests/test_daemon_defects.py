@@ -1,5 +1,6 @@
 """Regression tests for daemon-side defects (issue 8 items 4-6, 12, 13) and planted IPC objects
 (issue 9 item 2): real daemons, real segments, real uid nobody."""
+import asyncio
 import json
 import os
 import random
@@ -169,15 +170,18 @@ def test_dead_owner_grace_ignores_wall_clock_steps(write_config):
     mono = [1000.0]
     dmn = Daemon(config_mod.load(cfg), wall=lambda: wall[0], monotonic=lambda: mono[0])
     dmn.startup()
+    loop = asyncio.new_event_loop()            # the passes are coroutines of the daemon's loop
     try:
         with stated.attach("players", owner="zone-1", config=str(cfg)) as t:
             t.alloc(entity=1)
-        assert dmn.reap_pass() == {}           # detached: grace starts
-        wall[0] += 3600                        # NTP steps the clock an hour forward
-        assert dmn.reap_pass() == {}           # was: released at once
+        assert loop.run_until_complete(dmn.reap_pass()) == {}           # detached: grace starts
+        wall[0] += 3600                                                 # NTP steps the clock an hour forward
+        assert loop.run_until_complete(dmn.reap_pass()) == {}           # was: released at once
         mono[0] += 31
-        assert dmn.reap_pass() == {"players": 1}
+        assert loop.run_until_complete(dmn.reap_pass()) == {"players": 1}
     finally:
+        loop.close()
+        dmn.saves.shutdown()
         dmn._detach_all()
         segment.destroy(config_mod.load(cfg).tables["players"].key)
 

@@ -58,31 +58,34 @@ encode = encode_frames
 def pristine(tmp_path_factory):
     d = tmp_path_factory.mktemp("snap")
     p = d / snap.file_name("players", 3, "full")
-    assert snap.write_file(p, copy.deepcopy(HEADER), copy.deepcopy(OWNERS), iter(copy.deepcopy(CHUNKS))) == 5
+    header = snap.SnapshotHeader.from_wire(p, copy.deepcopy(HEADER))
+    owners = snap.decode_owners(p, copy.deepcopy(OWNERS))
+    assert snap.write_file(p, header, owners, iter(copy.deepcopy(CHUNKS))) == 5
     data = p.read_bytes()
     assert data == encode(FRAMES)            # the hand-built encoding is the writer's encoding
     return data, snap.read_file(p)
 
 
-def assert_valid(h, owners, chunks) -> None:
+def assert_valid(f: snap.SnapshotFile) -> None:
     """Everything read_file promises about a file it accepts."""
+    h = f.header
     for k, t in {"format": int, "kind": str, "table": str, "key": int, "schema": list, "layout_hash": int,
                  "record_size": int, "capacity": int, "seq": int, "base": int, "prev": int, "time": (int, float),
                  "counters": dict}.items():
-        assert isinstance(h[k], t), k
-    assert h["kind"] in ("full", "delta") and 1 <= h["capacity"] <= 1 << 26
-    lay = layout_mod.compute(from_wire(h["schema"]))
-    assert lay.hash == h["layout_hash"] and lay.record_size == h["record_size"]
-    for c in chunks:
-        n = c["n"]
+        assert isinstance(getattr(h, k), t), k
+    assert h.kind in ("full", "delta") and 1 <= h.capacity <= 1 << 26
+    lay = layout_mod.compute(from_wire(h.schema))
+    assert lay.hash == h.layout_hash and lay.record_size == h.record_size
+    for c in f.chunks:
+        n = c.n
         assert isinstance(n, int) and n >= 0
         for k, w in {"slots": 4, "gens": 4, "owners": 2, "entities": 8, "states": 1, "flags": 1,
                      "records": lay.record_size}.items():
-            assert isinstance(c[k], bytes) and len(c[k]) == w * n, k
-        assert all(s < h["capacity"] for s in memoryview(c["slots"]).cast("I"))
-    assert isinstance(owners, list)
-    for o in owners:        # what persist._apply unpacks
-        assert isinstance(o, list) and len(o) == 4, o
+            col = getattr(c, k)
+            assert (col.nbytes if isinstance(col, memoryview) else len(col)) == w * n, k
+        assert all(s < h.capacity for s in c.slots)
+    for o in f.owners:      # what persist._apply uses
+        assert isinstance(o, snap.SavedOwner) and 1 <= o.index <= fmt.OWNERS_CAPACITY and o.name, o
 
 
 def read(tmp_path: Path, data: bytes):
@@ -95,7 +98,7 @@ def read(tmp_path: Path, data: bytes):
             assert str(p) in str(e)
             event("refused")
             return None
-    assert_valid(*out)
+    assert_valid(out)
     with bounded(10, "verify_file"):
         persist.verify_file(p)
     event("accepted")
@@ -138,7 +141,8 @@ def test_byte_damage(pristine, tmp_path, ops):
     data, parsed = pristine
     out = read(tmp_path, apply_damage(data, ops))
     if out is not None:
-        assert out == parsed        # a checksum cannot be fooled by random damage: only a no-op passes
+        # a checksum cannot be fooled by random damage: only a no-op passes
+        assert (out.header, out.owners, out.chunks) == (parsed.header, parsed.owners, parsed.chunks)
 
 
 # ---- frames with valid checksums and lying contents --------------------------------------------------
@@ -298,7 +302,7 @@ def test_accepted_files_restore(tmp_path, restore_key, muts):
     try:
         with bounded(10, "persist.restore"):
             try:
-                seg, n = persist.restore(tc, dc, [(tmp_path / "fuzz.snap", *out)])
+                seg, n = persist.restore(tc, dc, snap.Chain([out]))
             except StatedError:
                 event("restore refused")
                 return
@@ -487,9 +491,9 @@ def test_a_delta_that_does_not_continue_its_full_ends_the_chain(tmp_path, restor
     dp.write_bytes(encode(delta))
     snap.read_file(dp)                          # fine on its own
     with bounded(10, "chain"):
-        chain, warnings = snap.chain(d)
-    assert [p.name for p, *_ in chain] == [snap.file_name("players", 3, "full")]
-    assert any(dp.name in w and "differs from its full" in w for w in warnings), warnings
+        chain = snap.chain(d)
+    assert chain.names() == [snap.file_name("players", 3, "full")]
+    assert any(dp.name in w and "differs from its full" in w for w in chain.warnings), chain.warnings
     tc = TableConfig("players", restore_key, CAP, LAY)
     dc = DaemonConfig(state_dir=root / "var", control_socket=root / "s.sock")
     try:

@@ -80,17 +80,15 @@ def test_sigkill_during_snapshots_never_breaks_the_previous(write_config, notify
         time.sleep(rnd.uniform(0.05, 0.6))
         kill9(d)
         kills += 1
-        chain, warnings = snap.chain(sdir)
-        assert chain, warnings          # a valid snapshot always survives
-        for p, _h, *_ in chain:
-            assert not p.name.startswith(".")
+        chain = snap.chain(sdir)
+        assert chain, chain.warnings    # a valid snapshot always survives
+        assert not any(name.startswith(".") for name in chain.names())
         d = start(procs, cfg, notify)
     assert kills == 12
     d.send_signal(signal.SIGTERM)
     assert d.wait(timeout=10) == 0
     assert not list(sdir.glob(".*.tmp")), "temporaries of killed writers are cleaned at start-up"
-    chain, _ = snap.chain(sdir)
-    assert sum(c["n"] for _, _, _, cs in chain[:1] for c in cs) == 20000
+    assert snap.chain(sdir).full.records == 20000
 
 
 def test_snapshot_failure_is_loud_and_the_daemon_keeps_running(write_config, notify, procs, tmp_path):
@@ -191,8 +189,8 @@ def test_restore_force_saves_the_live_table_in_its_own_layout(write_config, new_
     assert out.returncode == 0, out.stderr
     import json
     safety = json.loads(out.stdout)["safety_snapshot"]
-    h, _owners, chunks = snap.read_file(safety)
-    assert h["layout_hash"] == old.tables["players"].layout.hash and h["capacity"] == 80
+    h = snap.read_file(safety).header
+    assert h.layout_hash == old.tables["players"].layout.hash and h.capacity == 80
     assert _image(key) == restored_image
     # the safety snapshot gives back the table that was live, in its own layout
     segment.destroy(key)
@@ -201,8 +199,8 @@ def test_restore_force_saves_the_live_table_in_its_own_layout(write_config, new_
     assert n == 20 and _image(key) == live_image
     segment.destroy(key)
     # and the restored state is the newest chain: a reboot right after `stated restore` keeps it
-    chain, warnings = snap.chain(new.daemon.state_dir / "players")
-    assert chain[0][1]["layout_hash"] == new.tables["players"].layout.hash, warnings
+    chain = snap.chain(new.daemon.state_dir / "players")
+    assert chain.full.header.layout_hash == new.tables["players"].layout.hash, chain.warnings
     seg, n = persist.restore(new.tables["players"], new.daemon, chain)
     seg.detach()
     assert _image(key) == restored_image

@@ -92,6 +92,22 @@ def store_worker(config: str, owner: str, n: int, value: int) -> None:
         time.sleep(0.01)
 
 
+def rewrite(t, n):
+    """Allocate n entities, say ready, then rewrite them forever, each write setting hp, gold and every
+    inventory element to one value: a copy that mixes two writes shows it."""
+    hs = [t.alloc(entity=7000 + i) for i in range(n)]
+    k = 0
+    while True:
+        for h in hs:
+            with t.write(h) as p:
+                p.hp = k
+                p.gold = k
+                p.inventory = [k] * 32
+        if k == 0:
+            print("ready", flush=True)
+        k += 1
+
+
 def main():
     if sys.argv[1] == "store_worker":
         return store_worker(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
@@ -102,7 +118,8 @@ def main():
     extra = [int(a) for a in sys.argv[5:]]
     t = stated.attach(key=key, owner=owner)
     {"write_players": write_players, "hold_write_section": hold_write_section,
-     "write_players_offset": write_players_offset, "churn": churn}[mode](t, n, *extra)
+     "write_players_offset": write_players_offset, "churn": churn,
+     "rewrite": rewrite}[mode](t, n, *extra)
     print("ready", flush=True)
     while True:
         time.sleep(1)

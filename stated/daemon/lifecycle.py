@@ -7,8 +7,10 @@ leaves every segment in place for the next start to adopt.
 
     start-up   descriptor limit -> config -> path and kernel checks -> state_dir lock -> tables
                (create/adopt) -> metrics + control listeners -> READY=1
-    run        housekeeping passes (repair, reap), watchdog, SIGHUP/`stated reload`
-    shutdown   STOPPING=1 -> stop passes and listeners (bounded) -> detach, segments stay
+    run        housekeeping passes (repair, reap, snapshot), watchdog, SIGHUP/`stated reload`;
+               snapshots are written by a worker thread (daemon/saves.py), never on the loop
+    shutdown   STOPPING=1 -> stop passes (bounded) -> final snapshot (bounded) -> stop listeners
+               -> detach, segments stay
 
 Exit codes: 0 after SIGTERM; EXIT_CONFIG (78, sysexits' EX_CONFIG) when the config is
 refused before anything was created (invalid file, a control socket path that is not a
@@ -25,6 +27,7 @@ import logging
 import os
 import resource
 import signal
+import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -47,6 +50,7 @@ from .conns import fit_limit
 from .metrics import DaemonMetrics
 from .metrics import serve as serve_metrics
 from .notify import Notifier
+from .saves import Saves
 from .service import extending_timeout
 from .status import TableStats, segment_stats
 
@@ -54,6 +58,11 @@ log = logging.getLogger("stated.daemon")
 
 SHUTDOWN_TIMEOUT = 4.0   # seconds; systemd's TimeoutStopSec is longer
 STORE_FINAL_FLUSH = 5.0  # seconds for the last write-behind at SIGTERM (unsaved records stay marked)
+# How long the loop waits, at most, for the GIL while the snapshot thread holds it (CPython's default is
+# 5 ms). Each request is a few loop callbacks, each taking the GIL again: at 5 ms a scrape during a save
+# of 200k records took 40-80 ms, at 1 ms about 20 (bench/README.md).
+GIL_SWITCH_INTERVAL = 0.001
+FINAL_SAVE_TIMEOUT = 120.0   # seconds for the saves at SIGTERM (systemd's timeout is extended meanwhile)
 EXIT_OK, EXIT_ERROR, EXIT_CONFIG = 0, 1, 78      # the same numbers as cli.EXIT_*
 SHM_DEST = 0o1000        # shm_perm.mode bit: the segment was removed (IPC_RMID) and lives on only while attached
 
@@ -123,6 +132,8 @@ class Daemon:
         self._reload = False
         self._wake: asyncio.Event | None = None
         self._servers: list[asyncio.AbstractServer] = []
+        self.saves = Saves()                  # snapshots off the loop, one at a time per table
+        self.final_save_timeout = FINAL_SAVE_TIMEOUT
 
     # ---- signals: flags only --------------------------------------------------------------
     def _on_signal(self, signum: int) -> None:
@@ -137,6 +148,7 @@ class Daemon:
     def run(self) -> int:
         """Run to completion; returns the process exit code."""
         self.nofile = raise_nofile_limit()
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL)
         try:
             import uvloop
             loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
@@ -294,9 +306,10 @@ class Daemon:
             if self.store is not None:    # the final flush, bounded; what stays unsaved stays marked
                 await self.store.final_flush(STORE_FINAL_FLUSH)
                 await self.store.close()
-            self.snapshot_pass()          # the final snapshot
+            await self._final_snapshot()
         await self._close_servers()
         self._detach_all()
+        self.saves.shutdown()
         self._unlock()
         self.notifier.close()
         log.info("stopped; segments left in place")
@@ -320,10 +333,21 @@ class Daemon:
             control.remove_socket(self.cfg.daemon.control_socket, self._control_ident)
             self._control_ident = None
 
+    async def _final_snapshot(self) -> None:
+        """Save every table once more (after any save still running), within final_save_timeout. A table
+        whose save outlasts it is logged and left attached (its thread still reads it); the exit goes on."""
+        try:
+            await asyncio.wait_for(self.snapshot_pass(), timeout=self.final_save_timeout)
+        except TimeoutError:
+            log.error("final snapshot did not finish within %gs; exiting without it for table(s) %s",
+                      self.final_save_timeout, ", ".join(n for n in self.tables if self.saves.running(n)) or "-")
+
     def _detach_all(self) -> None:
         if self.store is not None:
             self.store.close_tables()
-        for ts in self.tables.values():
+        for name, ts in self.tables.items():
+            if self.saves.running(name):    # its save's thread still reads the segment: the exit detaches it
+                continue
             if ts.saver is not None:
                 ts.saver.close()
             ts.alloc.release_views()
@@ -382,7 +406,7 @@ class Daemon:
             await asyncio.sleep(interval())
             t0 = time.perf_counter()
             try:
-                fn()
+                await fn()
             except Exception:   # noqa: BLE001 - a failing pass is logged and retried, never fatal
                 log.exception("%s pass failed", name)
             hist.observe(time.perf_counter() - t0)
@@ -405,41 +429,49 @@ class Daemon:
             self.notifier.watchdog()
             await asyncio.sleep(period)
 
-    def repair_pass(self) -> None:
+    async def repair_pass(self) -> None:
         """Per table: notice a segment removed from its key (save it, recreate the table), restore a
         scribbled header from the validated copy, recreate a removed semaphore, repair a table left
         mid-update, audit the allocator state against the slot table (rebuilding what is derivable),
         refresh the dirty count. A table whose state cannot be rebuilt is logged; the other tables are
-        not affected."""
+        not affected. The dirty count (O(capacity) column copies) runs in the worker thread, after any
+        save of the table, so the loop stays free."""
         for name, ts in list(self.tables.items()):
             if ts.down or not self.segment_on_key(ts):
                 try:
-                    self._segment_lost(ts)
+                    await self._segment_lost(ts)
                 except Exception:   # noqa: BLE001 - one broken table must not stop the pass for the others
                     log.exception("table=%s key=%#010x: handling the removed segment failed", name, ts.tc.key)
-            try:
-                fixed = ts.seg.repair_header()
-                if fixed:
-                    log.error("table=%s key=%#010x: header was overwritten (%s); restored from the validated "
-                              "copy", name, ts.tc.key, fixed)
-                if provision.ensure_semaphore(ts.tc, self.cfg.daemon):
-                    ts.alloc.reopen_semaphore()
-                    ts.alloc.acquire()
-                    try:
-                        ts.alloc.repair()     # whoever ran under the old semaphore may have raced
-                    finally:
-                        ts.alloc.release()
-                elif ts.alloc.intent_pending():
-                    ts.alloc.acquire()        # acquiring repairs when the intent's setter is dead
-                    ts.alloc.release()
-                problems = ts.alloc.audit()
-                if problems:
-                    log.error("table=%s key=%#010x: allocator state disagreed with the slot table (%s); rebuilt",
-                              name, ts.tc.key, "; ".join(problems))
-            except StatedError as e:
-                log.error("table=%s key=%#010x: repair pass failed: %s", name, ts.tc.key, e)
-            self._count_dirty(ts)
+            self._repair_table(ts)
+            # the dirty count is three column copies (tens of ms for a million slots): in the worker thread
+            ts.dirty = await self.saves.run(name, lambda ts=ts: ts.alloc.views.marked_slots())
         self.notifier.status(self.summary())
+
+    def _repair_table(self, ts: TableState) -> None:
+        """repair_pass's work on one table, on the loop: the allocator's core is used by one thread only
+        (shm/allocator.py), and its checks run in C."""
+        name = ts.name
+        try:
+            fixed = ts.seg.repair_header()
+            if fixed:
+                log.error("table=%s key=%#010x: header was overwritten (%s); restored from the validated "
+                          "copy", name, ts.tc.key, fixed)
+            if provision.ensure_semaphore(ts.tc, self.cfg.daemon):
+                ts.alloc.reopen_semaphore()
+                ts.alloc.acquire()
+                try:
+                    ts.alloc.repair()     # whoever ran under the old semaphore may have raced
+                finally:
+                    ts.alloc.release()
+            elif ts.alloc.intent_pending():
+                ts.alloc.acquire()        # acquiring repairs when the intent's setter is dead
+                ts.alloc.release()
+            problems = ts.alloc.audit()
+            if problems:
+                log.error("table=%s key=%#010x: allocator state disagreed with the slot table (%s); rebuilt",
+                          name, ts.tc.key, "; ".join(problems))
+        except StatedError as e:
+            log.error("table=%s key=%#010x: repair pass failed: %s", name, ts.tc.key, e)
 
     # ---- a table's segment removed under us (ipcrm -M) -------------------------------------------
     def segment_on_key(self, ts: TableState) -> bool:
@@ -449,7 +481,7 @@ class Daemon:
         except sysv_ipc.Error:
             return False
 
-    def _segment_lost(self, ts: TableState) -> None:
+    async def _segment_lost(self, ts: TableState) -> None:
         """The table's segment was removed from its key while we (and maybe workers) are still attached.
 
         What we do, in order, one step per pass until done:
@@ -474,7 +506,7 @@ class Daemon:
                       tc.name, tc.key, ts.seg.shm.id, others)
         if not ts.saved_after_loss and ts.saver is not None:
             try:
-                r = ts.saver.save("full")
+                r = await self.saves.save(ts, "full")
             except SnapshotFailed as e:
                 self.metrics.snapshot_failures.labels(tc.name).inc()
                 log.error("table=%s: snapshot of the removed segment failed (%s); not recreating the table from "
@@ -482,13 +514,16 @@ class Daemon:
                 return
             ts.saved_after_loss = True
             log.info("table=%s: full snapshot %s of the removed segment: %d records", tc.name, r.path.name, r.records)
-        self._recreate(ts)
+        async with self.saves.exclusive(ts.name):       # no save reads the old segment while it is swapped
+            await self._recreate(ts)
 
-    def _recreate(self, ts: TableState) -> None:
+    async def _recreate(self, ts: TableState) -> None:
         tc, dc = ts.tc, self.cfg.daemon
         # provision.ensure adopts a valid stated segment that appeared on the key (a `stated restore`?),
         # refuses anybody else's, and otherwise restores from the newest snapshot: the one just taken.
         # Our semaphore is still on the key; segment.create reuses it (it is ours: provenance checked).
+        # On the loop, like start-up: the restore repairs through an allocator core, which only this
+        # thread uses (shm/allocator.py).
         try:
             seg, how, n = provision.ensure(tc, dc)
         except (StatedError, OSError, MemoryError) as e:
@@ -545,15 +580,16 @@ class Daemon:
             new.release()
         return n
 
-    def snapshot_pass(self, kind: str | None = None) -> dict[str, Any]:
-        """Save every table (full or delta as the saver decides). A failure is logged and counted;
-        the daemon keeps running and the previous snapshots stay untouched."""
+    async def snapshot_pass(self, kind: str | None = None) -> dict[str, Any]:
+        """Save every table (full or delta as the saver decides), in the worker thread, one after the
+        other. A failure is logged and counted; the daemon keeps running and the previous snapshots stay
+        untouched."""
         out: dict[str, Any] = {}
-        for name, ts in self.tables.items():
+        for name, ts in list(self.tables.items()):
             if ts.saver is None:
                 continue
             try:
-                r = ts.saver.save(kind)
+                r = await self.saves.save(ts, kind)
             except SnapshotFailed as e:
                 log.error("table=%s: snapshot failed: %s", name, e)
                 self.metrics.snapshot_failures.labels(name).inc()
@@ -566,12 +602,12 @@ class Daemon:
                          "seconds": r.seconds}
         return out
 
-    def reap_pass(self) -> dict[str, int]:
+    async def reap_pass(self) -> dict[str, int]:
         """Mark owners whose process died; with policy "release", free their slots after the grace."""
         reaped: dict[str, int] = {}
         now = self.monotonic()
         seen: set[tuple] = set()
-        for name, ts in self.tables.items():
+        for name, ts in list(self.tables.items()):
             for o in ts.alloc.owners():
                 if o.state == fmt.OWNER_ATTACHED and self.liveness.state(o.pid, o.start_time) == DEAD:
                     if ts.alloc.set_owner_state(o.index, fmt.OWNER_DEAD, only_pid=o.pid):
@@ -586,7 +622,7 @@ class Daemon:
                 seen.add(gone)
                 since = self._gone_since.setdefault(gone, now)
                 if ts.tc.dead_owner == "release" and now - since >= ts.tc.dead_owner_grace:
-                    n = self._release_owner(ts, o)
+                    n = await self._release_owner(ts, o)
                     if n:
                         log.warning("table=%s owner=%s: released %d slots after %.0fs grace",
                                     name, o.name, n, ts.tc.dead_owner_grace)
@@ -594,16 +630,20 @@ class Daemon:
         self._gone_since = {k: v for k, v in self._gone_since.items() if k in seen}
         return reaped
 
-    def _release_owner(self, ts: TableState, o: Owner) -> int:
-        """Free a gone owner's slots, only after they are saved. Returns how many were freed."""
+    async def _release_owner(self, ts: TableState, o: Owner) -> int:
+        """Free a gone owner's slots, only after they are saved (by a save started after this call).
+        Returns how many were freed."""
+        alloc = ts.alloc
         if ts.saver is not None:
             try:
-                ts.saver.save()
+                await self.saves.save(ts)
             except SnapshotFailed as e:
                 log.error("table=%s: not releasing %s's slots: snapshot failed: %s", ts.name, o.name, e)
                 self.metrics.snapshot_failures.labels(ts.name).inc()
                 return 0
-        return ts.alloc.reap_owner(o.index)
+        if ts.alloc is not alloc:       # the table was recreated while it saved: the next pass decides again
+            return 0
+        return alloc.reap_owner(o.index)
 
     def _count_dirty(self, ts: TableState) -> None:
         """Slots dirty or pinned (the next snapshot must copy them): a C-speed scan of two byte columns."""
@@ -645,16 +685,16 @@ class Daemon:
             raise StatedError("the new config is invalid; the daemon keeps the running one (see its log)")
         return {"tables": list(self.tables)}
 
-    def _op_reap(self, req: dict) -> dict:
+    async def _op_reap(self, req: dict) -> dict:
         owner = req.get("owner")
         if owner is None:
-            return {"reaped": self.reap_pass()}
+            return {"reaped": await self.reap_pass()}
         if not isinstance(owner, str):
             raise StatedError("owner must be a name")
         table = req.get("table")
         reaped: dict[str, int] = {}
         found = False
-        for name, ts in self.tables.items():
+        for name, ts in list(self.tables.items()):
             if table is not None and name != table:
                 continue
             for o in ts.alloc.owners():
@@ -664,18 +704,18 @@ class Daemon:
                 if o.state == fmt.OWNER_ATTACHED and self.liveness.alive(o.pid, o.start_time):
                     raise StatedError(f"table {name!r}: owner {owner!r} is attached by live pid {o.pid}; "
                                       f"stop that worker first")
-                n = self._release_owner(ts, o)
+                n = await self._release_owner(ts, o)
                 log.warning("table=%s owner=%s: released %d slots on request (stated reap --owner)", name, owner, n)
                 reaped[name] = n
         if not found:
             raise StatedError(f"no owner named {owner!r}" + (f" in table {table!r}" if table else ""))
         return {"reaped": reaped}
 
-    def _op_snapshot(self, req: dict) -> dict:
+    async def _op_snapshot(self, req: dict) -> dict:
         kind = req.get("kind", "full")
         if kind not in ("full", "delta"):
             raise StatedError(f"kind must be full or delta, got {kind!r}")
-        out = self.snapshot_pass(kind)
+        out = await self.snapshot_pass(kind)
         failed = {k: v["error"] for k, v in out.items() if "error" in v}
         if failed:
             raise StatedError(f"snapshot failed: {failed}")

@@ -46,13 +46,13 @@ def ensure(tc: TableConfig, dc: DaemonConfig, *, migrate: bool = False, allow_lo
                  seg.shm.id, n, tc.layout.hash)
         return seg, "migrated", n
     except SegmentNotFound:
-        chain, warnings = snapshot.chain(snapshot.table_dir(dc.state_dir, tc.name), mode=dc.mode)
-        for w in warnings:
+        chain = snapshot.chain(snapshot.table_dir(dc.state_dir, tc.name), mode=dc.mode)
+        for w in chain.warnings:
             log.warning("table=%s: snapshot %s", tc.name, w)
         if chain:
             seg, n = persist.restore(tc, dc, chain, migrate=migrate, allow_lossy=allow_lossy)
             log.info("table=%s key=%#010x shmid=%d: restored %d records from %s", tc.name, tc.key, seg.shm.id,
-                     n, ", ".join(p.name for p, *_ in chain))
+                     n, ", ".join(chain.names()))
             return seg, "restored", n
         seg = segment.create(tc.key, tc.capacity, tc.layout, mode=dc.mode, group=dc.group)
         log.info("table=%s key=%#010x shmid=%d: created (%d slots of %d bytes)",

@@ -220,7 +220,8 @@ class SegmentViews:
     indexes, so no other module spells an offset.
 
     Every slot-table field is a strided column: `v.state[i]` is slot i's state, `v.generation[i]`
-    its generation, and `v.state.tobytes()` copies the whole column at C speed (scans use that).
+    its generation, and `v.state.tobytes()` copies the whole column at C speed (scans use that, through
+    copy_column when the copy may be long: a million slots).
     The allocator block is `h32`/`h64` indexed by the `W_*`/`Q_*` constants, the counters are
     `counters[C[name]]`, owner entry fields are columns indexed by `owner index - 1`, and the
     entity index is two columns (`index_entity`, `index_slot1`: slot + 1, 0 = empty).
@@ -278,10 +279,30 @@ class SegmentViews:
 
     def marked_slots(self) -> int:
         """How many slots the next snapshot copies: dirty, harvested into snap_pending, or pinned (three
-        C-speed column copies)."""
-        marks = (int.from_bytes(self.dirty.tobytes(), "little") | int.from_bytes(self.pinned.tobytes(), "little")
-                 | int.from_bytes(self.snap_pending.tobytes(), "little"))
+        C-speed column copies, in blocks: see copy_column)."""
+        marks = (int.from_bytes(copy_column(self.dirty), "little") | int.from_bytes(copy_column(self.pinned), "little")
+                 | int.from_bytes(copy_column(self.snap_pending), "little"))
         return self.capacity - marks.to_bytes(self.capacity, "little").count(0)
+
+
+COPY_BLOCK = 1 << 16    # elements per C call when a whole column is copied or cleared
+
+
+def copy_column(col: memoryview) -> bytes:
+    """A copy of a whole (strided) column, made COPY_BLOCK elements per C call: the same bytes as
+    col.tobytes(), but a thread copying a million-slot column lets another (the daemon's event loop)
+    take the GIL between blocks instead of waiting out one long copy."""
+    if len(col) <= COPY_BLOCK:
+        return col.tobytes()
+    return b"".join([col[i:i + COPY_BLOCK].tobytes() for i in range(0, len(col), COPY_BLOCK)])
+
+
+def clear_column(col: memoryview, lo: int = 0, hi: int | None = None) -> None:
+    """Zero col[lo:hi] (a byte column), COPY_BLOCK elements per C call (see copy_column)."""
+    hi = len(col) if hi is None else hi
+    for i in range(lo, hi, COPY_BLOCK):
+        j = min(hi, i + COPY_BLOCK)
+        col[i:j] = bytes(j - i)
 
 
 def schema_blob_of(h: Header) -> bytes:

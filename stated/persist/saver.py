@@ -7,13 +7,20 @@ its own (`snap_pending`) *before* copying so a concurrent write is caught by the
 the file and prunes old chains.
 Cost of a delta follows the dirty count, not the capacity (one C-speed scan of
 the dirty column aside).
+
+Saver.save is synchronous and reads the live table like any seqlock reader, so it may run in a
+thread while others read the same segment; one Saver runs one save at a time (the daemon runs them
+in its worker thread, daemon/saves.py; the CLI calls them directly).
 """
 from __future__ import annotations
 
 import grp
 import logging
+import re
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import compress
 from pathlib import Path
 
 from ..errors import LayoutMismatch, MigrationRefused, RestoreError, SegmentNotFound, StatedError
@@ -110,29 +117,23 @@ class Saver:
             cap = a.capacity
             if kind == "full":
                 harvest(v)                  # writers' dirty marks -> snap_pending + store_pending (shm/marks.py)
-                v.snap_pending[:] = bytes(cap)   # clear first: a later write is caught by the next delta
-                states = v.state.tobytes()
-                slots = [i for i in range(cap) if states[i] == fmt.SLOT_ALLOCATED] if states.count(0) != cap else []
+                fmt.clear_column(v.snap_pending)    # clear first: a later write is caught by the next delta
+                slots = _slots_where(fmt.copy_column(v.state), fmt.SLOT_ALLOCATED)
             else:
                 harvest(v)
-                marks = (int.from_bytes(v.snap_pending.tobytes(), "little")
-                         | int.from_bytes(v.pinned.tobytes(), "little"))
-                slots = []
-                if marks:
-                    col = marks.to_bytes(cap, "little")
-                    i = col.find(1)
-                    while i >= 0:           # bytes.find skips clean runs at C speed: cost follows the dirty count
-                        slots.append(i)
-                        i = col.find(1, i + 1)
-                    for i in slots:
-                        v.snap_pending[i] = 0
+                marks = int.from_bytes(fmt.copy_column(v.snap_pending), "little") | \
+                    int.from_bytes(fmt.copy_column(v.pinned), "little")
+                runs = _runs_of(marks.to_bytes(cap, "little"), 1) if marks else []
+                for lo, hi in runs:
+                    fmt.clear_column(v.snap_pending, lo, hi)    # clear first: a later write is in the next delta
+                slots = _slots_of(runs)
             prev = max(self.seq, newest)
             seq = prev + 1
             base = seq if kind == "full" else self.base
-            header = {"format": snap.VERSION, "kind": kind, "table": self.tc.name, "key": self.tc.key,
-                      "schema": to_wire(self.tc.layout.schema), "layout_hash": self.tc.layout.hash,
-                      "record_size": self.tc.layout.record_size, "capacity": cap, "seq": seq, "base": base,
-                      "prev": prev, "time": time.time(), "counters": self._counters()}
+            header = snap.SnapshotHeader(kind=kind, table=self.tc.name, key=self.tc.key,
+                                         schema=to_wire(self.tc.layout.schema), layout_hash=self.tc.layout.hash,
+                                         record_size=self.tc.layout.record_size, capacity=cap, seq=seq, base=base,
+                                         prev=prev, time=time.time(), counters=self._counters())
             name = snap.file_name(self.tc.name, seq, kind)
             capture = snap.Capture(a, self.records, self.tc.layout.record_size, slots)
             try:
@@ -159,7 +160,7 @@ class Saver:
     def _counters(self) -> dict[str, int]:
         """The shared counters, held to what a snapshot may carry (a worker can write anything there)."""
         out = {}
-        for k, v in self.alloc.counters().items():
+        for k, v in zip(fmt.COUNTERS, self.alloc.views.counters.tolist()):   # views: no core call in the save thread
             if v > snap.MAX_COUNTER:
                 log.warning("table=%s: counter %s = %d is beyond any real count; saved as %d",
                             self.tc.name, k, v, snap.MAX_COUNTER)
@@ -167,13 +168,13 @@ class Saver:
             out[k] = v
         return out
 
-    def _owners(self) -> list[list]:
+    def _owners(self) -> list[snap.SavedOwner]:
         out = []
         for o in self.alloc.owners():
             if not o.name:
                 log.warning("table=%s: owner entry %d has no name; not saved", self.tc.name, o.index)
                 continue
-            out.append([o.index, o.name[:snap.MAX_OWNER_NAME], o.state, o.since_ms])
+            out.append(snap.SavedOwner(o.index, o.name[:snap.MAX_OWNER_NAME], o.state, o.since_ms))
         return out
 
     def _report(self, c: snap.Capture) -> None:
@@ -213,6 +214,35 @@ class Saver:
                     log.warning("table=%s: cannot prune %s: %s", self.tc.name, sd.path / name, e.strerror or e)
 
 
+def _runs_of(col: bytes, value: int) -> list[tuple[int, int]]:
+    """[lo, hi) runs of the bytes of `col` (a copy of a byte column) equal to `value`, ascending, found by
+    a regular expression (C speed: the cost follows the number of runs, not of bytes)."""
+    if col.count(value) == len(col):
+        return [(0, len(col))] if col else []
+    return [m.span() for m in re.finditer(re.escape(bytes([value])) + b"+", col)]
+
+
+def _slots_where(col: bytes, value: int) -> Sequence[int]:
+    """The indexes of the bytes of `col` equal to `value`, ascending (itertools.compress over a
+    translated copy: C speed); a range when that is every index."""
+    n = col.count(value)
+    if n == len(col):
+        return range(n)
+    if n == 0:
+        return []
+    return list(compress(range(len(col)), col.translate(bytes(int(i == value) for i in range(256)))))
+
+
+def _slots_of(runs: list[tuple[int, int]]) -> Sequence[int]:
+    """The slots of `runs`, ascending: a range when it is one run."""
+    if len(runs) == 1:
+        return range(*runs[0])
+    out: list[int] = []
+    for lo, hi in runs:
+        out.extend(range(lo, hi))
+    return out
+
+
 def _why(e: BaseException) -> str:
     return (e.strerror or str(e)) if isinstance(e, OSError) else str(e)
 
@@ -228,31 +258,31 @@ def refuse_lossy(table: str, changes: list, allow_lossy: bool) -> None:
                                f"Re-run with --allow-lossy to accept that")
 
 
-def _plan(tc: TableConfig, chain: list, *, migrate: bool, allow_lossy: bool):
+def _plan(tc: TableConfig, chain: snap.Chain, *, migrate: bool, allow_lossy: bool) -> Callable[[bytes], bytes] | None:
     """Check that `chain` can become tc's table; returns the record converter (None when layouts agree).
 
     Raises LayoutMismatch (the layout or capacity differ and not `migrate`), MigrationRefused, RestoreError.
     """
     from . import migrate as migrate_mod
-    head = chain[0][1]
-    for p, h, *_ in chain[1:]:
-        why = snap.continues(head, h)
+    head = chain.full.header
+    for f in chain.files[1:]:
+        why = snap.continues(head, f.header)
         if why:
-            raise RestoreError(f"{p}: {why}")
-    if head["layout_hash"] == tc.layout.hash and head["capacity"] == tc.capacity:
+            raise RestoreError(f"{f.path}: {why}")
+    if head.layout_hash == tc.layout.hash and head.capacity == tc.capacity:
         return None
-    old = snap.snapshot_layout(head)
+    old = head.layout()
     if not migrate:
         raise LayoutMismatch(
             segment.describe_mismatch(tc.key, tc.name, old, tc.layout).replace(
-                "segment at key", f"snapshot {chain[0][0].name} for key")
-            + f" (capacity {head['capacity']} -> {tc.capacity})")
-    refuse_lossy(tc.name, migrate_mod.lossy_changes(old, tc.layout, head["capacity"], tc.capacity,
+                "segment at key", f"snapshot {chain.full.path.name} for key")
+            + f" (capacity {head.capacity} -> {tc.capacity})")
+    refuse_lossy(tc.name, migrate_mod.lossy_changes(old, tc.layout, head.capacity, tc.capacity,
                                                     _highest_live_slot(chain)), allow_lossy)
     return migrate_mod.converter(old, tc.layout) if old.hash != tc.layout.hash else None
 
 
-def restore(tc: TableConfig, dc: DaemonConfig, chain: list, *, migrate: bool = False,
+def restore(tc: TableConfig, dc: DaemonConfig, chain: snap.Chain, *, migrate: bool = False,
             allow_lossy: bool = False) -> tuple[Segment, int]:
     """Create the table's segment from a parsed snapshot chain. Returns (segment, records restored).
 
@@ -271,12 +301,11 @@ def restore(tc: TableConfig, dc: DaemonConfig, chain: list, *, migrate: bool = F
     return seg, n
 
 
-def _highest_live_slot(chain: list) -> int:
+def _highest_live_slot(chain: snap.Chain) -> int:
     live: dict[int, int] = {}
-    for _p, _h, _o, chunks in chain:
-        for c in chunks:
-            for slot, st in zip(memoryview(c["slots"]).cast("I"), c["states"]):
-                live[slot] = st
+    for f in chain.files:
+        for c in f.chunks:
+            live.update(zip(c.slots, c.states))
     return max((s for s, st in live.items() if st == fmt.SLOT_ALLOCATED), default=-1)
 
 
@@ -303,7 +332,7 @@ def migrate_live(tc: TableConfig, dc: DaemonConfig, *, allow_lossy: bool = False
                  safety.records)
     finally:
         seg.detach()
-    chain = [(safety.path, *snap.read_file(safety.path))]
+    chain = snap.Chain([snap.read_file(safety.path)])
     segment.destroy(tc.key)
     return restore(tc, dc, chain, migrate=True, allow_lossy=allow_lossy)
 
@@ -318,7 +347,7 @@ def _save_full(own: TableConfig, seg: Segment, alloc: Allocator, dc: DaemonConfi
         saver.close()
 
 
-def _apply(seg: Segment, tc: TableConfig, chain: list, convert=None) -> int:
+def _apply(seg: Segment, tc: TableConfig, chain: snap.Chain, convert: Callable[[bytes], bytes] | None = None) -> int:
     a = Allocator(seg, table=tc.name, lock_timeout=5.0)
     try:
         rs = tc.layout.record_size
@@ -327,18 +356,15 @@ def _apply(seg: Segment, tc: TableConfig, chain: list, convert=None) -> int:
         recs = v.records
         live = set()
         holder: dict[int, int] = {}     # entity -> slot holding it so far (kept from the first delta on)
-        for k, (_path, h, _owners, chunks) in enumerate(chain):
-            ors = h["record_size"]
+        for k, f in enumerate(chain.files):
+            ors = f.header.record_size
             track = k > 0
             if k == 1:                  # a file never names an entity twice: the full's are unique
-                holder = _entities_of(chain[0][3])
-            for c in chunks:
-                slots = memoryview(c["slots"]).cast("I")
-                gens = memoryview(c["gens"]).cast("I")
-                owners = memoryview(c["owners"]).cast("H")
-                ents = memoryview(c["entities"]).cast("Q")
-                states, flags, data = c["states"], c["flags"], c["records"]
-                for i in range(c["n"]):
+                holder = _entities_of(chain.full.chunks)
+            for c in f.chunks:
+                slots, gens, owners, ents = c.slots, c.gens, c.owners, c.entities
+                states, flags, data = c.states, c.flags, c.records
+                for i in range(c.n):
                     slot = slots[i]
                     if slot >= tc.capacity:
                         continue
@@ -363,21 +389,18 @@ def _apply(seg: Segment, tc: TableConfig, chain: list, convert=None) -> int:
                         v.state[slot] = fmt.SLOT_FREE
                         recs[slot * rs:(slot + 1) * rs] = bytes(rs)
                         live.discard(slot)
-        last_header, last_owners = chain[-1][1], chain[-1][2]
+        last = chain.newest
         now_ms = int(time.time() * 1000)
-        for entry in last_owners:
-            idx, name, _state, _since = entry
-            if not (isinstance(idx, int) and 1 <= idx <= fmt.OWNERS_CAPACITY and isinstance(name, str)):
-                continue
-            off = r.owners_offset + (idx - 1) * fmt.OWNER_SIZE
+        for o in last.owners:           # indexes and names checked by read_file
+            off = r.owners_offset + (o.index - 1) * fmt.OWNER_SIZE
             # restored owners have no process: detached until a worker attaches under the name
-            fmt.OWNER.pack_into(seg.buf, off, name.encode()[:32], 0, fmt.OWNER_DETACHED, 0, 0, 0, now_ms)
+            fmt.OWNER.pack_into(seg.buf, off, o.name.encode()[:32], 0, fmt.OWNER_DETACHED, 0, 0, 0, now_ms)
         a.repair()                  # free stack, entity index, used and owner counts from slot states
-        a.set_counters(last_header["counters"])
+        a.set_counters(last.header.counters)
         # the counters were read a moment before the records were copied: reconcile so that
         # allocations - frees = allocated slots, as on a live table
-        c = a.counters()
-        allocs, frees, used = c["allocations"], c["frees"], a.used()
+        counts = a.counters()
+        allocs, frees, used = counts["allocations"], counts["frees"], a.used()
         if allocs - frees < used:
             a.set_counters({"allocations": frees + used})     # an alloc raced the copy (counters stay monotonic)
         else:
@@ -387,13 +410,11 @@ def _apply(seg: Segment, tc: TableConfig, chain: list, convert=None) -> int:
         a.release_views()
 
 
-def _entities_of(chunks: list[dict]) -> dict[int, int]:
+def _entities_of(chunks: list[snap.Chunk]) -> dict[int, int]:
     """entity -> slot of every allocated entry with an entity."""
     out: dict[int, int] = {}
     for c in chunks:
-        out.update((e, s) for s, st, fl, e in zip(memoryview(c["slots"]).cast("I"), c["states"], c["flags"],
-                                                    memoryview(c["entities"]).cast("Q"))
-                   if st == fmt.SLOT_ALLOCATED and fl & fmt.FLAG_HAS_ENTITY)
+        out.update((e, s) for s, e in c.claims())
     return out
 
 
@@ -411,15 +432,14 @@ def _claim_entity(v: fmt.SegmentViews, holder: dict[int, int], entity: int, slot
 
 def verify_file(path: Path) -> dict:
     """`stated snapshot --verify`: the header and totals of a valid file, CorruptSnapshot otherwise."""
-    header, owners, chunks = snap.read_file(path)
-    torn = sum(sum(1 for f in c["flags"] if f & snap.FLAG_TORN) for c in chunks)
-    return {"path": str(path), "kind": header["kind"], "table": header["table"], "seq": header["seq"],
-            "base": header["base"], "records": sum(c["n"] for c in chunks), "owners": len(owners),
-            "layout_hash": f"{header['layout_hash']:016x}", "capacity": header["capacity"],
-            "time": header["time"], "torn_flagged": torn}
+    f = snap.read_file(path)
+    h = f.header
+    return {"path": str(path), "kind": h.kind, "table": h.table, "seq": h.seq, "base": h.base,
+            "records": f.records, "owners": len(f.owners), "layout_hash": f"{h.layout_hash:016x}",
+            "capacity": h.capacity, "time": h.time, "torn_flagged": sum(c.torn() for c in f.chunks)}
 
 
-def chain_for(path: Path) -> list:
+def chain_for(path: Path) -> snap.Chain:
     """The parsed chain ending at `path`: itself if full, else its base full and the deltas up to it.
 
     Files beside `path` are opened relative to its directory, never through a symlink."""
@@ -429,28 +449,29 @@ def chain_for(path: Path) -> list:
     except OSError as e:
         raise RestoreError(f"{path.parent}: cannot open ({e.strerror or e})") from None
     with sd:
-        header, owners, chunks = sd.read(path.name)
-        if header["kind"] == "full":
-            return [(path, header, owners, chunks)]
+        given = sd.read(path.name)
+        header = given.header
+        if header.kind == "full":
+            return snap.Chain([given])
         out = []
         for seq, kind, name in sd.list():
-            if seq == header["base"] and kind == "full":
-                out.append((sd.path / name, *sd.read(name)))
-            elif kind == "delta" and header["base"] < seq <= header["seq"]:
+            if seq == header.base and kind == "full":
+                out.append(sd.read(name))
+            elif kind == "delta" and header.base < seq <= header.seq:
                 parsed = sd.read(name)
-                if parsed[0]["base"] == header["base"]:
-                    out.append((sd.path / name, *parsed))
-    if not out or out[0][1]["kind"] != "full":
-        raise RestoreError(f"{path} is a delta and its base full snapshot (seq {header['base']}) is not beside it")
-    prev = out[0][1]["seq"]
-    for p, h, *_ in out[1:]:
-        why = snap.continues(out[0][1], h)
+                if parsed.header.base == header.base:
+                    out.append(parsed)
+    if not out or out[0].header.kind != "full":
+        raise RestoreError(f"{path} is a delta and its base full snapshot (seq {header.base}) is not beside it")
+    prev = out[0].header.seq
+    for f in out[1:]:
+        why = snap.continues(out[0].header, f.header)
         if why:
-            raise RestoreError(f"the delta chain to {path} cannot be used: {p.name}: {why}")
-        if h["prev"] != prev:
-            raise RestoreError(f"the delta chain to {path} has a gap before {p.name}")
-        prev = h["seq"]
-    return out
+            raise RestoreError(f"the delta chain to {path} cannot be used: {f.path.name}: {why}")
+        if f.header.prev != prev:
+            raise RestoreError(f"the delta chain to {path} has a gap before {f.path.name}")
+        prev = f.header.seq
+    return snap.Chain(out)
 
 
 def restore_by_hand(tc: TableConfig, dc: DaemonConfig, path: Path, force: bool) -> dict:
@@ -502,5 +523,5 @@ def restore_by_hand(tc: TableConfig, dc: DaemonConfig, path: Path, force: bool) 
                     "saves, a restart without the segment would restore an older state", tc.name, e)
     finally:
         seg.detach()
-    return {"table": tc.name, "records": n, "from": [str(p) for p, *_ in chain], "safety_snapshot": safety,
+    return {"table": tc.name, "records": n, "from": [str(f.path) for f in chain.files], "safety_snapshot": safety,
             "saved_as": saved}

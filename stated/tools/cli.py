@@ -136,8 +136,7 @@ def cmd_restore(args) -> int:
               "start-up)", file=sys.stderr)
         return EXIT_ERROR
     from ..persist import snapshot
-    header = snapshot.read_file(Path(args.from_))[0]
-    table = args.table or header["table"]
+    table = args.table or snapshot.read_file(Path(args.from_)).header.table
     out = persist.restore_by_hand(cfg.table(table), cfg.daemon, Path(args.from_), args.force)
     print(json.dumps(out, indent=2) if args.json else
           f"{table}: restored {out['records']} records from {', '.join(out['from'])}"
