@@ -611,6 +611,8 @@ class Capture:
         # what each chunk's entries claim, in copy order: its entity column (every entry claims, file
         # positions start..) or (entity, position) pairs; checked for an entity claimed twice after the pass
         self._claimed: list[tuple[int, bytes | list[tuple[int, int]]]] = []
+        self._groups: list[set[int]] = []   # every entity claimed so far, in sets of at most CLAIM_GROUP
+        self._twice = False                 # an entity was claimed by two copies
         self._seen: dict[int, int] = {}     # entity -> file position of its latest copy (when one is claimed twice)
         self._stale: list[int] = []         # file positions whose entity a later copy claims
 
@@ -738,36 +740,34 @@ class Capture:
         pairs += [(e[2], start + i) for i, e in fixed if e[3] == fmt.SLOT_ALLOCATED and e[4] & fmt.FLAG_HAS_ENTITY]
         return pairs
 
+    def _note(self, start: int, claims: bytes | list[tuple[int, int]]) -> None:
+        """Keep a chunk's claims (in copy order) and check them, as the pass goes, against every claim
+        before: a set of the chunk's entities, tested for disjointness against a few sets of at most
+        CLAIM_GROUP earlier entities, then added to the newest of them. Each of these is a C call of a
+        fraction of a millisecond (a set of a million entities would cost tens of milliseconds per
+        resize, check or free in one go, while the daemon's loop waits for the GIL)."""
+        self._claimed.append((start, claims))
+        if self._twice:
+            return
+        ents = memoryview(claims).cast("Q") if isinstance(claims, bytes) else [e for e, _ in claims]
+        chunk = set(ents)
+        if len(chunk) != len(ents) or not all(g.isdisjoint(chunk) for g in self._groups):
+            self._twice = True          # found; _find_stale replays the claims to see which copies are stale
+            while self._groups:
+                self._groups.pop()
+            return
+        if not self._groups or len(self._groups[-1]) >= CLAIM_GROUP:
+            self._groups.append(chunk)
+        else:
+            self._groups[-1] |= chunk
+
     def _find_stale(self) -> None:
-        """After the pass: is any entity claimed by two copies (it moved during the pass, or the live slot
-        table is damaged)? Sets of the claims answer at C speed: a few sets of at most CLAIM_GROUP
-        entities, filled a chunk at a time, then checked pairwise, so that no single C call (a set's
-        resize, a disjointness check, freeing a set) holds the GIL for long while the daemon's loop waits
-        for it. Only when an entity is claimed twice are the claims replayed in copy order to find the
-        stale copies (each earlier copy of an entity a later one claims)."""
-        groups: list[set[int]] = []
-        seen: set[int] = set()
-        twice = False
-        for _start, c in self._claimed:
-            before = len(seen)
-            if isinstance(c, bytes):
-                seen.update(memoryview(c).cast("Q"))
-                n = len(c) // 8
-            else:
-                seen.update(e for e, _ in c)
-                n = len(c)
-            if len(seen) != before + n:
-                twice = True
-                break
-            if len(seen) >= CLAIM_GROUP:
-                groups.append(seen)
-                seen = set()
-        groups.append(seen)
-        if not twice:
-            twice = any(not a.isdisjoint(b) for i, a in enumerate(groups) for b in groups[i + 1:])
-        while groups:
-            groups.pop()                # one set freed at a time
-        if not twice:
+        """After the pass: when an entity was claimed by two copies (it moved during the pass, or the live
+        slot table is damaged), replay the claims in copy order to find the stale copies (each earlier
+        copy of an entity a later one claims)."""
+        while self._groups:
+            self._groups.pop()          # one set freed at a time
+        if not self._twice:
             return
         holder, stale = self._seen, self._stale
         for start, c in self._claimed:
@@ -797,16 +797,16 @@ class Capture:
             if fixed:
                 for _i, e in fixed:
                     self._normalise(e)
-                self._claimed.append((start, self._claims(start, ents, states, flags, fixed)))
+                self._note(start, self._claims(start, ents, states, flags, fixed))
                 st, fl, rb = bytearray(states), bytearray(flags), bytearray(recs)
                 for i, e in fixed:
                     gens[i], owners[i], ents[i], st[i], fl[i] = e[:5]
                     rb[i * rs:(i + 1) * rs] = e[5]
                 states, flags, recs, entities = bytes(st), bytes(fl), bytes(rb), ents.tobytes()
             elif states.count(fmt.SLOT_ALLOCATED) == n and not flags.translate(None, _WITH_ENTITY):
-                self._claimed.append((start, entities))     # every entry claims its entity: the column says it
+                self._note(start, entities)     # every entry claims its entity: the column says it
             else:
-                self._claimed.append((start, self._claims(start, ents, states, flags, [])))
+                self._note(start, self._claims(start, ents, states, flags, []))
             yield {"n": n, "slots": array("I", part).tobytes(), "gens": gens.tobytes(), "owners": owners.tobytes(),
                    "entities": entities, "states": states, "flags": flags, "records": recs}
 
