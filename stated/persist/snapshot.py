@@ -107,8 +107,6 @@ def dir_mode(mode: int) -> int:
     return (mode & 0o770) | ((mode & 0o440) >> 2)
 
 
-
-
 # ---- what a file holds, typed --------------------------------------------------------------------------
 def _is_bool(v) -> bool:
     return isinstance(v, bool)
