@@ -10,10 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import socket
 import stat
 import struct
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ from typing import Any
 import msgpack
 
 from ..errors import ConfigError, DaemonError, StatedError
+from ..shm.client import exchange
 from .conns import ConnectionLimiter
 
 log = logging.getLogger("stated.control")
@@ -142,37 +141,12 @@ def remove_socket(path: Path, ident: tuple[int, int] | None) -> None:
 
 
 def request(path: Path | str, op: str, timeout: float = 10.0, **args: Any) -> dict:
-    """Send one request and wait for the reply. Raises ConnectionError if no daemon answers."""
-    deadline = time.monotonic() + timeout
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        while True:
-            try:
-                s.connect(str(path))
-                break
-            except BlockingIOError:      # the listen queue is full (a busy daemon, or a flood): wait a little
-                if time.monotonic() >= deadline:
-                    raise ConnectionError(f"the daemon on {path} did not accept a connection within "
-                                          f"{timeout:g}s") from None
-                time.sleep(0.02)
-        s.sendall(encode({"op": op, **args}))
-        (n,) = _LEN.unpack(_recv(s, 4))
-        if n > 16 * MAX_FRAME:
-            raise DaemonError(f"reply of {n} bytes is too large")
-        reply = msgpack.unpackb(_recv(s, n), raw=False)
+    """Send one request and wait for the reply (the shared blocking client, shm/client.py).
+    Raises OSError/ConnectionError if no daemon answers, DaemonError if it refuses."""
+    reply = exchange(path, op, timeout, **args)
     if not reply.get("ok"):
         raise DaemonError(f"daemon refused {op!r}: {reply.get('error')}")
     return reply
-
-
-def _recv(s: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = s.recv(n - len(buf))
-        if not chunk:
-            raise ConnectionError("daemon closed the connection")
-        buf += chunk
-    return bytes(buf)
 
 
 def ping(path: Path | str) -> bool:

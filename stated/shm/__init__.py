@@ -5,7 +5,7 @@ validation, destroy), process liveness for the daemon and the owner table's code
 crash-consistent slot allocator (`allocator`), ctypes record views (`records`), and `Table`/`attach`
 (`table`), the API re-exported by `stated`; the dirty-mark harvest shared by the snapshot saver and the
 database store (`marks`), and the worker's blocking control-socket call for claim/flush/release
-(`store_client`: a plain socket, so a worker needs no asyncio). The algorithms (table lock, intent marks
+(`client`: a plain socket, so a worker needs no asyncio). The algorithms (table lock, intent marks
 and repair, alloc/free/reap, entity index, owner claims, record seqlock, dirty scans) are the C11 native
 core's (stated/native/stated_core.h, shared with C workers), through its CPython extension `_native`
 (its module docstring is its API): `allocator` and `table` build it and delegate to it; there is no

@@ -95,7 +95,7 @@ class StoreLink:
         self.socket, self.timeout = socket, timeout
 
     def call(self, op: str, **args: Any) -> dict:
-        from .store_client import call  # plain socket + msgpack: no asyncio, no driver
+        from .client import call  # plain socket + msgpack: no asyncio, no driver
         return call(self.socket, op, self.timeout, **args)
 
 

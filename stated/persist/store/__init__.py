@@ -3,7 +3,7 @@
 Part of the persistence layer; only the daemon and the CLI load it (they run its asyncio code). Rules:
 
 - A worker's `import stated` never loads this package, asyncio or asyncpg: workers claim, flush and
-  release through the daemon's control socket (`stated/shm/store_client.py`, a plain socket).
+  release through the daemon's control socket (`stated/shm/client.py`, a plain socket).
 - `pg.py` is the ONLY module that imports asyncpg. Everything else talks to its `Driver`
   (execute, fetch, copy_binary, transaction, close) and sees only stated's errors (`StoreError`,
   `StoreUnavailable`, `StoreRetry`).
