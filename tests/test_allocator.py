@@ -5,7 +5,7 @@ import signal
 import time
 
 import pytest
-from helpers import fork_child, tagged_churn
+from helpers import PLAYER_FIELDS, fork_child, tagged_churn
 
 import stated
 
@@ -39,8 +39,13 @@ def _check(t: stated.Table) -> None:
     assert problems == [], problems
 
 
+# The native core's critical section is a few microseconds, so random kills would rarely land inside it;
+# a 64 KiB record (its field defaults are copied in under the lock) widens it enough that they do.
+BIG_RECORD = [*PLAYER_FIELDS, "ballast: u8[65536]"]
+
+
 def test_sigkill_at_random_moments_never_corrupts(make_segment, procs):
-    key = make_segment(capacity=64)
+    key = make_segment(capacity=64, fields=BIG_RECORD)
     checker = stated.attach(key=key, owner="checker", lock_timeout=5)
     rnd = random.Random(1234)
     try:
