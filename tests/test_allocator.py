@@ -1,6 +1,7 @@
 """Allocator: crash consistency under SIGKILL at random moments, and concurrency."""
 import os
 import random
+import select
 import signal
 import time
 
@@ -12,11 +13,14 @@ import stated
 KILLS = 320
 
 
-def _child_churn(key: int, owner: str, seed: int, sections: bool) -> None:
-    """Runs in a forked child until killed: alloc with entities, write, free."""
+def _child_churn(key: int, owner: str, seed: int, sections: bool, looping_w: int = -1) -> None:
+    """Runs in a forked child until killed: alloc with entities, write, free. Writes a byte to
+    `looping_w` (if given) once it is in its loop, so the parent's kill lands there."""
     rnd = random.Random(seed)
     t = stated.attach(key=key, owner=owner, lock_timeout=5)
     mine = t.owned()
+    if looping_w >= 0:
+        os.write(looping_w, b"x")
     while True:
         if len(mine) < 40 and rnd.random() < 0.55:
             try:
@@ -50,9 +54,16 @@ def test_sigkill_at_random_moments_never_corrupts(make_segment, procs):
     rnd = random.Random(1234)
     try:
         for i in range(KILLS):
-            pid = fork_child(_child_churn, key, "chaos", i, i % 3 == 0)
+            r, w = os.pipe()
+            pid = fork_child(_child_churn, key, "chaos", i, i % 3 == 0, w)
             procs.append(pid)
-            time.sleep(rnd.uniform(0.002, 0.012))
+            os.close(w)
+            # most kills wait until the child is in its loop (under load, attaching alone can outlast a
+            # fixed sleep); some land anywhere, attaching included
+            if i % 4 and select.select([r], [], [], 5.0)[0]:
+                os.read(r, 1)
+            os.close(r)
+            time.sleep(rnd.uniform(0.0005, 0.004) if i % 4 else rnd.uniform(0.002, 0.012))
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
             procs.remove(pid)
