@@ -771,3 +771,18 @@ wire_schema = st.one_of(
 scalars = st.one_of(st.none(), st.booleans(), msgpack_ints, st.floats(), st.text(max_size=20), st.binary(max_size=20))
 nested = st.recursive(scalars, lambda c: st.lists(c, max_size=6) | st.dictionaries(st.text(max_size=4), c, max_size=4),
                       max_leaves=20)
+
+
+def fill_and_drain(t: stated.Table) -> None:
+    """Every slot the table says is free can be allocated (then all are freed again): after crashes and
+    repairs, capacity is neither lost nor handed out twice."""
+    free_before = t.capacity - len(t)
+    got = []
+    while True:
+        try:
+            got.append(t.alloc())
+        except stated.TableFull:
+            break
+    assert len(got) == free_before
+    for h in got:
+        t.free(h)

@@ -6,7 +6,7 @@ import signal
 import time
 
 import pytest
-from helpers import PLAYER_FIELDS, fork_child, tagged_churn
+from helpers import PLAYER_FIELDS, fill_and_drain, fork_child, tagged_churn
 
 import stated
 
@@ -69,16 +69,7 @@ def test_sigkill_at_random_moments_never_corrupts(make_segment, procs):
             procs.remove(pid)
             _check(checker)
             if i % 40 == 39:      # all remaining capacity is allocatable
-                free_before = checker.capacity - len(checker)
-                got = []
-                while True:
-                    try:
-                        got.append(checker.alloc())
-                    except stated.TableFull:
-                        break
-                assert len(got) == free_before
-                for h in got:
-                    checker.free(h)
+                fill_and_drain(checker)
                 _check(checker)
         counters = checker.counters()
         assert counters["lock_repairs"] > 0, "no kill landed inside the lock: the test lost its teeth"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import sysv_ipc
-from helpers import PLAYER_FIELDS, ROOT, fork_child, index_home, player_layout, sem_value, u32
+from helpers import PLAYER_FIELDS, ROOT, fill_and_drain, fork_child, index_home, player_layout, sem_value, u32
 
 import stated
 from stated.format import config as config_mod
@@ -670,19 +670,6 @@ def _check_table(key: int, checker: stated.Table, core) -> None:
     assert core.verify() == []
 
 
-def _fill_and_drain(checker: stated.Table) -> None:
-    free_before = checker.capacity - len(checker)
-    got = []
-    while True:
-        try:
-            got.append(checker.alloc())
-        except stated.TableFull:
-            break
-    assert len(got) == free_before
-    for h in got:
-        checker.free(h)
-
-
 def test_native_sigkill_torture(make_segment, procs):
     """The allocator torture of test_allocator.py on the native path: 200 kills at random moments.
 
@@ -709,7 +696,7 @@ def test_native_sigkill_torture(make_segment, procs):
             assert os.WIFSIGNALED(status), f"the worker exited by itself ({status}): see its stderr"
             _check_table(key, checker, ac.core)
             if i % 30 == 29:
-                _fill_and_drain(checker)
+                fill_and_drain(checker)
         counters = checker.counters()
         print(counters)
         assert counters["lock_repairs"] > 10, "kills seldom landed inside the lock: the test lost its teeth"
@@ -769,7 +756,7 @@ def _mixed_rounds(key: int, rounds: int, churn_exe: Path, procs, seed: int) -> d
                 in_mutation[pids[ipid]] += 1
             _check_table(key, checker, ac.core)            # takes the lock: repairs what the kill left
             if i % 10 == 9:
-                _fill_and_drain(checker)
+                fill_and_drain(checker)
                 _check_table(key, checker, ac.core)
         counters = checker.counters()
         for name in ("py", "ext", "c"):                   # every dead worker's slots can be taken back and freed

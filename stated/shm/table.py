@@ -268,14 +268,17 @@ class Table:
     def free(self, h: Handle) -> None:
         """Give the slot back. The handle (and any copy of it) becomes stale."""
         self._c_free(h)                     # (the core disarms the slot's write section)
-        v = self._views.pop(h[0], None)
-        if v is not None:
-            object.__setattr__(v, "__class__", self._stale_cls)
+        self._retire_view(h[0])
 
     def _forget(self, slot: int) -> None:
         """The slot was freed by another process (the daemon, for release()): views of it raise from
         now on, its write section is disarmed."""
         self._core.forget(slot)
+        self._retire_view(slot)
+
+    def _retire_view(self, slot: int) -> None:
+        """The cached view of a freed slot raises StaleHandle from now on (its class is switched:
+        the live path pays nothing), and the next allocation of the slot gets a fresh view."""
         v = self._views.pop(slot, None)
         if v is not None:
             object.__setattr__(v, "__class__", self._stale_cls)
