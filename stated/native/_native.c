@@ -1366,6 +1366,233 @@ static PyTypeObject CoreType = {
     .tp_getset = Core_getset,
 };
 
+/* ==== record views: range-checked integer fields (issue 11) =============================================
+ *
+ * CheckedInt(cfield, name, type, lo, hi, doc=None): the descriptor stated.shm.records installs on a
+ * record class for each integer field, in place of a Python property. It wraps the raw ctypes field
+ * (the CField of `_raw_<name>`): reads are the CField's own; writes are range-checked first, so that
+ * `p.hp = 2**40` raises ValueError naming the field and its range and writes nothing instead of
+ * wrapping like C.
+ *
+ * What a write accepts or refuses is exactly what the Python setter it replaces did
+ * (`if lo <= v <= hi: self._raw = v else: raise ValueError(...)`, tests/test_records.py):
+ *  - an exact int or a bool is compared in C (the same result int's comparison gives);
+ *  - anything else (int subclasses, which may override the comparison, floats, str, None, ...) goes
+ *    through the same two rich comparisons Python's chained `lo <= v <= hi` makes, so it raises the
+ *    same TypeError, or passes and then meets ctypes' own conversion (a float in range: TypeError);
+ *  - in range, the value goes to the CField's setter unchanged (ctypes converts and stores it).
+ * Read-only and dead views never reach this: their classes override __setattr__/__getattribute__. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *cfield;               /* the ctypes CField of the raw field */
+    descrgetfunc cget;              /* its type's tp_descr_get / tp_descr_set, taken once */
+    descrsetfunc cset;
+    PyObject *name;                 /* str: the field's name, for messages */
+    PyObject *type;                 /* str: "i32", "u64", ... for messages */
+    PyObject *lo, *hi;              /* ints: the inclusive range (the generic path compares with them) */
+    PyObject *doc;
+    long long slo, shi;             /* the range in C, for signed kinds */
+    unsigned long long uhi;         /* ... and for unsigned ones (lo is 0) */
+    int is_unsigned;
+} CheckedIntObject;
+
+static PyTypeObject CheckedIntType;
+
+static int CheckedInt_init(CheckedIntObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"cfield", "name", "type", "lo", "hi", "doc", NULL};
+    PyObject *cfield, *name, *type, *lo, *hi, *doc = Py_None;
+    if (self->cfield) {
+        PyErr_SetString(PyExc_TypeError, "CheckedInt is already initialised");
+        return -1;
+    }
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OUUO!O!|O", kwlist, &cfield, &name, &type, &PyLong_Type, &lo,
+                                     &PyLong_Type, &hi, &doc))
+        return -1;
+    PyTypeObject *ct = Py_TYPE(cfield);
+    if (!ct->tp_descr_get || !ct->tp_descr_set) {
+        PyErr_Format(PyExc_TypeError, "CheckedInt wraps a ctypes field (a data descriptor), not %s", ct->tp_name);
+        return -1;
+    }
+    int overflow = 0;
+    long long l = PyLong_AsLongLongAndOverflow(lo, &overflow);
+    if (l == -1 && PyErr_Occurred())
+        return -1;
+    if (overflow) {
+        PyErr_SetString(PyExc_ValueError, "CheckedInt: lo must fit 64 bits");
+        return -1;
+    }
+    if (l >= 0) {                   /* unsigned kind: [0, hi], hi up to 2**64 - 1 */
+        unsigned long long u = PyLong_AsUnsignedLongLong(hi);
+        if (u == (unsigned long long)-1 && PyErr_Occurred())
+            return -1;
+        if (l != 0) {
+            PyErr_SetString(PyExc_ValueError, "CheckedInt: an unsigned range starts at 0");
+            return -1;
+        }
+        self->is_unsigned = 1;
+        self->uhi = u;
+    } else {
+        long long h = PyLong_AsLongLongAndOverflow(hi, &overflow);
+        if (h == -1 && PyErr_Occurred())
+            return -1;
+        if (overflow || h < l) {
+            PyErr_SetString(PyExc_ValueError, "CheckedInt: hi must fit 64 bits and be >= lo");
+            return -1;
+        }
+        self->is_unsigned = 0;
+        self->slo = l;
+        self->shi = h;
+    }
+    self->cget = ct->tp_descr_get;
+    self->cset = ct->tp_descr_set;
+    self->cfield = Py_NewRef(cfield);
+    self->name = Py_NewRef(name);
+    self->type = Py_NewRef(type);
+    self->lo = Py_NewRef(lo);
+    self->hi = Py_NewRef(hi);
+    self->doc = Py_NewRef(doc);
+    return 0;
+}
+
+/* p.hp: the CField's own getter, called directly. A property would call attrgetter, which looks
+ * `_raw_hp` up by name on the instance (a second type lookup) before reaching the same getter. */
+static PyObject *CheckedInt_get(CheckedIntObject *self, PyObject *obj, PyObject *type)
+{
+    if (obj == NULL || obj == Py_None || !self->cfield)
+        return Py_NewRef((PyObject *)self);     /* on the class: the descriptor (help() shows the doc) */
+    return self->cget(self->cfield, obj, type);
+}
+
+/* 1: lo <= v <= hi, 0: not, -1: an error (a comparison raised) */
+static int checked_in_range(CheckedIntObject *self, PyObject *v)
+{
+    /* Fast path: an exact int or a bool (an int with int's comparison) fits the range test in C.
+     * PyLong_AsLongLongAndOverflow on one cannot fail (no __index__ call); outside 64 bits it says
+     * which side (overflow < 0: below every range; > 0: above, unless u64 takes it). */
+    if (PyLong_CheckExact(v) || PyBool_Check(v)) {
+        int overflow = 0;
+        long long x = PyLong_AsLongLongAndOverflow(v, &overflow);
+        if (!overflow) {
+            if (self->is_unsigned)
+                return x >= 0 && (unsigned long long)x <= self->uhi;
+            return x >= self->slo && x <= self->shi;
+        }
+        if (overflow < 0 || !self->is_unsigned)
+            return 0;
+        unsigned long long u = PyLong_AsUnsignedLongLong(v);     /* 2**63 <= v: a u64 up to 2**64 - 1 */
+        if (u == (unsigned long long)-1 && PyErr_Occurred()) {
+            if (!PyErr_ExceptionMatches(PyExc_OverflowError))
+                return -1;
+            PyErr_Clear();
+            return 0;
+        }
+        return u <= self->uhi;
+    }
+    /* Anything else: Python's `lo <= v <= hi`, comparison by comparison (its TypeErrors included) */
+    int r = PyObject_RichCompareBool(self->lo, v, Py_LE);
+    if (r <= 0)
+        return r;
+    return PyObject_RichCompareBool(v, self->hi, Py_LE);
+}
+
+/* p.hp = v: checked here, stored by the CField's own setter (ctypes' conversion) */
+static int CheckedInt_set(CheckedIntObject *self, PyObject *obj, PyObject *value)
+{
+    if (!self->cfield) {
+        PyErr_SetString(PyExc_TypeError, "CheckedInt is not initialised");
+        return -1;
+    }
+    if (value == NULL) {
+        PyErr_Format(PyExc_AttributeError, "field %R of '%.100s' object cannot be deleted", self->name,
+                     Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    int ok = checked_in_range(self, value);
+    if (ok < 0)
+        return -1;
+    if (!ok) {
+        PyErr_Format(PyExc_ValueError, "field %R is %U: %R is outside [%S, %S]", self->name, self->type, value,
+                     self->lo, self->hi);
+        return -1;
+    }
+    return self->cset(self->cfield, obj, value);
+}
+
+static int CheckedInt_traverse(CheckedIntObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->cfield);
+    Py_VISIT(self->doc);
+    return 0;
+}
+
+static int CheckedInt_clear(CheckedIntObject *self)
+{
+    Py_CLEAR(self->cfield);
+    Py_CLEAR(self->doc);
+    return 0;
+}
+
+static void CheckedInt_dealloc(CheckedIntObject *self)
+{
+    PyObject_GC_UnTrack(self);
+    CheckedInt_clear(self);
+    Py_CLEAR(self->name);
+    Py_CLEAR(self->type);
+    Py_CLEAR(self->lo);
+    Py_CLEAR(self->hi);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *CheckedInt_repr(CheckedIntObject *self)
+{
+    if (!self->cfield)
+        return PyUnicode_FromString("<CheckedInt (uninitialised)>");
+    return PyUnicode_FromFormat("<CheckedInt %R: %U [%S, %S]>", self->name, self->type, self->lo, self->hi);
+}
+
+/* introspection (records.py's offset check, tests, help()): getters, no structmember.h needed */
+#define CHECKED_INT_GETTER(fname, member)                                          \
+    static PyObject *CheckedInt_get_##fname(CheckedIntObject *self, void *c)       \
+    {                                                                              \
+        (void)c;                                                                   \
+        return Py_NewRef(self->member ? self->member : Py_None);                   \
+    }
+CHECKED_INT_GETTER(doc, doc)
+CHECKED_INT_GETTER(field, cfield)
+CHECKED_INT_GETTER(name, name)
+CHECKED_INT_GETTER(type, type)
+CHECKED_INT_GETTER(lo, lo)
+CHECKED_INT_GETTER(hi, hi)
+
+static PyGetSetDef CheckedInt_getset[] = {
+    {"__doc__", (getter)CheckedInt_get_doc, NULL, NULL, NULL},
+    {"field", (getter)CheckedInt_get_field, NULL, "the raw ctypes field", NULL},
+    {"name", (getter)CheckedInt_get_name, NULL, "the field's name", NULL},
+    {"type", (getter)CheckedInt_get_type, NULL, "its type name (i8 ... u64)", NULL},
+    {"lo", (getter)CheckedInt_get_lo, NULL, "the smallest value accepted", NULL},
+    {"hi", (getter)CheckedInt_get_hi, NULL, "the largest value accepted", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject CheckedIntType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "stated.shm._native.CheckedInt",
+    .tp_basicsize = sizeof(CheckedIntObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "CheckedInt(cfield, name, type, lo, hi, doc=None): a record view's integer field: the ctypes\n"
+              "field `cfield`, whose assignments outside [lo, hi] raise ValueError (nothing written).",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)CheckedInt_init,
+    .tp_dealloc = (destructor)CheckedInt_dealloc,
+    .tp_traverse = (traverseproc)CheckedInt_traverse,
+    .tp_clear = (inquiry)CheckedInt_clear,
+    .tp_repr = (reprfunc)CheckedInt_repr,
+    .tp_getset = CheckedInt_getset,
+    .tp_descr_get = (descrgetfunc)CheckedInt_get,
+    .tp_descr_set = (descrsetfunc)CheckedInt_set,
+};
+
 /* ---- module --------------------------------------------------------------------------------------------- */
 static PyObject *mod_strerror(PyObject *m, PyObject *arg)
 {
@@ -1389,6 +1616,8 @@ PyMODINIT_FUNC PyInit__native(void)
 {
     if (PyType_Ready(&CoreType) < 0 || PyType_Ready(&SectionType) < 0)
         return NULL;
+    if (PyType_Ready(&CheckedIntType) < 0)
+        return NULL;
     if (load_errors() < 0)
         return NULL;
     empty_tuple = PyTuple_New(0);
@@ -1404,6 +1633,7 @@ PyMODINIT_FUNC PyInit__native(void)
         return NULL;
     if (PyModule_AddObjectRef(m, "Core", (PyObject *)&CoreType) < 0
         || PyModule_AddObjectRef(m, "Section", (PyObject *)&SectionType) < 0
+        || PyModule_AddObjectRef(m, "CheckedInt", (PyObject *)&CheckedIntType) < 0
         || PyModule_AddIntConstant(m, "COUNTER_COUNT", STATED_COUNTER_COUNT) < 0) {
         Py_DECREF(m);
         return NULL;

@@ -4,9 +4,11 @@ A view is a ctypes structure laid over the record's bytes in shared memory, so
 `p.x += p.vx * dt` costs what raw ctypes costs. Field kinds:
 
 - f32/f64/bool: plain ctypes fields (fastest; f32 overflow becomes inf as in C);
-- integers: a property whose getter is C-level (operator.attrgetter on the raw
-  ctypes field) and whose setter range-checks, so `p.hp = 2**40` raises
-  ValueError and writes nothing instead of wrapping like C would;
+- integers: a CheckedInt descriptor (stated.shm._native, C) over the raw ctypes
+  field: reads are the ctypes field's own, writes are range-checked in C first,
+  so `p.hp = 2**40` raises ValueError and writes nothing instead of wrapping like
+  C would (and any other value is accepted or refused exactly as Python's
+  `lo <= v <= hi` followed by the ctypes store would: tests/test_records.py);
 - str[N]/bytes[N]: properties that encode/decode and refuse oversized values;
 - T[N] arrays: the ctypes array itself (live, indexable, sliceable; element
   writes have C semantics); assigning a sequence to the field is checked.
@@ -28,24 +30,13 @@ from typing import Any
 
 from ..format.layout import Layout
 from ..format.schema import Field, check_value, int_range
+from ._native import CheckedInt
 
 _CTYPES: dict[str, Any] = {
     "i8": ctypes.c_int8, "u8": ctypes.c_uint8, "i16": ctypes.c_int16, "u16": ctypes.c_uint16,
     "i32": ctypes.c_int32, "u32": ctypes.c_uint32, "i64": ctypes.c_int64, "u64": ctypes.c_uint64,
     "f32": ctypes.c_float, "f64": ctypes.c_double, "bool": ctypes.c_bool,
 }
-
-
-def _int_setter(raw: str, f: Field):
-    lo, hi = int_range(f.type)
-    src = (f"def set_{f.name}(self, v):\n"
-           f"    if {lo} <= v <= {hi}:\n"
-           f"        self.{raw} = v\n"
-           f"    else:\n"
-           f"        raise ValueError(f\"field {f.name!r} is {f.type}: {{v!r}} is outside [{lo}, {hi}]\")\n")
-    ns: dict[str, Any] = {}
-    exec(src, ns)  # generated once per field: a literal-bounds setter is ~2x faster than a closure
-    return ns[f"set_{f.name}"]
 
 
 def _str_property(raw: str, f: Field) -> property:
@@ -108,6 +99,7 @@ def record_class(layout: Layout, name: str = "record") -> type[RecordBase]:
     """Build the ctypes class for a layout; checks its offsets against the layout."""
     fields: list[tuple[str, Any]] = []
     ns: dict[str, Any] = {"_layout": layout, "__slots__": ()}
+    checked: list[tuple[str, Field]] = []       # integer fields: a CheckedInt over the raw field, below
     end = 0
     for i, fl in enumerate(layout.fields):
         f = fl.field
@@ -124,7 +116,7 @@ def record_class(layout: Layout, name: str = "record") -> type[RecordBase]:
         elif f.type[0] in "iu":
             raw = f"_raw_{f.name}"
             fields.append((raw, _CTYPES[f.type]))
-            ns[f.name] = property(operator.attrgetter(raw), _int_setter(raw, f), doc=f.decl)
+            checked.append((raw, f))
         else:
             fields.append((f.name, _CTYPES[f.type]))
         end = fl.offset + f.size
@@ -132,6 +124,8 @@ def record_class(layout: Layout, name: str = "record") -> type[RecordBase]:
         fields.append(("_tail", ctypes.c_uint8 * (layout.record_size - end)))
     ns["_fields_"] = fields
     cls = type(name, (RecordBase,), ns)
+    for raw, f in checked:      # the raw CFields exist once ctypes has built the class
+        setattr(cls, f.name, CheckedInt(cls.__dict__[raw], f.name, f.type, *int_range(f.type), f.decl))
     # the layout is the truth; ctypes must agree with it byte for byte
     assert ctypes.sizeof(cls) == layout.record_size, (name, ctypes.sizeof(cls), layout.record_size)
     for fl in layout.fields:
