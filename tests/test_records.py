@@ -232,3 +232,81 @@ def test_view_of_a_closed_table_raises_on_get_and_set(make_segment):
     for action in (lambda: p.hp, lambda: p.i8_f, lambda: setattr(p, "hp", 5), lambda: setattr(p, "i8_f", 999)):
         with pytest.raises(StatedError, match="closed"):
             action()
+
+
+# ---- write sections: every way Python drives the context-manager protocol ---------------------------------
+def seq_of(table, h) -> int:
+    return table.views.seq[h.slot]
+
+
+def test_write_section_protocol_every_way(rec):
+    """`with`, explicit __enter__/__exit__ calls, the unbound type methods (contextlib.ExitStack uses them),
+    methods taken once and called later: each makes the seq odd then even and marks the slot dirty."""
+    import contextlib
+    table, h = rec
+    view = table.record(h)
+    s = table.write(h)
+    seq = seq_of(table, h)
+    with s as p:
+        assert p is view and seq_of(table, h) == seq + 1
+        p.hp = 1
+    assert seq_of(table, h) == seq + 2 and table.get(h, "hp") == 1
+    assert s.__enter__() is view and seq_of(table, h) == seq + 3
+    assert s.__exit__(None, None, None) is False and seq_of(table, h) == seq + 4
+    enter, exit_ = type(s).__enter__, type(s).__exit__
+    assert enter(s) is view and exit_(s, None, None, None) is False and seq_of(table, h) == seq + 6
+    bound_enter, bound_exit = s.__enter__, s.__exit__          # taken once, called later (twice)
+    for _ in range(2):
+        assert bound_enter() is view
+        bound_exit(None, None, None)
+    assert seq_of(table, h) == seq + 10
+    with contextlib.ExitStack() as stack:
+        assert stack.enter_context(table.write(h)) is view and seq_of(table, h) == seq + 11
+    assert seq_of(table, h) == seq + 12
+    table.views.dirty[h.slot] = 0
+    with table.write(h) as p:
+        p.hp = 2
+    assert table.views.dirty[h.slot] == 1 and table.read(h).hp == 2 and table.verify() == []
+
+
+def test_write_section_exception_in_body_propagates_and_ends_the_section(rec):
+    table, h = rec
+    seq = seq_of(table, h)
+    with pytest.raises(KeyError):
+        with table.write(h) as p:
+            p.hp = 7
+            raise KeyError("body")
+    assert seq_of(table, h) == seq + 2 and table.read(h).hp == 7      # ended: never torn, stores kept
+    with pytest.raises(ValueError, match="outside"):
+        with table.write(h) as p:
+            p.hp = 2**40
+    assert seq_of(table, h) == seq + 4 and table.read(h).hp == 7
+
+
+def test_write_section_methods_refuse_bad_calls(rec):
+    table, h = rec
+    s = table.write(h)
+    with pytest.raises(TypeError):
+        s.__enter__(1)
+    with pytest.raises(TypeError):
+        type(s).__enter__(5)
+    with pytest.raises(TypeError):
+        type(s).__exit__()
+    assert seq_of(table, h) % 2 == 0 and table.verify() == []
+
+
+def test_write_section_methods_outlive_a_freed_slot(rec):
+    """A section's methods taken before its slot was freed raise StaleHandle (enter) or do nothing (exit),
+    even after the section itself was dropped by the table."""
+    import gc
+    table, h = rec
+    s = table.write(h)
+    enter, exit_ = s.__enter__, s.__exit__
+    del s
+    table.free(h)
+    gc.collect()
+    h2 = table.alloc()
+    seq = seq_of(table, h2)
+    with pytest.raises(StaleHandle, match="freed"):
+        enter()
+    assert exit_(None, None, None) is False and seq_of(table, h2) == seq
