@@ -646,9 +646,18 @@ typedef struct {
     CoreObject *core;
     Py_ssize_t slot;                /* -1: disarmed */
     PyObject *view;
+    PyObject *bound[2];             /* its __enter__ and __exit__, made once (see "write sections' with") */
 } SectionObject;
 
 static PyTypeObject SectionType;
+
+/* a section the Core no longer caches lets go of its bound __enter__/__exit__ (which refer back to
+ * it): no cycle is left, so it goes as soon as nothing else holds it */
+static void section_drop_bound(SectionObject *s)
+{
+    Py_CLEAR(s->bound[0]);
+    Py_CLEAR(s->bound[1]);
+}
 
 static SectionObject *new_section(CoreObject *self, Py_ssize_t slot, PyObject *view)
 {
@@ -658,6 +667,7 @@ static SectionObject *new_section(CoreObject *self, Py_ssize_t slot, PyObject *v
     s->core = (CoreObject *)Py_NewRef((PyObject *)self);
     s->slot = slot;
     s->view = Py_NewRef(view);
+    s->bound[0] = s->bound[1] = NULL;
     PyObject_GC_Track(s);
     return s;
 }
@@ -671,8 +681,10 @@ static void disarm_sections(CoreObject *self)
     self->sections = NULL;
     Py_ssize_t pos = 0;
     PyObject *k, *v;
-    while (PyDict_Next(d, &pos, &k, &v))
+    while (PyDict_Next(d, &pos, &k, &v)) {
         ((SectionObject *)v)->slot = -1;
+        section_drop_bound((SectionObject *)v);
+    }
     Py_DECREF(d);
 }
 
@@ -688,6 +700,7 @@ static int drop_section(CoreObject *self, uint32_t slot)
     int r = 0;
     if (v) {
         ((SectionObject *)v)->slot = -1;
+        section_drop_bound((SectionObject *)v);
         r = PyDict_DelItem(self->sections, key);
     } else if (PyErr_Occurred()) {
         r = -1;
@@ -832,6 +845,8 @@ static int Section_traverse(SectionObject *self, visitproc visit, void *arg)
 {
     Py_VISIT(self->core);
     Py_VISIT(self->view);
+    Py_VISIT(self->bound[0]);
+    Py_VISIT(self->bound[1]);
     return 0;
 }
 
@@ -839,6 +854,8 @@ static int Section_clear(SectionObject *self)
 {
     Py_CLEAR(self->core);
     Py_CLEAR(self->view);
+    Py_CLEAR(self->bound[0]);
+    Py_CLEAR(self->bound[1]);
     self->slot = -1;
     return 0;
 }
@@ -856,9 +873,9 @@ static PyObject *Section_get_slot(SectionObject *self, void *closure)
     return PyLong_FromSsize_t(self->slot);
 }
 
+/* __enter__ and __exit__ are not methods here: install_section_methods() puts descriptors in their place
+ * (they call Section_enter / Section_exit; see "write sections' with" near the end of this file) */
 static PyMethodDef Section_methods[] = {
-    {"__enter__", (PyCFunction)Section_enter, METH_NOARGS, "seq odd; returns the view"},
-    {"__exit__", (PyCFunction)(void (*)(void))Section_exit, METH_FASTCALL, "seq even, slot dirty"},
     {"disarm", (PyCFunction)Section_disarm, METH_NOARGS, "the slot was freed: enter raises, exit does nothing"},
     {NULL, NULL, 0, NULL},
 };
@@ -1593,6 +1610,174 @@ static PyTypeObject CheckedIntType = {
     .tp_descr_set = (descrsetfunc)CheckedInt_set,
 };
 
+/* ==== write sections' `with`: no allocation per statement (issue 11) =====================================
+ *
+ * CPython's `with s as p:` looks __enter__ and __exit__ up on the type and binds each to `s`
+ * (_PyObject_LookupSpecial): for a method defined in C that is a new builtin-method object per lookup,
+ * allocated, GC-tracked and freed again on every `with` (two per statement). Here the type's __enter__
+ * and __exit__ are SectionMethod descriptors whose __get__ hands out the section's own bound callable
+ * (SectionBound), made on first use and kept in the section: a `with` then costs two reference count
+ * changes instead of two allocations. The bound callables refer to their section and it to them; the
+ * Core breaks that cycle when it drops a section it cached (free(), forget(), close():
+ * section_drop_bound), and the GC collects the rest (sections of Core.section()). Called, they
+ * are the methods they replace: Section_enter (no arguments) and Section_exit (any positional ones). The
+ * descriptors are callable too, as unbound methods (Section.__enter__(s); contextlib.ExitStack). */
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    SectionObject *section;         /* strong */
+    int is_exit;
+} SectionBoundObject;
+
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    int is_exit;
+} SectionMethodObject;
+
+static PyTypeObject SectionBoundType, SectionMethodType;
+
+static const char *const section_method_name[2] = {"__enter__", "__exit__"};
+
+/* the call itself: enter takes no arguments (like METH_NOARGS), exit any positional ones (METH_FASTCALL) */
+static PyObject *section_call(SectionObject *s, int is_exit, Py_ssize_t nargs, PyObject *kwnames)
+{
+    if (kwnames && PyTuple_GET_SIZE(kwnames)) {
+        PyErr_Format(PyExc_TypeError, "Section.%s() takes no keyword arguments", section_method_name[is_exit]);
+        return NULL;
+    }
+    if (is_exit)
+        return Section_exit(s, NULL, 0);
+    if (nargs) {
+        PyErr_Format(PyExc_TypeError, "Section.__enter__() takes no arguments (%zd given)", nargs);
+        return NULL;
+    }
+    return Section_enter(s, NULL);
+}
+
+static PyObject *SectionBound_vectorcall(SectionBoundObject *self, PyObject *const *args, size_t nargsf,
+                                         PyObject *kwnames)
+{
+    (void)args;
+    return section_call(self->section, self->is_exit, PyVectorcall_NARGS(nargsf), kwnames);
+}
+
+static int SectionBound_traverse(SectionBoundObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->section);
+    return 0;
+}
+
+static int SectionBound_clear(SectionBoundObject *self)
+{
+    Py_CLEAR(self->section);
+    return 0;
+}
+
+static void SectionBound_dealloc(SectionBoundObject *self)
+{
+    PyObject_GC_UnTrack(self);
+    SectionBound_clear(self);
+    PyObject_GC_Del(self);
+}
+
+static PyObject *SectionBound_repr(SectionBoundObject *self)
+{
+    return PyUnicode_FromFormat("<bound method Section.%s of %R>", section_method_name[self->is_exit],
+                                self->section ? (PyObject *)self->section : Py_None);
+}
+
+static PyTypeObject SectionBoundType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "stated.shm._native.SectionBound",
+    .tp_basicsize = sizeof(SectionBoundObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = "a Section's __enter__ or __exit__, bound to it (made once per section)",
+    .tp_vectorcall_offset = offsetof(SectionBoundObject, vectorcall),
+    .tp_call = PyVectorcall_Call,
+    .tp_dealloc = (destructor)SectionBound_dealloc,
+    .tp_traverse = (traverseproc)SectionBound_traverse,
+    .tp_clear = (inquiry)SectionBound_clear,
+    .tp_repr = (reprfunc)SectionBound_repr,
+};
+
+/* Section.__enter__ / __exit__ looked up on a section: its bound callable, made on the first lookup */
+static PyObject *SectionMethod_get(SectionMethodObject *self, PyObject *obj, PyObject *type)
+{
+    (void)type;
+    if (obj == NULL || obj == Py_None)
+        return Py_NewRef((PyObject *)self);
+    if (!Py_IS_TYPE(obj, &SectionType)) {
+        PyErr_Format(PyExc_TypeError, "Section.%s does not apply to a '%.100s' object",
+                     section_method_name[self->is_exit], Py_TYPE(obj)->tp_name);
+        return NULL;
+    }
+    SectionObject *s = (SectionObject *)obj;
+    PyObject *b = s->bound[self->is_exit];
+    if (b)
+        return Py_NewRef(b);
+    SectionBoundObject *nb = PyObject_GC_New(SectionBoundObject, &SectionBoundType);
+    if (!nb)
+        return NULL;
+    nb->vectorcall = (vectorcallfunc)SectionBound_vectorcall;
+    nb->section = (SectionObject *)Py_NewRef(obj);
+    nb->is_exit = self->is_exit;
+    PyObject_GC_Track(nb);
+    s->bound[self->is_exit] = Py_NewRef((PyObject *)nb);
+    return (PyObject *)nb;
+}
+
+/* Section.__enter__(s) / Section.__exit__(s, *exc): the unbound form */
+static PyObject *SectionMethod_vectorcall(SectionMethodObject *self, PyObject *const *args, size_t nargsf,
+                                          PyObject *kwnames)
+{
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (nargs < 1 || !Py_IS_TYPE(args[0], &SectionType)) {
+        PyErr_Format(PyExc_TypeError, "Section.%s() needs a Section as its first argument",
+                     section_method_name[self->is_exit]);
+        return NULL;
+    }
+    return section_call((SectionObject *)args[0], self->is_exit, nargs - 1, kwnames);
+}
+
+static PyObject *SectionMethod_repr(SectionMethodObject *self)
+{
+    return PyUnicode_FromFormat("<method '%s' of 'stated.shm._native.Section' objects>",
+                                section_method_name[self->is_exit]);
+}
+
+static PyTypeObject SectionMethodType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "stated.shm._native.SectionMethod",
+    .tp_basicsize = sizeof(SectionMethodObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = "Section.__enter__ / Section.__exit__ (bound once per section)",
+    .tp_vectorcall_offset = offsetof(SectionMethodObject, vectorcall),
+    .tp_call = PyVectorcall_Call,
+    .tp_repr = (reprfunc)SectionMethod_repr,
+    .tp_descr_get = (descrgetfunc)SectionMethod_get,
+};
+
+/* after PyType_Ready(&SectionType): its __enter__ and __exit__ */
+static int install_section_methods(void)
+{
+    if (PyType_Ready(&SectionBoundType) < 0 || PyType_Ready(&SectionMethodType) < 0)
+        return -1;
+    for (int i = 0; i < 2; i++) {
+        SectionMethodObject *m = PyObject_New(SectionMethodObject, &SectionMethodType);
+        if (!m)
+            return -1;
+        m->vectorcall = (vectorcallfunc)SectionMethod_vectorcall;
+        m->is_exit = i;
+        int r = PyDict_SetItemString(SectionType.tp_dict, section_method_name[i], (PyObject *)m);
+        Py_DECREF(m);
+        if (r < 0)
+            return -1;
+    }
+    PyType_Modified(&SectionType);
+    return 0;
+}
+
 /* ---- module --------------------------------------------------------------------------------------------- */
 static PyObject *mod_strerror(PyObject *m, PyObject *arg)
 {
@@ -1616,7 +1801,7 @@ PyMODINIT_FUNC PyInit__native(void)
 {
     if (PyType_Ready(&CoreType) < 0 || PyType_Ready(&SectionType) < 0)
         return NULL;
-    if (PyType_Ready(&CheckedIntType) < 0)
+    if (PyType_Ready(&CheckedIntType) < 0 || install_section_methods() < 0)
         return NULL;
     if (load_errors() < 0)
         return NULL;
