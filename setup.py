@@ -2,7 +2,7 @@
 everything else is in pyproject.toml.
 
 The core is one C11 header (stated/native/stated_core.h, stb-style); _native.c compiles it with
-STATED_IMPLEMENTATION. A C compiler is already required at install (sysv_ipc builds from source).
+STATED_IMPLEMENTATION. Building it is why a C compiler is needed at install.
 """
 from setuptools import Extension, setup
 

@@ -37,6 +37,7 @@ from bench_dataplane import (
     FILL,
     LOCK_TIMEOUT,
     RECORD_STRUCT,
+    SEM_NOTE,
     Harness,
     NaiveStack,
     RawPlayer,
@@ -243,7 +244,7 @@ def main() -> int:
                 samples[(kind, n)].append(run_procs(kind, n, key, sem, duration, children))
         labels = {"native-entity": "core.free(core.alloc(entity))", "native": "core.free(core.alloc())",
                   "naive": "naive stack pop+push (sysv_ipc, SEM_UNDO)",
-                  "sem2": "2x sysv_ipc acquire(2.0)+release (SEM_UNDO)"}
+                  "sem2": f"2x sysv_ipc acquire(2.0)+release (SEM_UNDO){SEM_NOTE}"}
         for (kind, n), s in samples.items():
             rate = statistics.median(s)
             vid = f"alloc_{kind}_{n}p".replace("-", "_")

@@ -144,17 +144,13 @@ class RestoreError(StatedError):
     """No usable snapshot, or the table already exists."""
 
 
-class InstallError(StatedError):
-    """The installation lacks something stated needs (e.g. sysv_ipc built without semtimedop)."""
-
-
 # every exception is part of the public API (`from stated import LockTimeout`); tests/test_layers.py checks
 __all__ = ["StatedError", "ConfigError", "KernelLimitError", "SchemaError", "SegmentNotFound",
            "SegmentExists", "ForeignSegment", "CorruptSegment", "SegmentInitialising", "PermissionDenied",
            "UnsupportedVersion", "LayoutMismatch", "TableFull", "DuplicateEntity", "StaleHandle",
            "SlotOutOfRange", "NotOwner", "OwnerBusy", "OwnersExhausted", "ReadOnlyTable", "LockTimeout",
            "TornRecord", "DaemonError", "AlreadyRunning", "CorruptSnapshot", "SnapshotFailed", "UnsafePath",
-           "MigrationRefused", "RestoreError", "InstallError", "StoreError", "StoreUnavailable",
+           "MigrationRefused", "RestoreError", "StoreError", "StoreUnavailable",
            "OwnedElsewhere", "StoreRetry", "StoreSchemaMismatch"]
 
 

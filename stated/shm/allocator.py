@@ -24,7 +24,6 @@ from typing import NamedTuple
 from ..format import segment as fmt
 from ..format.segment import U64, C, SegmentViews
 from . import _native
-from ._compat import require_semtimedop
 from .owners import Liveness, Owner, read_owners
 from .segment import Segment, Trust, open_semaphore
 
@@ -51,7 +50,6 @@ class Allocator:
         trust = trust or Trust.worker()
         semid = -1
         if not seg.readonly:
-            require_semtimedop()
             semid = open_semaphore(self.key, trust=trust).id
         self.views = SegmentViews(seg.buf, seg.header)
         try:

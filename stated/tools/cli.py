@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..daemon import logs
-from ..errors import ConfigError, InstallError, StatedError
+from ..errors import ConfigError, StatedError
 from ..format import config as config_mod
 from ..format import segment as fmt
 from ..format.units import human_bytes, human_seconds
@@ -38,12 +38,10 @@ def _config(args) -> config_mod.Config:
 def cmd_run(args) -> int:
     from ..daemon.lifecycle import Daemon
     from ..daemon.service import protect_core_dumps
-    from ..shm._compat import require_semtimedop
     path = args.config or config_mod.default_path()
     try:
         cfg = config_mod.load(path)          # the daemon is built from it (and reload() reads the path again)
-        require_semtimedop()
-    except (ConfigError, InstallError) as e:
+    except ConfigError as e:
         log.error("start-up refused: %s", e)
         return EXIT_CONFIG
     logs.configure(logging.DEBUG if args.verbose else logging.INFO, cfg.daemon.log_format)
