@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 import stated
 from stated.errors import ReadOnlyTable, StaleHandle, StatedError
+from stated.shm import _native
 
 INT_TYPES = ["i8", "u8", "i16", "u16", "i32", "u32", "i64", "u64"]
 FIELDS = [f"{t}_f: {t}" for t in INT_TYPES] + ["hp: i32 = 100", "x: f32", "d: f64", "alive: bool",
@@ -44,6 +45,16 @@ class IndexOnly:
 
     def __index__(self) -> int:
         return 4
+
+
+@pytest.fixture(autouse=True, params=["direct", "ctypes-field"])
+def field_path(request):
+    """Every test runs on both paths of an integer field: straight to the record's bytes (the normal one)
+    and through the ctypes field (what is used if ctypes' object layout ever fails the module's check)."""
+    was = _native.direct_field_access()
+    _native.direct_field_access(request.param == "direct")
+    yield request.param
+    _native.direct_field_access(was)
 
 
 @pytest.fixture
@@ -176,6 +187,34 @@ def test_int_fields_on_the_class_document_their_declaration(rec):
     table, h = rec
     cls = type(table.record(h))
     assert cls.hp.__doc__ == "hp: i32 = 100" and cls.u64_f.__doc__ == "u64_f: u64"
+
+
+def test_int_fields_take_the_direct_path_here(rec, field_path):
+    """On this CPython the module's check of ctypes' object layout passes: integer fields read and write
+    the record's bytes directly (if this fails, views still work, through the ctypes field, but slower)."""
+    table, h = rec
+    cls = type(table.record(h))
+    assert all(getattr(cls, n).direct == (field_path == "direct") for n in [*INT_NAMES, "hp"])
+
+
+def test_int_descriptor_refuses_foreign_objects(rec):
+    """A manual __get__/__set__ on an object that is not one of the record class's instances raises
+    TypeError (it must not read or write at that object's address plus the field's offset)."""
+    import ctypes
+    table, h = rec
+    p = table.record(h)
+    desc = type(p).__dict__["u64_f"]
+
+    class Small(ctypes.Structure):
+        _fields_ = [("a", ctypes.c_uint8)]
+    for other in (Small(), ctypes.c_uint64(1), object(), 5):
+        with pytest.raises(TypeError, match="doesn't apply"):
+            desc.__get__(other, type(other))
+        with pytest.raises(TypeError, match="doesn't apply"):
+            desc.__set__(other, 1)
+    assert desc.__get__(p, type(p)) == p.u64_f == 0 and desc.__get__(None, type(p)) is desc
+    desc.__set__(p, 2**64 - 1)
+    assert table.get(h, "u64_f") == 2**64 - 1
 
 
 def test_float_and_bool_fields_keep_c_semantics(rec):

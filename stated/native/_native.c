@@ -1385,11 +1385,11 @@ static PyTypeObject CoreType = {
 
 /* ==== record views: range-checked integer fields (issue 11) =============================================
  *
- * CheckedInt(cfield, name, type, lo, hi, doc=None): the descriptor stated.shm.records installs on a
- * record class for each integer field, in place of a Python property. It wraps the raw ctypes field
- * (the CField of `_raw_<name>`): reads are the CField's own; writes are range-checked first, so that
- * `p.hp = 2**40` raises ValueError naming the field and its range and writes nothing instead of
- * wrapping like C.
+ * CheckedInt(cfield, owner, name, type, lo, hi, doc=None): the descriptor stated.shm.records installs on
+ * the record class `owner` for each integer field, in place of a Python property. It stands for the raw
+ * ctypes field `cfield` (the CField of `_raw_<name>`): reads give what the CField gives; writes are
+ * range-checked first, so that `p.hp = 2**40` raises ValueError naming the field and its range and
+ * writes nothing instead of wrapping like C.
  *
  * What a write accepts or refuses is exactly what the Python setter it replaces did
  * (`if lo <= v <= hi: self._raw = v else: raise ValueError(...)`, tests/test_records.py):
@@ -1397,13 +1397,34 @@ static PyTypeObject CoreType = {
  *  - anything else (int subclasses, which may override the comparison, floats, str, None, ...) goes
  *    through the same two rich comparisons Python's chained `lo <= v <= hi` makes, so it raises the
  *    same TypeError, or passes and then meets ctypes' own conversion (a float in range: TypeError);
- *  - in range, the value goes to the CField's setter unchanged (ctypes converts and stores it).
- * Read-only and dead views never reach this: their classes override __setattr__/__getattribute__. */
+ *  - in range, an exact int or bool is stored, anything else goes to the CField's setter unchanged
+ *    (ctypes converts it: IntEnum members, objects with __index__).
+ * Read-only and dead views never reach this: their classes override __setattr__/__getattribute__.
+ *
+ * The hot path (`direct`): a ctypes instance starts, after PyObject_HEAD, with `char *b_ptr`, the
+ * address of its bytes (ctypes' CDataObject). With that, a read is one load and PyLong_From..., and a
+ * checked exact int one store: no call into ctypes, whose CField path re-derives the same pointer
+ * through three functions (PyCField_get -> PyCData_get -> the field's getfunc). The layout is ctypes'
+ * private one, so it is not assumed: module init compares b_ptr with ctypes.addressof() on real
+ * instances (direct_layout_check), and every descriptor checks its field (offset and size inside
+ * sizeof(owner), the size its type has) and each instance's class (an instance of `owner`: a manual
+ * `__get__(other)` is refused). If a layout or field check fails, the CField's own getter and setter
+ * are used (the same semantics, slower). Loads and stores go through memcpy of the field's width, as
+ * ctypes itself does (one plain access for an aligned field). */
+typedef struct {
+    PyObject_HEAD
+    char *b_ptr;
+} CDataPrefix;
+
+static int direct_layout_ok;        /* set at module init by direct_layout_check() */
+static int direct_enabled = 1;      /* tests turn the direct path off to run the CField path */
+
 typedef struct {
     PyObject_HEAD
     PyObject *cfield;               /* the ctypes CField of the raw field */
     descrgetfunc cget;              /* its type's tp_descr_get / tp_descr_set, taken once */
     descrsetfunc cset;
+    PyTypeObject *owner;            /* the record class the field belongs to */
     PyObject *name;                 /* str: the field's name, for messages */
     PyObject *type;                 /* str: "i32", "u64", ... for messages */
     PyObject *lo, *hi;              /* ints: the inclusive range (the generic path compares with them) */
@@ -1411,20 +1432,78 @@ typedef struct {
     long long slo, shi;             /* the range in C, for signed kinds */
     unsigned long long uhi;         /* ... and for unsigned ones (lo is 0) */
     int is_unsigned;
+    int width;                      /* bytes: 1, 2, 4 or 8 */
+    int direct;                     /* this field's checks passed: b_ptr + offset, width bytes */
+    Py_ssize_t offset;
 } CheckedIntObject;
 
 static PyTypeObject CheckedIntType;
 
+/* b_ptr == ctypes.addressof(o) for a plain instance and one over a foreign buffer, or the direct path
+ * stays off. -1 only on an unexpected Python error. */
+static int direct_layout_check(void)
+{
+    PyObject *ctypes = PyImport_ImportModule("ctypes");
+    if (!ctypes)
+        return -1;
+    int ok = 1;
+    PyObject *buf = PyByteArray_FromStringAndSize("0123456789abcdef", 16);
+    PyObject *objs[2] = {NULL, NULL};
+    objs[0] = PyObject_CallMethod(ctypes, "c_uint64", "K", 0x0123456789abcdefULL);
+    PyObject *cls = PyObject_GetAttrString(ctypes, "c_int32");
+    if (cls && buf)
+        objs[1] = PyObject_CallMethod(cls, "from_buffer", "Oi", buf, 4);
+    for (int i = 0; i < 2 && ok; i++) {
+        PyObject *addr = objs[i] ? PyObject_CallMethod(ctypes, "addressof", "O", objs[i]) : NULL;
+        void *a = addr ? PyLong_AsVoidPtr(addr) : NULL;
+        if (!addr || PyErr_Occurred() || a != (void *)((CDataPrefix *)objs[i])->b_ptr)
+            ok = 0;
+        Py_XDECREF(addr);
+    }
+    if (ok && memcmp(((CDataPrefix *)objs[1])->b_ptr, "456789ab", 4) != 0)
+        ok = 0;
+    PyErr_Clear();
+    Py_XDECREF(objs[0]);
+    Py_XDECREF(objs[1]);
+    Py_XDECREF(cls);
+    Py_XDECREF(buf);
+    Py_DECREF(ctypes);
+    direct_layout_ok = ok;
+    return 0;
+}
+
+/* the CField's offset and size, and sizeof(owner): is b_ptr + offset, `width` bytes, inside every
+ * instance of owner? (0 when anything does not fit: the field then uses the CField path) */
+static int direct_field_fits(CheckedIntObject *self, PyObject *cfield, PyObject *owner)
+{
+    PyObject *ctypes = PyImport_ImportModule("ctypes");
+    PyObject *off = PyObject_GetAttrString(cfield, "offset");
+    PyObject *size = PyObject_GetAttrString(cfield, "size");
+    PyObject *total = ctypes ? PyObject_CallMethod(ctypes, "sizeof", "O", owner) : NULL;
+    Py_ssize_t o = off ? PyLong_AsSsize_t(off) : -1;
+    Py_ssize_t n = size ? PyLong_AsSsize_t(size) : -1;
+    Py_ssize_t t = total ? PyLong_AsSsize_t(total) : -1;
+    PyErr_Clear();
+    Py_XDECREF(ctypes);
+    Py_XDECREF(off);
+    Py_XDECREF(size);
+    Py_XDECREF(total);
+    if (o < 0 || n != self->width || t < 0 || o > t - n)
+        return 0;
+    self->offset = o;
+    return 1;
+}
+
 static int CheckedInt_init(CheckedIntObject *self, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"cfield", "name", "type", "lo", "hi", "doc", NULL};
-    PyObject *cfield, *name, *type, *lo, *hi, *doc = Py_None;
+    static char *kwlist[] = {"cfield", "owner", "name", "type", "lo", "hi", "doc", NULL};
+    PyObject *cfield, *owner, *name, *type, *lo, *hi, *doc = Py_None;
     if (self->cfield) {
         PyErr_SetString(PyExc_TypeError, "CheckedInt is already initialised");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OUUO!O!|O", kwlist, &cfield, &name, &type, &PyLong_Type, &lo,
-                                     &PyLong_Type, &hi, &doc))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO!UUO!O!|O", kwlist, &cfield, &PyType_Type, &owner, &name, &type,
+                                     &PyLong_Type, &lo, &PyLong_Type, &hi, &doc))
         return -1;
     PyTypeObject *ct = Py_TYPE(cfield);
     if (!ct->tp_descr_get || !ct->tp_descr_set) {
@@ -1439,6 +1518,7 @@ static int CheckedInt_init(CheckedIntObject *self, PyObject *args, PyObject *kw)
         PyErr_SetString(PyExc_ValueError, "CheckedInt: lo must fit 64 bits");
         return -1;
     }
+    unsigned long long span;        /* hi - lo: 2**bits - 1 for the integer kinds */
     if (l >= 0) {                   /* unsigned kind: [0, hi], hi up to 2**64 - 1 */
         unsigned long long u = PyLong_AsUnsignedLongLong(hi);
         if (u == (unsigned long long)-1 && PyErr_Occurred())
@@ -1449,6 +1529,7 @@ static int CheckedInt_init(CheckedIntObject *self, PyObject *args, PyObject *kw)
         }
         self->is_unsigned = 1;
         self->uhi = u;
+        span = u;
     } else {
         long long h = PyLong_AsLongLongAndOverflow(hi, &overflow);
         if (h == -1 && PyErr_Occurred())
@@ -1460,10 +1541,14 @@ static int CheckedInt_init(CheckedIntObject *self, PyObject *args, PyObject *kw)
         self->is_unsigned = 0;
         self->slo = l;
         self->shi = h;
+        span = (unsigned long long)h - (unsigned long long)l;
     }
+    self->width = span == 0xFFu ? 1 : span == 0xFFFFu ? 2 : span == 0xFFFFFFFFu ? 4 : span == UINT64_MAX ? 8 : 0;
     self->cget = ct->tp_descr_get;
     self->cset = ct->tp_descr_set;
+    self->direct = direct_layout_ok && self->width && direct_field_fits(self, cfield, owner);
     self->cfield = Py_NewRef(cfield);
+    self->owner = (PyTypeObject *)Py_NewRef(owner);
     self->name = Py_NewRef(name);
     self->type = Py_NewRef(type);
     self->lo = Py_NewRef(lo);
@@ -1472,80 +1557,128 @@ static int CheckedInt_init(CheckedIntObject *self, PyObject *args, PyObject *kw)
     return 0;
 }
 
-/* p.hp: the CField's own getter, called directly. A property would call attrgetter, which looks
- * `_raw_hp` up by name on the instance (a second type lookup) before reaching the same getter. */
+/* An attribute lookup only finds the descriptor on instances of owner (or its read-only and dead
+ * subclasses); anything else is a manual __get__/__set__ call, refused like CPython's own descriptors
+ * refuse a foreign object (it must not read or write at another object's b_ptr + offset). */
+static int checked_instance(CheckedIntObject *self, PyObject *obj)
+{
+    if (PyObject_TypeCheck(obj, self->owner))
+        return 1;
+    PyErr_Format(PyExc_TypeError, "descriptor %R for '%.100s' objects doesn't apply to a '%.100s' object",
+                 self->name, self->owner->tp_name, Py_TYPE(obj)->tp_name);
+    return 0;
+}
+
+/* p.hp */
 static PyObject *CheckedInt_get(CheckedIntObject *self, PyObject *obj, PyObject *type)
 {
     if (obj == NULL || obj == Py_None || !self->cfield)
         return Py_NewRef((PyObject *)self);     /* on the class: the descriptor (help() shows the doc) */
-    return self->cget(self->cfield, obj, type);
-}
-
-/* 1: lo <= v <= hi, 0: not, -1: an error (a comparison raised) */
-static int checked_in_range(CheckedIntObject *self, PyObject *v)
-{
-    /* Fast path: an exact int or a bool (an int with int's comparison) fits the range test in C.
-     * PyLong_AsLongLongAndOverflow on one cannot fail (no __index__ call); outside 64 bits it says
-     * which side (overflow < 0: below every range; > 0: above, unless u64 takes it). */
-    if (PyLong_CheckExact(v) || PyBool_Check(v)) {
-        int overflow = 0;
-        long long x = PyLong_AsLongLongAndOverflow(v, &overflow);
-        if (!overflow) {
-            if (self->is_unsigned)
-                return x >= 0 && (unsigned long long)x <= self->uhi;
-            return x >= self->slo && x <= self->shi;
+    if (!checked_instance(self, obj))
+        return NULL;
+    if (!(self->direct && direct_enabled))
+        return self->cget(self->cfield, obj, type);         /* ctypes' own read */
+    const char *p = ((CDataPrefix *)obj)->b_ptr + self->offset;
+    if (self->is_unsigned) {
+        switch (self->width) {
+        case 1: { uint8_t v; memcpy(&v, p, 1); return PyLong_FromUnsignedLong(v); }
+        case 2: { uint16_t v; memcpy(&v, p, 2); return PyLong_FromUnsignedLong(v); }
+        case 4: { uint32_t v; memcpy(&v, p, 4); return PyLong_FromUnsignedLong(v); }
+        default: { uint64_t v; memcpy(&v, p, 8); return PyLong_FromUnsignedLongLong(v); }
         }
-        if (overflow < 0 || !self->is_unsigned)
-            return 0;
-        unsigned long long u = PyLong_AsUnsignedLongLong(v);     /* 2**63 <= v: a u64 up to 2**64 - 1 */
-        if (u == (unsigned long long)-1 && PyErr_Occurred()) {
-            if (!PyErr_ExceptionMatches(PyExc_OverflowError))
-                return -1;
-            PyErr_Clear();
-            return 0;
-        }
-        return u <= self->uhi;
     }
-    /* Anything else: Python's `lo <= v <= hi`, comparison by comparison (its TypeErrors included) */
-    int r = PyObject_RichCompareBool(self->lo, v, Py_LE);
-    if (r <= 0)
-        return r;
-    return PyObject_RichCompareBool(v, self->hi, Py_LE);
+    switch (self->width) {
+    case 1: { int8_t v; memcpy(&v, p, 1); return PyLong_FromLong(v); }
+    case 2: { int16_t v; memcpy(&v, p, 2); return PyLong_FromLong(v); }
+    case 4: { int32_t v; memcpy(&v, p, 4); return PyLong_FromLong(v); }
+    default: { int64_t v; memcpy(&v, p, 8); return PyLong_FromLongLong(v); }
+    }
 }
 
-/* p.hp = v: checked here, stored by the CField's own setter (ctypes' conversion) */
+/* an in-range value of this field's kind into its bytes (little or big endian: the host's, as ctypes) */
+static void checked_store(CheckedIntObject *self, char *p, unsigned long long bits)
+{
+    switch (self->width) {
+    case 1: { uint8_t v = (uint8_t)bits; memcpy(p, &v, 1); break; }
+    case 2: { uint16_t v = (uint16_t)bits; memcpy(p, &v, 2); break; }
+    case 4: { uint32_t v = (uint32_t)bits; memcpy(p, &v, 4); break; }
+    default: { uint64_t v = (uint64_t)bits; memcpy(p, &v, 8); break; }
+    }
+}
+
+/* p.hp = v */
 static int CheckedInt_set(CheckedIntObject *self, PyObject *obj, PyObject *value)
 {
     if (!self->cfield) {
         PyErr_SetString(PyExc_TypeError, "CheckedInt is not initialised");
         return -1;
     }
+    if (!checked_instance(self, obj))
+        return -1;
     if (value == NULL) {
         PyErr_Format(PyExc_AttributeError, "field %R of '%.100s' object cannot be deleted", self->name,
                      Py_TYPE(obj)->tp_name);
         return -1;
     }
-    int ok = checked_in_range(self, value);
-    if (ok < 0)
-        return -1;
+    int ok;
+    unsigned long long bits = 0;    /* an exact int's value, two's complement, when ok on the fast path */
+    int exact = PyLong_CheckExact(value) || PyBool_Check(value);
+    if (exact) {
+        /* Fast path: an exact int or a bool (an int with int's comparison) is range-checked in C.
+         * PyLong_AsLongLongAndOverflow cannot fail on one (no __index__ call); outside 64 bits it says
+         * which side (overflow < 0: below every range; > 0: above, unless u64 takes it). */
+        int overflow = 0;
+        long long x = PyLong_AsLongLongAndOverflow(value, &overflow);
+        if (!overflow) {
+            ok = self->is_unsigned ? x >= 0 && (unsigned long long)x <= self->uhi : x >= self->slo && x <= self->shi;
+            bits = (unsigned long long)x;
+        } else if (overflow < 0 || !self->is_unsigned) {
+            ok = 0;
+        } else {
+            unsigned long long u = PyLong_AsUnsignedLongLong(value);     /* 2**63 <= v: u64 up to 2**64 - 1 */
+            if (u == (unsigned long long)-1 && PyErr_Occurred()) {
+                if (!PyErr_ExceptionMatches(PyExc_OverflowError))
+                    return -1;
+                PyErr_Clear();
+                ok = 0;
+            } else {
+                ok = u <= self->uhi;
+                bits = u;
+            }
+        }
+    } else {
+        /* Anything else: Python's `lo <= v <= hi`, comparison by comparison (its TypeErrors included) */
+        ok = PyObject_RichCompareBool(self->lo, value, Py_LE);
+        if (ok > 0)
+            ok = PyObject_RichCompareBool(value, self->hi, Py_LE);
+        if (ok < 0)
+            return -1;
+    }
     if (!ok) {
         PyErr_Format(PyExc_ValueError, "field %R is %U: %R is outside [%S, %S]", self->name, self->type, value,
                      self->lo, self->hi);
         return -1;
     }
-    return self->cset(self->cfield, obj, value);
+    if (exact && self->direct && direct_enabled) {
+        checked_store(self, ((CDataPrefix *)obj)->b_ptr + self->offset, bits);
+        return 0;
+    }
+    return self->cset(self->cfield, obj, value);            /* ctypes converts and stores */
 }
 
 static int CheckedInt_traverse(CheckedIntObject *self, visitproc visit, void *arg)
 {
     Py_VISIT(self->cfield);
+    Py_VISIT(self->owner);
     Py_VISIT(self->doc);
     return 0;
 }
 
+/* The descriptor and its record class refer to each other (class dict -> descriptor -> owner): the
+ * class's own clear (its dict) breaks that cycle, so owner and cfield, which get/set use, stay until
+ * dealloc and a call during a collection never meets them NULL. */
 static int CheckedInt_clear(CheckedIntObject *self)
 {
-    Py_CLEAR(self->cfield);
     Py_CLEAR(self->doc);
     return 0;
 }
@@ -1554,6 +1687,8 @@ static void CheckedInt_dealloc(CheckedIntObject *self)
 {
     PyObject_GC_UnTrack(self);
     CheckedInt_clear(self);
+    Py_CLEAR(self->owner);
+    Py_CLEAR(self->cfield);
     Py_CLEAR(self->name);
     Py_CLEAR(self->type);
     Py_CLEAR(self->lo);
@@ -1568,27 +1703,37 @@ static PyObject *CheckedInt_repr(CheckedIntObject *self)
     return PyUnicode_FromFormat("<CheckedInt %R: %U [%S, %S]>", self->name, self->type, self->lo, self->hi);
 }
 
-/* introspection (records.py's offset check, tests, help()): getters, no structmember.h needed */
+/* introspection (tests, help()): getters, no structmember.h needed */
 #define CHECKED_INT_GETTER(fname, member)                                          \
     static PyObject *CheckedInt_get_##fname(CheckedIntObject *self, void *c)       \
     {                                                                              \
         (void)c;                                                                   \
-        return Py_NewRef(self->member ? self->member : Py_None);                   \
+        return Py_NewRef(self->member ? (PyObject *)self->member : Py_None);       \
     }
 CHECKED_INT_GETTER(doc, doc)
 CHECKED_INT_GETTER(field, cfield)
+CHECKED_INT_GETTER(owner, owner)
 CHECKED_INT_GETTER(name, name)
 CHECKED_INT_GETTER(type, type)
 CHECKED_INT_GETTER(lo, lo)
 CHECKED_INT_GETTER(hi, hi)
 
+static PyObject *CheckedInt_get_direct(CheckedIntObject *self, void *c)
+{
+    (void)c;
+    return PyBool_FromLong(self->direct && direct_enabled);
+}
+
 static PyGetSetDef CheckedInt_getset[] = {
     {"__doc__", (getter)CheckedInt_get_doc, NULL, NULL, NULL},
     {"field", (getter)CheckedInt_get_field, NULL, "the raw ctypes field", NULL},
+    {"owner", (getter)CheckedInt_get_owner, NULL, "the record class", NULL},
     {"name", (getter)CheckedInt_get_name, NULL, "the field's name", NULL},
     {"type", (getter)CheckedInt_get_type, NULL, "its type name (i8 ... u64)", NULL},
     {"lo", (getter)CheckedInt_get_lo, NULL, "the smallest value accepted", NULL},
     {"hi", (getter)CheckedInt_get_hi, NULL, "the largest value accepted", NULL},
+    {"direct", (getter)CheckedInt_get_direct, NULL,
+     "reads and checked int writes go straight to the record's bytes (else through the ctypes field)", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
@@ -1597,8 +1742,9 @@ static PyTypeObject CheckedIntType = {
     .tp_name = "stated.shm._native.CheckedInt",
     .tp_basicsize = sizeof(CheckedIntObject),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
-    .tp_doc = "CheckedInt(cfield, name, type, lo, hi, doc=None): a record view's integer field: the ctypes\n"
-              "field `cfield`, whose assignments outside [lo, hi] raise ValueError (nothing written).",
+    .tp_doc = "CheckedInt(cfield, owner, name, type, lo, hi, doc=None): an integer field of the record class\n"
+              "`owner` over its ctypes field `cfield`; an assignment outside [lo, hi] raises ValueError (nothing\n"
+              "written).",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)CheckedInt_init,
     .tp_dealloc = (destructor)CheckedInt_dealloc,
@@ -1609,6 +1755,24 @@ static PyTypeObject CheckedIntType = {
     .tp_descr_get = (descrgetfunc)CheckedInt_get,
     .tp_descr_set = (descrsetfunc)CheckedInt_set,
 };
+
+/* direct_field_access(on=None) -> bool: whether CheckedInt fields take the direct path (tests turn it
+ * off to run the CField path; it cannot be turned on when the layout check failed) */
+static PyObject *mod_direct_field_access(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)m;
+    if (nargs > 1) {
+        PyErr_SetString(PyExc_TypeError, "direct_field_access(on=None)");
+        return NULL;
+    }
+    if (nargs == 1 && args[0] != Py_None) {
+        int on = PyObject_IsTrue(args[0]);
+        if (on < 0)
+            return NULL;
+        direct_enabled = on;
+    }
+    return PyBool_FromLong(direct_enabled && direct_layout_ok);
+}
 
 /* ==== write sections' `with`: no allocation per statement (issue 11) =====================================
  *
@@ -1790,6 +1954,8 @@ static PyObject *mod_strerror(PyObject *m, PyObject *arg)
 
 static PyMethodDef module_methods[] = {
     {"strerror", mod_strerror, METH_O, "strerror(code) -> text of a STATED_ERR_* code"},
+    {"direct_field_access", (PyCFunction)(void (*)(void))mod_direct_field_access, METH_FASTCALL,
+     "direct_field_access(on=None) -> bool: record views' integer fields read/write their bytes directly"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1801,7 +1967,7 @@ PyMODINIT_FUNC PyInit__native(void)
 {
     if (PyType_Ready(&CoreType) < 0 || PyType_Ready(&SectionType) < 0)
         return NULL;
-    if (PyType_Ready(&CheckedIntType) < 0 || install_section_methods() < 0)
+    if (PyType_Ready(&CheckedIntType) < 0 || install_section_methods() < 0 || direct_layout_check() < 0)
         return NULL;
     if (load_errors() < 0)
         return NULL;

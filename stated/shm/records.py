@@ -4,11 +4,12 @@ A view is a ctypes structure laid over the record's bytes in shared memory, so
 `p.x += p.vx * dt` costs what raw ctypes costs. Field kinds:
 
 - f32/f64/bool: plain ctypes fields (fastest; f32 overflow becomes inf as in C);
-- integers: a CheckedInt descriptor (stated.shm._native, C) over the raw ctypes
-  field: reads are the ctypes field's own, writes are range-checked in C first,
-  so `p.hp = 2**40` raises ValueError and writes nothing instead of wrapping like
-  C would (and any other value is accepted or refused exactly as Python's
-  `lo <= v <= hi` followed by the ctypes store would: tests/test_records.py);
+- integers: a CheckedInt descriptor (stated.shm._native, C) for the raw ctypes
+  field: reads and writes go straight to the record's bytes (faster than the
+  ctypes field itself), writes range-checked first, so `p.hp = 2**40` raises
+  ValueError and writes nothing instead of wrapping like C would (any other
+  value is accepted or refused exactly as Python's `lo <= v <= hi` followed by
+  the ctypes store would: tests/test_records.py);
 - str[N]/bytes[N]: properties that encode/decode and refuse oversized values;
 - T[N] arrays: the ctypes array itself (live, indexable, sliceable; element
   writes have C semantics); assigning a sequence to the field is checked.
@@ -125,7 +126,7 @@ def record_class(layout: Layout, name: str = "record") -> type[RecordBase]:
     ns["_fields_"] = fields
     cls = type(name, (RecordBase,), ns)
     for raw, f in checked:      # the raw CFields exist once ctypes has built the class
-        setattr(cls, f.name, CheckedInt(cls.__dict__[raw], f.name, f.type, *int_range(f.type), f.decl))
+        setattr(cls, f.name, CheckedInt(cls.__dict__[raw], cls, f.name, f.type, *int_range(f.type), f.decl))
     # the layout is the truth; ctypes must agree with it byte for byte
     assert ctypes.sizeof(cls) == layout.record_size, (name, ctypes.sizeof(cls), layout.record_size)
     for fl in layout.fields:
