@@ -13,6 +13,7 @@ import asyncio
 import json
 import random
 import statistics
+import struct
 import subprocess
 import sys
 import time
@@ -23,9 +24,10 @@ from _common import ROOT, exit_on_signals, pick_keys
 sys.path.insert(0, str(ROOT / "tests"))
 
 import asyncpg  # noqa: E402
-from conftest import PLAYER_FIELDS, PgCluster, StoreHost, new_pg_cluster, player_layout  # noqa: E402
+from helpers import PLAYER_FIELDS, PgCluster, StoreHost, new_pg_cluster, player_layout  # noqa: E402
 
 import stated  # noqa: E402
+from stated.persist.store.schema import entity_to_sql  # noqa: E402
 from stated.shm import segment  # noqa: E402
 
 WRITER = r"""
@@ -43,6 +45,22 @@ while True:
     time.sleep(0.002)
 print(done, flush=True)
 """
+
+
+def field_values(layout, data: bytes) -> list:
+    """A record's fields as the Python values asyncpg's encoders take (the bare script's input)."""
+    out: list = []
+    for fl in layout.fields:
+        f = fl.field
+        raw = data[fl.offset:fl.offset + f.size]
+        if f.type == "str":
+            out.append(raw.split(b"\0", 1)[0].decode("utf-8", "replace"))
+        elif f.type == "bytes":
+            out.append(raw)
+        else:
+            vals = list(struct.unpack(f"<{f.count}{f.code}", raw))
+            out.append(vals if f.array else vals[0])
+    return out
 
 
 def fill(key: int, n: int, gold: int = 0):
@@ -113,7 +131,8 @@ async def flush_bench(key: int, dsn: str, n: int, batch: int, out: dict) -> None
                 fill(key, n, gold=1000)
             # the same rows for the bare script: decoded from the same records, one version above
             rec, rs = host.ts.rec, host.ts.rs
-            rows = [m.decode(e, ((2 + rnd) << 32) | 1, bytes(rec[s * rs:(s + 1) * rs]))
+            rows = [(entity_to_sql(e), ((2 + rnd) << 32) | 1, m.layout_hex,
+                     *field_values(m.layout, bytes(rec[s * rs:(s + 1) * rs])))
                     for e, s in host.ts.allocated_entities().items()]
             wall, cpu, written = await flush_all(host)
             bare, bare_cpu = await bare_asyncpg(dsn, rows, m, batch)

@@ -357,30 +357,6 @@ def test_a_row_that_does_not_fit_the_layout_is_refused_by_claim(make_segment, pg
         host.close(), t.close()
 
 
-def test_binary_numeric_encoding_is_what_the_server_reads(pg_dsn):
-    """u64 fields go out as binary numeric built by hand (stated/persist/store/schema.py): every digit-count
-    branch, trailing zero digits, and the u64 extremes, read back by PostgreSQL."""
-    import struct
-
-    import asyncpg
-
-    from stated.persist.store.schema import COPY_HEADER, COPY_TRAILER, numeric_wire
-    vals = [0, 1, 9999, 10000, 10001, 99990000, 99999999, 10 ** 8, 10 ** 8 + 1, 10 ** 12, 99990000000000,
-            10 ** 16, 10 ** 16 + 1, 12345678901234567, 2 ** 63, 2 ** 64 - 1, 10 ** 19]
-
-    async def go():
-        c = await asyncpg.connect(pg_dsn)
-        try:
-            await c.execute("CREATE TABLE n (i int, a numeric(20,0))")
-            data = COPY_HEADER + b"".join(struct.pack(">hii", 2, 4, i) + numeric_wire(v) for i, v in enumerate(vals)) \
-                + COPY_TRAILER
-            await c.copy_to_table("n", source=memoryview(data), format="binary")
-            return [int(r[0]) for r in await c.fetch("SELECT a FROM n ORDER BY i")]
-        finally:
-            await c.close()
-    assert run(go()) == vals
-
-
 def test_a_record_the_database_refuses_does_not_stop_the_others(make_segment, pg_dsn, caplog):
     """A DBA adds a CHECK that one record violates: that record is isolated (the batch is halved until
     found), logged and counted; every other record is written; the refused one keeps its mark and is

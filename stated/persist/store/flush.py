@@ -116,8 +116,8 @@ class TableStore:
         """Harvest writers' marks, then the slots to write: store_pending ones, and pinned allocated
         slots whose bytes differ from what this daemon last wrote for them."""
         harvest(self.v)
-        slots = marked(self.store_pending, self.capacity)
-        pinned = marked(self.pinned, self.capacity)
+        slots = marked(self.store_pending)
+        pinned = marked(self.pinned)
         if pinned:
             have = set(slots)
             rs, rec, state, gen = self.rs, self.rec, self.state, self.gen
@@ -141,7 +141,7 @@ class TableStore:
         return 0.0
 
     def dirty_count(self) -> int:
-        return count_marked(self.capacity, self.v.dirty, self.store_pending)
+        return count_marked(self.v.dirty, self.store_pending)
 
     # ---- copy and settle ----------------------------------------------------------------------
     def copy_batch(self, slots: list[int]) -> tuple[list[Item], list[int]]:
@@ -608,7 +608,7 @@ class Store:
         m = ts.mapping
         n = ts.next_version_base()
         epochs = ts.epochs
-        payload = m.copy_data([(it[3], (epochs[it[3]] << 32) | n, it[4]) for it in items])
+        payload = m.copy_data(items, epochs, n)
         async with drv.transaction():
             await drv.copy_binary(m.temp_name, m.copy_columns, payload)
             status = await drv.execute(m.upsert_sql(), m.name, self.cfg.host_id)
@@ -653,7 +653,7 @@ class Store:
             here = ts.allocated_entities()
             gone = {e: ep for e, ep in ts.epochs.items() if e not in here}
             ts.lost &= set(here)       # a lost entity freed here is forgotten: a later claim starts afresh
-            pending = {ts.entity[s] for s in marked(ts.store_pending, ts.capacity)}
+            pending = {ts.entity[s] for s in marked(ts.store_pending)}
             if self._renewals % SWEEP_EVERY == 1:      # the first renewal of a connection, then every 10th
                 async with self._bulk_lock:
                     if self.bulk is None:
