@@ -18,8 +18,8 @@ import pytest
 from helpers import StoreHost, pg_exec, pg_expire, pg_rows, player_layout
 
 import stated
-from stated.persist.store.schema import SQL_TYPES, TableMapping, copy_plan
 from stated.format.segment import SegmentViews
+from stated.persist.store.schema import SQL_TYPES, TableMapping, copy_plan
 from stated.shm import _native, segment
 from stated.shm.marks import count_marked, harvest, marked
 
@@ -45,7 +45,8 @@ RECORDS = {
                   af64=[1.7976931348623157e308, INF, NAN], ab=[True, False, True], one=[2 ** 64 - 1]),
     2 ** 64 - 1: dict(a=-1, b=1, c=1, d=1, e=1, f=1, g=1, h=10 ** 8, k=1.5, m=-2.5, n=True, s="añb€", y=b"\x01",
                       ai8=[1, 2], au8=[3, 4], ai16=[5, 6], au16=[7, 8], ai32=[9, 10], au32=[11, 12, 13],
-                      ai64=[14, 15], au64=[9999, 10000, 10 ** 16 + 1], af32=[0.1, -2.5, 0.0], af64=[math.pi, -0.0, 1e300],
+                      ai64=[14, 15], au64=[9999, 10000, 10 ** 16 + 1], af32=[0.1, -2.5, 0.0],
+                      af64=[math.pi, -0.0, 1e300],
                       ab=[True, True, True], one=[99990000]),
 }
 
