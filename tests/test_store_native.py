@@ -7,15 +7,19 @@ byte for byte through a claim on another host.
 """
 from __future__ import annotations
 
+import ctypes
 import math
+import os
+import signal
 import struct
 import subprocess
 import sys
+import time
 from asyncio import run
 from pathlib import Path
 
 import pytest
-from helpers import StoreHost, pg_exec, pg_expire, pg_rows, player_layout
+from helpers import StoreHost, fork_child, pg_exec, pg_expire, pg_rows, player_layout, wait_child
 
 import stated
 from stated.format.segment import SegmentViews
@@ -247,6 +251,102 @@ def test_harvest_moves_every_dirty_mark_to_both_consumers(make_segment):
             seg.detach()
     finally:
         t.close()
+
+
+# ---- record copies and settles (store_copy / store_settle) -------------------------------------------------------
+def test_store_copies_and_settles_records(make_segment):
+    """Copies carry (slot, generation, seq, entity, bytes, pinned): -1 for an allocation without an entity,
+    the last entity for a freed slot, pinned only for a live view's slot. A slot inside a write section is
+    left for later; settle clears the store mark only of records unchanged since their copy."""
+    from stated.persist.store.flush import Item
+    from stated.shm.allocator import Allocator
+    key = make_segment(16)
+    t = stated.attach(key=key, owner="w")
+    seg = segment.open(key)
+    alloc = Allocator(seg, table="players")
+    core = alloc.core
+    try:
+        a, b, c, d = t.alloc(entity=2 ** 64 - 1), t.alloc(), t.alloc(entity=7), t.alloc(entity=9)
+        t.set(a, "hp", 5)
+        t.record(d).hp = 6                   # a live view pins the slot
+        t.free(c)
+        harvest(alloc.views)
+        items, later = _native.store_copy(core, [a.slot, b.slot, c.slot, d.slot], Item, 8)
+        assert later == [] and all(type(it) is Item for it in items)
+        got = {it.slot: it for it in items}
+        assert (got[a.slot].entity, got[a.slot].gen, got[a.slot].pinned) == (2 ** 64 - 1, a.generation, False)
+        assert got[b.slot].entity == -1 and got[c.slot].entity == 7 and got[c.slot].pinned is False
+        assert got[d.slot].pinned is True and got[d.slot].seq == alloc.views.seq[d.slot]
+        rs = t.record_size
+        assert got[a.slot].data == bytes(t._rec[a.slot * rs:(a.slot + 1) * rs])
+        with t.write(a) as p:                # mid-write: left for later, every round
+            p.hp = 9
+            assert _native.store_copy(core, [a.slot, b.slot], Item, 3)[1] == [a.slot]
+        t.set(b, "hp", 1)                    # changed after its copy: the mark stays
+        changed = _native.store_settle(core, items)
+        assert [it.slot for it in changed] == [a.slot, b.slot]
+        assert marked(alloc.views.store_pending) == [a.slot, b.slot]
+        with pytest.raises(stated.SlotOutOfRange):
+            _native.store_copy(core, [16], Item, 1)
+        with pytest.raises(ValueError, match="tries"):
+            _native.store_copy(core, [1], Item, 0)
+        with pytest.raises(TypeError, match="tuple subclass"):
+            _native.store_copy(core, [1], list, 1)
+    finally:
+        alloc.release_views()
+        seg.detach()
+        t.close()
+    with pytest.raises(stated.StatedError, match="closed"):
+        _native.store_copy(core, [0], Item, 1)
+
+
+def _word_writer(key: int, ready_w: int) -> None:
+    """Rewrites record 88 word by word (interpreted: a wide window) with one counter per write section."""
+    t = stated.attach(key=key, owner="ww")
+    h = t.alloc(entity=88)
+    words = t.record_size // 4
+    arr = (ctypes.c_uint32 * words).from_buffer(t._rec, h.slot * t.record_size)
+    section = t._core.section(h.slot, arr)
+    v = 0
+    while True:
+        v = (v + 1) & 0xFFFFFFFF
+        with section as p:
+            for i in range(words):
+                p[i] = v
+        if v == 1:                           # the defaults before the first section are not all-equal words
+            os.write(ready_w, b"x")
+
+
+def test_store_copies_of_a_record_under_constant_writes_are_never_torn(make_segment, procs):
+    """Another process rewrites a record in sections as fast as it can; every copy the store accepts holds one
+    section's values (all words equal), and the copies see the writes progress."""
+    from stated.persist.store.flush import Item
+    from stated.shm.allocator import Allocator
+    key = make_segment(4)
+    r, w = os.pipe()
+    pid = fork_child(_word_writer, key, w)
+    procs.append(pid)
+    os.read(r, 1)
+    seg = segment.open(key)
+    alloc = Allocator(seg, table="players")
+    try:
+        slot = alloc.core.lookup(88)[0]
+        copies = later = torn = 0
+        seen = set()
+        end = time.monotonic() + 1.5
+        while time.monotonic() < end:
+            items, left = _native.store_copy(alloc.core, [slot] * 50, Item, 2)
+            later += len(left)
+            for it in items:
+                copies += 1
+                torn += it.data != it.data[:4] * (len(it.data) // 4)
+                seen.add(it.data[:4])
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        wait_child(pid, procs=procs)
+        alloc.release_views()
+        seg.detach()
+    assert torn == 0 and copies > 1000 and len(seen) > 10, (copies, later, torn, len(seen))
 
 
 def test_bench_store_imports():

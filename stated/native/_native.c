@@ -2131,12 +2131,263 @@ done:
     return NULL;
 }
 
+/* ---- the store's record copies: consistent copies out of the segment, and the settle after COMMIT ----
+ * store_copy(core, slots, item_type, tries) -> (items, later)
+ *     A consistent copy of each slot's record (format.md "Record seqlock"): item_type(slot, generation,
+ *     seq, entity, data, pinned) per slot copied (item_type: a tuple subclass, flush.py's Item); entity
+ *     -1 for an allocated slot without one; a freed slot (a free marks the slot) is copied under the
+ *     entity it last had; pinned only for an allocated slot. `later`: slots still mid-write (or changed
+ *     under every copy) after `tries` rounds: left for the next pass.
+ * store_settle(core, items) -> list of the items that changed
+ *     After COMMIT: clears store_pending of each item's slot whose seq, generation and record bytes are
+ *     still what was copied; returns the others (their marks stay: what the database lacks is newer).
+ * SlotOutOfRange for a slot outside the table, StatedError on a closed core. */
+
+/* one consistent copy of `slot` into `out`; 0 when consistent, else -1 (retry)
+ *
+ * Reader protocol: seq with ACQUIRE (an allocated slot with an odd seq is inside a write section:
+ * retry); state with ACQUIRE (alloc and free store it with release after the generation, and alloc
+ * after the entity, flags and record initialiser: an allocated state read here makes those visible);
+ * generation, entity, flags, pinned and the record (relaxed); an ACQUIRE fence; then seq, generation
+ * and state again. Unchanged means one allocation and no write section overlapped the copy: a writer's
+ * section stores `seq` odd and then fences (release) before its field stores, and alloc bumps the
+ * generation and fences (release) before its initialiser stores, so a copy that read any of those
+ * stores sees the odd seq or the new generation on its re-check.
+ * Known limit (as before in Python): a freed slot being allocated again at this very moment (between
+ * the alloc's generation bump and its state store, ~100 ns) can read as a consistent freed copy whose
+ * generation is already the new one and whose record is partly the initialiser; nothing in the slot
+ * marks an allocation in progress without the table lock. */
+static int store_copy_one(stated_table *t, uint32_t slot, unsigned char *out, uint32_t *gen, uint32_t *seq,
+                          uint8_t *state, uint8_t *flags, uint64_t *entity, uint8_t *pinned)
+{
+    const struct stated_slot *s = &t->slots[slot];
+    uint32_t q = __atomic_load_n(&s->seq, __ATOMIC_ACQUIRE);
+    uint8_t st = __atomic_load_n(&s->state, __ATOMIC_ACQUIRE);
+    if ((q & 1u) && st == STATED_SLOT_ALLOCATED)
+        return -1;
+    uint32_t g = __atomic_load_n(&s->generation, __ATOMIC_RELAXED);
+    *flags = __atomic_load_n(&s->flags, __ATOMIC_RELAXED);
+    *entity = __atomic_load_n(&s->entity, __ATOMIC_RELAXED);
+    *pinned = __atomic_load_n(&s->pinned, __ATOMIC_RELAXED);
+    memcpy(out, t->records + (size_t)slot * t->record_size, t->record_size);
+    __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    if (__atomic_load_n(&s->seq, __ATOMIC_RELAXED) != q || __atomic_load_n(&s->generation, __ATOMIC_RELAXED) != g
+        || __atomic_load_n(&s->state, __ATOMIC_RELAXED) != st)
+        return -1;
+    *gen = g;
+    *seq = q;
+    *state = st;
+    return 0;
+}
+
+static CoreObject *store_core(PyObject *o)
+{
+    if (!PyObject_TypeCheck(o, &CoreType)) {
+        PyErr_SetString(PyExc_TypeError, "expected a stated.shm._native.Core");
+        return NULL;
+    }
+    CoreObject *c = (CoreObject *)o;
+    if (!c->have_view) {
+        PyErr_Format(E_Stated, "table '%s' is closed; attach again", c->t.name);
+        return NULL;
+    }
+    return c;
+}
+
+/* a slot number from Python, checked against the table */
+static int store_slot(CoreObject *c, PyObject *o, uint32_t *slot)
+{
+    long long v = PyLong_AsLongLong(o);
+    if (v == -1 && PyErr_Occurred())
+        return -1;
+    if (v < 0 || v >= (long long)c->t.capacity) {
+        PyErr_Format(E_Range, "table '%s': slot %lld is outside [0, %u)", c->t.name, v, c->t.capacity);
+        return -1;
+    }
+    *slot = (uint32_t)v;
+    return 0;
+}
+
+static PyObject *store_item(PyTypeObject *type, uint32_t slot, uint32_t gen, uint32_t seq, int64_t entity,
+                            uint64_t uentity, PyObject *data, int pinned)
+{
+    PyObject *it = type->tp_alloc(type, 6);
+    if (!it) {
+        Py_DECREF(data);
+        return NULL;
+    }
+    PyObject *v[6] = {PyLong_FromUnsignedLong(slot), PyLong_FromUnsignedLong(gen), PyLong_FromUnsignedLong(seq),
+                      entity < 0 ? PyLong_FromLong(-1) : PyLong_FromUnsignedLongLong(uentity), data,
+                      Py_NewRef(pinned ? Py_True : Py_False)};
+    int ok = 1;
+    for (int i = 0; i < 6; i++) {
+        if (!v[i])
+            ok = 0;
+        PyTuple_SET_ITEM(it, i, v[i]);   /* a NULL item is fine for the dealloc below */
+    }
+    if (!ok) {
+        Py_DECREF(it);
+        return NULL;
+    }
+    return it;
+}
+
+#define STORE_MAX_TRIES 64
+
+static PyObject *mod_store_copy(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)m;
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "store_copy(core, slots, item_type, tries)");
+        return NULL;
+    }
+    CoreObject *c = store_core(args[0]);
+    if (!c)
+        return NULL;
+    if (!PyType_Check(args[2]) || !PyType_IsSubtype((PyTypeObject *)args[2], &PyTuple_Type)) {
+        PyErr_SetString(PyExc_TypeError, "item_type must be a tuple subclass");
+        return NULL;
+    }
+    PyTypeObject *type = (PyTypeObject *)args[2];
+    long tries = PyLong_AsLong(args[3]);
+    if (tries == -1 && PyErr_Occurred())
+        return NULL;
+    if (tries < 1 || tries > STORE_MAX_TRIES) {
+        PyErr_Format(PyExc_ValueError, "tries must be 1..%d", STORE_MAX_TRIES);
+        return NULL;
+    }
+    PyObject *seq = PySequence_Fast(args[1], "slots must be a sequence of slot numbers");
+    if (!seq)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    PyObject **in = PySequence_Fast_ITEMS(seq);
+    PyObject *items = PyList_New(0), *later = PyList_New(0), *retry = NULL, *out = NULL;
+    stated_table *t = &c->t;
+    if (!items || !later)
+        goto done;
+    /* round 1 over every slot, then up to tries - 1 more rounds over the ones mid-write, yielding the
+     * CPU between rounds (a writer in another process may be waiting for it to finish its section) */
+    Py_ssize_t todo_n = n;
+    PyObject **todo_in = in;
+    for (long round = 0; round < tries && todo_n; round++) {
+        PyObject *again = PyList_New(0);
+        if (!again)
+            goto done;
+        if (round)
+            sched_yield();
+        for (Py_ssize_t i = 0; i < todo_n; i++) {
+            uint32_t slot, gen, sq;
+            uint8_t st, fl, pin;
+            uint64_t ent;
+            if (store_slot(c, todo_in[i], &slot) < 0) {
+                Py_DECREF(again);
+                goto done;
+            }
+            PyObject *data = PyBytes_FromStringAndSize(NULL, t->record_size);
+            if (!data) {
+                Py_DECREF(again);
+                goto done;
+            }
+            if (store_copy_one(t, slot, (unsigned char *)PyBytes_AS_STRING(data), &gen, &sq, &st, &fl, &ent,
+                               &pin) < 0) {
+                Py_DECREF(data);
+                if (PyList_Append(again, todo_in[i]) < 0) {
+                    Py_DECREF(again);
+                    goto done;
+                }
+                continue;
+            }
+            int allocated = st == STATED_SLOT_ALLOCATED;
+            int no_entity = allocated && !(fl & STATED_FLAG_HAS_ENTITY);
+            PyObject *it = store_item(type, slot, gen, sq, no_entity ? -1 : 0, ent, data, allocated && pin);
+            if (!it || PyList_Append(items, it) < 0) {
+                Py_XDECREF(it);
+                Py_DECREF(again);
+                goto done;
+            }
+            Py_DECREF(it);
+        }
+        Py_XSETREF(retry, again);
+        todo_n = PyList_GET_SIZE(retry);
+        todo_in = PySequence_Fast_ITEMS(retry);
+    }
+    if (retry && PyList_SetSlice(later, 0, 0, retry) < 0)
+        goto done;
+    out = PyTuple_Pack(2, items, later);
+done:
+    Py_XDECREF(retry);
+    Py_XDECREF(items);
+    Py_XDECREF(later);
+    Py_DECREF(seq);
+    return out;
+}
+
+/* Settle after COMMIT. The compare and the clear happen with the GIL held: the saver thread's harvest
+ * (the only other writer of store_pending, in this process) cannot set the mark between them and have
+ * it cleared by us. A writer's later change is never hidden by the clear: its mark is `dirty`, which
+ * is not touched here (the next harvest moves it). The clear is relaxed: only this daemon reads the
+ * byte, and the GIL orders its threads. */
+static PyObject *mod_store_settle(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)m;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "store_settle(core, items)");
+        return NULL;
+    }
+    CoreObject *c = store_core(args[0]);
+    if (!c)
+        return NULL;
+    if (c->t.readonly) {
+        PyErr_Format(E_ReadOnly, "table '%s' is attached read-only", c->t.name);
+        return NULL;
+    }
+    PyObject *seq = PySequence_Fast(args[1], "items must be a sequence");
+    if (!seq)
+        return NULL;
+    PyObject *changed = PyList_New(0);
+    stated_table *t = &c->t;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    PyObject **in = PySequence_Fast_ITEMS(seq);
+    for (Py_ssize_t i = 0; changed && i < n; i++) {
+        PyObject *it = in[i];
+        uint32_t slot;
+        if (!PyTuple_Check(it) || PyTuple_GET_SIZE(it) < 5 || !PyBytes_Check(PyTuple_GET_ITEM(it, 4))
+            || PyBytes_GET_SIZE(PyTuple_GET_ITEM(it, 4)) != (Py_ssize_t)t->record_size) {
+            PyErr_Format(PyExc_TypeError, "item %zd: expected (slot, generation, seq, entity, data, ...) with "
+                         "%u bytes of data", i, t->record_size);
+            Py_CLEAR(changed);
+            break;
+        }
+        unsigned long gen = PyLong_AsUnsignedLong(PyTuple_GET_ITEM(it, 1));
+        unsigned long sq = PyLong_AsUnsignedLong(PyTuple_GET_ITEM(it, 2));
+        if (PyErr_Occurred() || store_slot(c, PyTuple_GET_ITEM(it, 0), &slot) < 0) {
+            Py_CLEAR(changed);
+            break;
+        }
+        struct stated_slot *s = &t->slots[slot];
+        const unsigned char *rec = t->records + (size_t)slot * t->record_size;
+        if (__atomic_load_n(&s->seq, __ATOMIC_ACQUIRE) == sq && __atomic_load_n(&s->generation, __ATOMIC_RELAXED) == gen
+            && !memcmp(rec, PyBytes_AS_STRING(PyTuple_GET_ITEM(it, 4)), t->record_size)) {
+            __atomic_store_n(&s->store_pending, (uint8_t)0, __ATOMIC_RELAXED);
+            continue;
+        }
+        if (PyList_Append(changed, it) < 0)
+            Py_CLEAR(changed);
+    }
+    Py_DECREF(seq);
+    return changed;
+}
+
 static PyMethodDef store_methods[] = {
     {"harvest", (PyCFunction)(void (*)(void))mod_harvest, METH_FASTCALL,
      "harvest(dirty, snap_pending, store_pending) -> marks moved (dirty -> both pending marks)"},
     {"marked", mod_marked, METH_O, "marked(column) -> indexes of non-zero bytes"},
     {"count_marked", (PyCFunction)(void (*)(void))mod_count_marked, METH_FASTCALL,
      "count_marked(*columns) -> indexes with a non-zero byte in any column"},
+    {"store_copy", (PyCFunction)(void (*)(void))mod_store_copy, METH_FASTCALL,
+     "store_copy(core, slots, item_type, tries) -> (items, later): consistent record copies"},
+    {"store_settle", (PyCFunction)(void (*)(void))mod_store_settle, METH_FASTCALL,
+     "store_settle(core, items) -> items changed since their copy (the others' store marks cleared)"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -45,6 +45,7 @@ from ...errors import (
 )
 from ...format import segment as fmt
 from ...format.store_config import StoreConfig, redact
+from ...shm import _native
 from ...shm.marks import count_marked, harvest, marked
 from . import leases, pg
 from . import schema as sqlschema
@@ -89,6 +90,7 @@ class TableStore:
 
     def __init__(self, name: str, mapping: TableMapping, alloc: Any, seg: Any):
         self.name, self.mapping, self.alloc = name, mapping, alloc
+        self.core = alloc.core            # the native core: record copies and settles (store_copy/_settle)
         self.capacity = alloc.capacity
         self.rs = seg.header.record_size
         v = self.v = alloc.views          # the format's named slot columns (stated/format/segment.py)
@@ -145,82 +147,43 @@ class TableStore:
 
     # ---- copy and settle ----------------------------------------------------------------------
     def copy_batch(self, slots: list[int]) -> tuple[list[Item], list[int]]:
-        """Consistent copies of many records: (items, slots to retry).
+        """Consistent copies of many records: (items, slots still mid-write after _SEQ_TRIES rounds).
 
-        Per slot, before copying: seq (must be even for an allocated slot), generation, state, flags,
-        entity, pinned; after ALL copies: seq and generation again. Alloc and free bump the generation
-        before touching state, entity or record, so an unchanged generation proves those reads and the
-        copy belong to one allocation; an unchanged even seq proves no write section overlapped.
-        Freed slots (a free() marks the slot dirty) still hold the last writes until reused: they are
-        copied under the entity the slot last had (written only if this host holds its lease)."""
-        seqc, genc, statec, flagsc, entc, pinc = self.seq, self.gen, self.state, self.flags, self.entity, self.pinned
-        rec, rs = self.rec, self.rs
-        first = []
-        later = []
-        for s in slots:
-            q = seqc[s]
-            st = statec[s]
-            if q & 1 and st == 1:
-                later.append(s)
-                continue
-            first.append((s, q, genc[s], st, flagsc[s], entc[s], pinc[s],
-                          rec[s * rs:(s + 1) * rs].tobytes()))
-        items = []
-        for s, q, g, st, flags, e, pin, d in first:
-            if seqc[s] != q or genc[s] != g:
-                later.append(s)
-            elif st == 1 and not flags & 1:
-                items.append(_item(Item, (s, g, q, -1, d, False)))
-            else:
-                items.append(_item(Item, (s, g, q, e, d, st == 1 and pin != 0)))
-        return items, later
+        One C call (stated/native/_native.c, store_copy: the seqlock reader with acquire ordering, its
+        comment has the argument): per slot seq and state, then generation, flags, entity, pinned and the
+        record, then seq, generation and state again; unchanged means one allocation and no write
+        section overlapped the copy. Freed slots (a free() marks the slot dirty) still hold the last
+        writes until reused: they are copied under the entity the slot last had (written only if this
+        host holds its lease)."""
+        return _native.store_copy(self.core, slots, Item, _SEQ_TRIES)
 
     def copy(self, slot: int) -> Item | None:
         """One record's consistent copy (a few tries), or None to leave it for the next pass."""
-        for _ in range(_SEQ_TRIES):
-            items, _later = self.copy_batch([slot])
-            if items:
-                return items[0]
-        return None
-
-    def unchanged(self, it: Item) -> bool:
-        slot = it[0]
-        return (self.seq[slot] == it[2] and self.gen[slot] == it[1]
-                and self.rec[slot * self.rs:(slot + 1) * self.rs].tobytes() == it[4])
-
-    def settle(self, it: Item, *, remember: bool) -> bool:
-        """After COMMIT (or a definitive refusal): clear the slot's store mark if the record is still
-        exactly what was copied. Returns True when cleared."""
-        if remember and it[5]:
-            self.shadow[it[0]] = (it[1], it[4])
-        if not self.unchanged(it):
-            return False
-        self.store_pending[it[0]] = 0
-        self.pending_since.pop(it[0], None)
-        if self.state[it[0]] != fmt.SLOT_ALLOCATED:
-            self.shadow.pop(it[0], None)
-        return True
+        items, _later = self.copy_batch([slot])
+        return items[0] if items else None
 
     def settle_many(self, items: list[Item]) -> int:
-        """settle() for a committed batch, inlined: the flush loop's per-record cost matters."""
-        seqc, genc, statec, mark, rec, rs = self.seq, self.gen, self.state, self.store_pending, self.rec, self.rs
+        """After COMMIT (or a definitive refusal): clear the store mark of each record that is still
+        exactly what was copied (seq, generation, bytes). The compare and the clear are one C call
+        (store_settle) holding the GIL, so the saver thread's harvest cannot slip a new mark in between
+        and have it cleared. Returns how many marks were cleared."""
+        changed = _native.store_settle(self.core, items)
         ps, shadow = self.pending_since, self.shadow
-        n = 0
-        for s, g, q, _e, d, pin in items:
+        pop = ps.pop
+        for s, g, _q, _e, d, pin in items:
+            pop(s, None)
             if pin:
-                shadow[s] = (g, d)
-            if seqc[s] == q and genc[s] == g and rec[s * rs:(s + 1) * rs].tobytes() == d:
-                mark[s] = 0
-                ps.pop(s, None)
-                n += 1
-                if statec[s] != 1:
-                    shadow.pop(s, None)
-            else:
-                # changed since the copy: what the database lacks now is newer than the scan that
-                # preceded the copy (keeps stated_store_lag_seconds honest; dict order stays age order)
-                ps.pop(s, None)
-                ps[s] = self.last_scan
-        return n
+                shadow[s] = (g, d)          # pinned: selected again only once its bytes differ from these
+        for it in changed:
+            # changed since the copy: what the database lacks now is newer than the scan that
+            # preceded the copy (keeps stated_store_lag_seconds honest; dict order stays age order)
+            ps[it[0]] = self.last_scan
+        if shadow:                          # a slot freed since it was pinned: forget its bytes
+            statec = self.state
+            for it in items:
+                if it[0] in shadow and statec[it[0]] != fmt.SLOT_ALLOCATED:
+                    shadow.pop(it[0], None)
+        return len(items) - len(changed)
 
     def drop(self, it: Item) -> None:
         """A copy that will never be written (no entity, not ours): clear its mark so it does not spin,
@@ -486,12 +449,7 @@ class Store:
                 await asyncio.sleep(0)      # copying 5000 records is a few ms: let the control socket in
             got, later = ts.copy_batch(slots[i:i + _YIELD_EVERY * 4])
             copied += got
-            for s in later:                 # mid-write: a few quick retries, else the next pass
-                it = ts.copy(s)
-                if it is None:
-                    res.skipped += 1
-                else:
-                    copied.append(it)
+            res.skipped += len(later)       # still mid-write after a few rounds: the next pass
         lost = ts.lost
         seen: set[int] = set()
         dup = False
