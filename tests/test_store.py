@@ -162,7 +162,7 @@ def test_a_write_between_copy_and_commit_stays_marked(make_segment, pg_dsn):
         assert await st.ensure_connected()
         from stated.persist.store.flush import FlushResult
         res = FlushResult()
-        items = await st._collect(ts, ts.pending(0.0), res)
+        items, counter = await st._collect(ts, ts.pending(0.0), res)
         assert len(items) == 3
         t.set(hs[0], "hp", 7)                       # scalar store: seq unchanged
         with t.write(hs[1]) as p:                   # write section
@@ -170,7 +170,7 @@ def test_a_write_between_copy_and_commit_stays_marked(make_segment, pg_dsn):
         saver = Saver(tc, host.seg, host.alloc, DaemonConfig(state_dir=tmp))
         saver.save("delta")                         # harvests the new dirty marks meanwhile
         saver.close()
-        await st._write(st.bulk, ts, items, res)
+        await st._write(st.bulk, ts, items, counter, res)
         v = host.alloc.views
         assert [v.store_pending[h.slot] for h in hs] == [1, 1, 0]
         r = await st.tick()
@@ -183,6 +183,38 @@ def test_a_write_between_copy_and_commit_stays_marked(make_segment, pg_dsn):
         with tempfile.TemporaryDirectory() as tmp:
             from pathlib import Path
             run(go(Path(tmp)))
+    finally:
+        run(st.close())
+        host.close(), t.close()
+
+
+def test_a_write_behind_batch_copied_before_a_flush_never_overwrites_it(make_segment, pg_dsn):
+    """Versions follow the order of the copies: a write-behind batch copied before a worker's flush(h) and
+    committed after it is refused as older; the flushed record stays in the database (it was overwritten
+    by the older copy, whose version counter was taken later, and the mark was already cleared: lost)."""
+    key = make_segment(20)
+    t = stated.attach(key=key, owner="w")
+    h = t.alloc(entity=5)
+    t.set(h, "gold", 1)
+    host = StoreHost(key, pg_dsn, "host-a")
+    st, ts = host.store, host.ts
+
+    async def go():
+        from stated.persist.store.flush import FlushResult
+        assert await st.ensure_connected()
+        await st.tick()
+        t.set(h, "gold", 2)
+        res = FlushResult()
+        items, counter = await st._collect(ts, ts.pending(0.0), res)   # the write-behind copies gold = 2 ...
+        t.set(h, "gold", 3)                                     # ... the game writes again and flushes
+        assert await st.flush_handle("players", h.slot, h.generation) is True
+        assert (await pg_rows(pg_dsn))[5]["gold"] == 3
+        await st._write(st.bulk, ts, items, counter, res)       # the pass commits its older copy last
+        assert (await pg_rows(pg_dsn))[5]["gold"] == 3
+        assert res.written == 0 and res.older == 1
+        assert host.alloc.views.store_pending[h.slot] == 0 and (await st.tick())["players"].written == 0
+    try:
+        run(go())
     finally:
         run(st.close())
         host.close(), t.close()
@@ -256,18 +288,15 @@ def test_replaying_a_batch_leaves_the_database_unchanged(make_segment, pg_dsn):
         from stated.persist.store.flush import FlushResult
         assert await st.ensure_connected()
         res = FlushResult()
-        items = await st._collect(ts, ts.pending(0.0), res)
-        ts.counter = 5
-        await st._write(st.bulk, ts, items, res)          # version counter 6
+        items, _ = await st._collect(ts, ts.pending(0.0), res)
+        await st._write(st.bulk, ts, items, 6, res)       # version counter 6
         first = await pg_rows(pg_dsn)
-        ts.counter = 5
         res2 = FlushResult()
-        await st._write(st.bulk, ts, items, res2)         # the very same batch again
+        await st._write(st.bulk, ts, items, 6, res2)      # the very same batch again
         assert (res2.written, res2.older) == (0, 40)
-        ts.counter = 2
         t.set(hs[0], "hp", -5)
         res3 = FlushResult()
-        await st._write(st.bulk, ts, items, res3)         # an older batch (counter 3 < 6)
+        await st._write(st.bulk, ts, items, 3, res3)      # an older batch (counter 3 < 6)
         assert res3.written == 0
         assert await pg_rows(pg_dsn) == first             # not even updated_at moved
     try:

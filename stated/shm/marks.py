@@ -27,15 +27,19 @@ from ..format.segment import SegmentViews
 from . import _native
 
 
-def harvest(v: SegmentViews) -> int:
-    """Move every `dirty` mark into `snap_pending` and `store_pending`. Returns how many moved.
+def harvest(v: SegmentViews, slot: int | None = None) -> int:
+    """Move every `dirty` mark (or only `slot`'s) into `snap_pending` and `store_pending`. Returns how
+    many moved.
 
     One C loop over the slot table (stated/native/_native.c, `harvest`): per dirty slot, both pending
     marks are stored, then `dirty` is cleared by an atomic exchange (acquire-release); the comment
     there argues the ordering, which holds on weakly ordered CPUs (ARM64) as on x86-64. The
     exchange also makes every write it clears visible to the copies made after it. The GIL is held
     throughout, so the saver thread's harvest and the store's never interleave."""
-    return _native.harvest(v.dirty, v.snap_pending, v.store_pending)
+    if slot is None:
+        return _native.harvest(v.dirty, v.snap_pending, v.store_pending)
+    one = slice(slot, slot + 1)
+    return _native.harvest(v.dirty[one], v.snap_pending[one], v.store_pending[one])
 
 
 def marked(col: memoryview) -> list[int]:

@@ -36,6 +36,7 @@ from typing import Any
 
 from ...errors import (
     DuplicateEntity,
+    NotOwner,
     OwnedElsewhere,
     StatedError,
     StoreError,
@@ -54,7 +55,6 @@ from .schema import TableMapping
 log = logging.getLogger("stated.store")
 
 _SEQ_TRIES = 8          # seqlock copy attempts per record before leaving it for the next pass
-_YIELD_EVERY = 256      # records copied between yields to the event loop
 BACKOFF_MIN, BACKOFF_MAX = 0.1, 10.0
 SWEEP_EVERY = 10        # renewals between sweeps of orphaned leases (leases.sweep)
 
@@ -186,9 +186,11 @@ class TableStore:
         return len(items) - len(changed)
 
     def drop(self, it: Item) -> None:
-        """A copy that will never be written (no entity, not ours): clear its mark so it does not spin,
-        and for a pinned slot remember the bytes, so it is not selected again until it changes."""
-        self.store_pending[it[0]] = 0
+        """A copy that will never be written (no entity, not ours): clear its mark so it does not spin
+        (only if the slot still holds exactly that copy: a slot freed and allocated again since keeps
+        the new allocation's mark), and for a pinned slot remember the bytes, so it is not selected
+        again until it changes."""
+        _native.store_settle(self.core, [it])
         self.pending_since.pop(it[0], None)
         if it[5]:
             self.shadow[it[0]] = (it[1], it[4])
@@ -206,6 +208,9 @@ class TableStore:
         return out
 
     def next_version_base(self) -> int:
+        """The write counter for a batch just copied: the low half of its versions. Taken right after
+        the copies, with no await in between, so versions follow the order of the copies: of two copies
+        of one record (a write-behind batch, a worker's flush), the later one always wins."""
         self.counter = (self.counter + 1) & 0xFFFFFFFF
         return self.counter
 
@@ -430,26 +435,25 @@ class Store:
             slots = slots[:budget]
         batch = self.cfg.batch
         for i in range(0, len(slots), batch):
-            items = await self._collect(ts, slots[i:i + batch], res)
+            items, counter = await self._collect(ts, slots[i:i + batch], res)
             if items:
                 async with self._bulk_lock:
                     if self.bulk is None:
                         raise StoreUnavailable("store connection closed")
-                    await self._write_isolating(self.bulk, ts, items, res)
+                    await self._write_isolating(self.bulk, ts, items, counter, res)
         res.seconds = time.perf_counter() - t0
         if self.on_flush is not None and (res.written or res.stale or res.older):
             self.on_flush(res.seconds)
         return res
 
-    async def _collect(self, ts: TableStore, slots: list[int], res: FlushResult) -> list[Item]:
+    async def _collect(self, ts: TableStore, slots: list[int], res: FlushResult) -> tuple[list[Item], int]:
+        """Copy a batch and select what to write: (items, the batch's version counter)."""
         items: list[Item] = []
-        copied: list[Item] = []
-        for i in range(0, len(slots), _YIELD_EVERY * 4):
-            if i:
-                await asyncio.sleep(0)      # copying 5000 records is a few ms: let the control socket in
-            got, later = ts.copy_batch(slots[i:i + _YIELD_EVERY * 4])
-            copied += got
-            res.skipped += len(later)       # still mid-write after a few rounds: the next pass
+        # one C call for the whole batch (~1 ms for 5000 records) and the counter right after it, with
+        # no await in between: versions follow the order of copies (see next_version_base)
+        copied, later = ts.copy_batch(slots)
+        counter = ts.next_version_base()
+        res.skipped += len(later)           # still mid-write after a few rounds: the next pass
         lost = ts.lost
         seen: set[int] = set()
         dup = False
@@ -510,7 +514,7 @@ class Store:
                               "exists in the database and was alloc()ed instead of claim()ed); its writes here are "
                               "not saved", ts.name, it.entity, it.slot)
             items = keep
-        return items
+        return items, counter
 
     def _dedupe(self, ts: TableStore, items: list[Item], res: FlushResult) -> list[Item]:
         """Freed copies of an entity that is live again here (or twice in the batch): the live slot wins;
@@ -540,20 +544,21 @@ class Store:
         """Only allocated slots may take a lease (a freed slot's entity is someone else's business)."""
         return any(it.entity == entity and ts.state[it.slot] == fmt.SLOT_ALLOCATED for it in items)
 
-    async def _write_isolating(self, drv: pg.Driver, ts: TableStore, items: list[Item], res: FlushResult) -> None:
+    async def _write_isolating(self, drv: pg.Driver, ts: TableStore, items: list[Item], counter: int,
+                               res: FlushResult) -> None:
         """_write, and when the database refuses the batch itself (not an outage: a row it will never
         accept, e.g. a CHECK a DBA added), halve it until the refused records are found. Those keep
         their marks (nothing is lost: they are retried when they change, or by the next daemon) but are
         skipped while unchanged, so one bad record cannot stop a table's write-behind."""
         try:
-            await self._write(drv, ts, items, res)
+            await self._write(drv, ts, items, counter, res)
         except (StoreUnavailable, StoreRetry):
             raise
         except StoreError as e:
             if len(items) > 1:
                 mid = len(items) // 2
-                await self._write_isolating(drv, ts, items[:mid], res)
-                await self._write_isolating(drv, ts, items[mid:], res)
+                await self._write_isolating(drv, ts, items[:mid], counter, res)
+                await self._write_isolating(drv, ts, items[mid:], counter, res)
                 return
             it = items[0]
             ts.poisoned[it[0]] = (it[1], it[4])
@@ -562,11 +567,13 @@ class Store:
             log.error("store: table=%s entity=%d slot=%d: the database refuses this record (%s); it stays marked "
                       "and is retried when it changes", ts.name, it[3], it[0], e)
 
-    async def _write(self, drv: pg.Driver, ts: TableStore, items: list[Item], res: FlushResult) -> None:
+    async def _write(self, drv: pg.Driver, ts: TableStore, items: list[Item], counter: int, res: FlushResult,
+                     then: Callable[[pg.Driver], Awaitable[Any]] | None = None) -> None:
+        """One transaction: COPY the copies (version epoch << 32 | counter) into the temporary table, the
+        fenced upsert, and `then(drv)` (release's lease drop: one COMMIT for both); after COMMIT, the
+        marks of records unchanged since their copy are cleared."""
         m = ts.mapping
-        n = ts.next_version_base()
-        epochs = ts.epochs
-        payload = m.copy_data(items, epochs, n)
+        payload = m.copy_data(items, ts.epochs, counter)
         async with drv.transaction():
             await drv.copy_binary(m.temp_name, m.copy_columns, payload)
             status = await drv.execute(m.upsert_sql(), m.name, self.cfg.host_id)
@@ -575,6 +582,8 @@ class Store:
             if written < len(items):
                 fenced = {sqlschema.entity_from_sql(r["entity"]): r
                           for r in await drv.fetch(m.fenced_sql(), m.name, self.cfg.host_id)}
+            if then is not None:
+                await then(drv)
         if fenced:
             keep = []
             for it in items:
@@ -700,10 +709,21 @@ class Store:
 
     async def _flush_handle(self, table: str, slot: int, gen: int) -> bool:
         ts = self._table(table)
+        it, counter, need = await self._flush_prepare(ts, slot, gen)
+        if need:
+            await self._write_one(ts, it, counter)
+        return need
+
+    async def _flush_prepare(self, ts: TableStore, slot: int, gen: int) -> tuple[Item, int, bool]:
+        """For flush and release: the handle checked, the slot's dirty mark harvested (that slot only: no
+        scan of the table), a consistent copy and its version counter (taken right after the copy), the
+        lease of an entity allocated here without a claim. Returns (copy, counter, whether the database
+        lacks it)."""
+        table = ts.name
         if not (isinstance(slot, int) and 0 <= slot < ts.capacity) or ts.gen[slot] != gen \
                 or ts.state[slot] != fmt.SLOT_ALLOCATED:
             raise StatedError(f"table {table!r}: handle (slot {slot}, generation {gen}) is stale")
-        harvest(ts.v)
+        harvest(ts.v, slot)
         it = None
         deadline = self.clock() + self.cfg.timeout
         while it is None:
@@ -712,6 +732,7 @@ class Store:
                 if self.clock() > deadline:
                     raise StatedError(f"table {table!r} slot {slot}: the record stayed mid-write; flush refused")
                 await asyncio.sleep(0.001)
+        counter = ts.next_version_base()
         if it.entity < 0:
             raise StoreError(f"table {table!r} slot {slot}: no entity; a stored record needs one")
         if it.entity not in ts.epochs and it.entity not in ts.lost:
@@ -730,41 +751,54 @@ class Store:
                                  f"host holds it, or the entity exists in the database and was alloc()ed here "
                                  f"instead of claim()ed); the write is not saved")
         sh = ts.shadow.get(slot)
-        if not ts.store_pending[slot] and not (it.pinned and (sh is None or sh != (it.gen, it.data))):
-            return False                          # nothing pending: it is in the database already
+        need = bool(ts.store_pending[slot]) or (it.pinned and (sh is None or sh != (it.gen, it.data)))
+        return it, counter, need
+
+    async def _write_one(self, ts: TableStore, it: Item, counter: int,
+                         then: Callable[[pg.Driver], Awaitable[Any]] | None = None) -> None:
+        """One record on the fast connection (flush, release); returns once committed."""
         res = FlushResult()
         try:
             async with self._fast_lock:
                 drv = await self._fast_conn()
-                await self._write(drv, ts, [it], res)
+                await self._write(drv, ts, [it], counter, res, then)
         except StoreUnavailable as e:
             self._fail(e, "unavailable")
             raise
         if res.stale:
-            raise OwnedElsewhere(f"table {table!r} entity {it.entity}: the write was refused; another host holds "
+            raise OwnedElsewhere(f"table {ts.name!r} entity {it.entity}: the write was refused; another host holds "
                                  f"the lease now")
-        return True
 
     async def release(self, table: str, slot: int, gen: int, owner: int) -> None:
         """Flush, free the slot, drop the lease."""
         await self._bounded("release", self._release(table, slot, gen, owner))
 
     async def _release(self, table: str, slot: int, gen: int, owner: int) -> None:
+        """The last write and the lease drop commit together (one transaction, one WAL flush), then the
+        slot is freed here. Nothing to write: the lease drop alone, after the free (if it fails, the
+        lease lapses after lease_ttl: the record is in the database already)."""
         ts = self._table(table)
-        await self._flush_handle(table, slot, gen)
-        entity = ts.entity[slot]
-        epoch = ts.epochs.get(entity)
+        if isinstance(slot, int) and 0 <= slot < ts.capacity and ts.owner[slot] != owner:
+            raise NotOwner(f"table {table!r}: slot {slot} belongs to owner #{ts.owner[slot]}, not #{owner}")
+        it, counter, need = await self._flush_prepare(ts, slot, gen)
+        entity, epoch = it.entity, ts.epochs[it.entity]
+        host, m = self.cfg.host_id, ts.mapping
+        if need:
+            async def drop_lease(drv: pg.Driver) -> None:
+                await leases.release(drv, m, host, entity, epoch)
+            await self._write_one(ts, it, counter, drop_lease)
         ts.alloc.free((slot, gen), owner)
         ts.epochs.pop(entity, None)
         ts.shadow.pop(slot, None)
-        if epoch is not None:
-            try:
-                async with self._fast_lock:
-                    await leases.release(await self._fast_conn(), ts.mapping, self.cfg.host_id, entity, epoch)
-            except StoreUnavailable as e:
-                # the slot is freed and its record is in the database; the lease just lapses after lease_ttl
-                log.warning("store: table=%s entity=%d: lease not released (%s); it expires in %.0fs", table,
-                            entity, e, self.cfg.lease_ttl)
+        if need:
+            return
+        try:
+            async with self._fast_lock:
+                await leases.release(await self._fast_conn(), m, host, entity, epoch)
+        except StoreUnavailable as e:
+            # the slot is freed and its record is in the database; the lease just lapses after lease_ttl
+            log.warning("store: table=%s entity=%d: lease not released (%s); it expires in %.0fs", table,
+                        entity, e, self.cfg.lease_ttl)
 
     async def export(self, table: str, entity: int) -> dict | None:
         """The entity's row as JSON-able data (None when there is none)."""
