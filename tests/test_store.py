@@ -386,6 +386,35 @@ def test_a_row_that_does_not_fit_the_layout_is_refused_by_claim(make_segment, pg
         host.close(), t.close()
 
 
+def test_a_flush_the_database_refuses_is_a_clear_error_and_leaves_nothing_staged(make_segment, pg_dsn):
+    """flush(h) of a record a DBA's CHECK refuses: StoreError naming the constraint, the mark stays, and the
+    next flush (of the fixed record, and of another one) goes through: no staged row is left behind."""
+    key = make_segment(10)
+    t = stated.attach(key=key, owner="w")
+    h1, h2 = t.alloc(entity=1), t.alloc(entity=2)
+    host = StoreHost(key, pg_dsn, "host-a")
+    st = host.store
+
+    async def go():
+        assert (await st.tick())["players"].written == 2
+        await pg_exec(pg_dsn, "ALTER TABLE stated.players ADD CONSTRAINT dba_gold CHECK (gold < 1000000)")
+        t.set(h1, "gold", 5_000_000)
+        with pytest.raises(StoreError, match="dba_gold"):
+            await st.flush_handle("players", *h1)
+        assert host.alloc.views.store_pending[h1.slot] == 1
+        assert (await st.fast.fetch("SELECT count(*) AS n FROM _stated_one_players"))[0]["n"] == 0
+        t.set(h1, "gold", 7)
+        t.set(h2, "gold", 8)
+        assert await st.flush_handle("players", *h1) and await st.flush_handle("players", *h2)
+        rows = await pg_rows(pg_dsn)
+        assert (rows[1]["gold"], rows[2]["gold"]) == (7, 8) and host.alloc.views.store_pending[h1.slot] == 0
+    try:
+        run(go())
+    finally:
+        run(st.close())
+        host.close(), t.close()
+
+
 def test_a_record_the_database_refuses_does_not_stop_the_others(make_segment, pg_dsn, caplog):
     """A DBA adds a CHECK that one record violates: that record is isolated (the batch is halved until
     found), logged and counted; every other record is written; the refused one keeps its mark and is

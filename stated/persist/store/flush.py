@@ -337,6 +337,8 @@ class Store:
                 for d in (self.bulk, self.fast):
                     for ts in self.tables.values():
                         await d.execute(ts.mapping.temp_sql())
+                for ts in self.tables.values():
+                    await self.fast.execute(ts.mapping.one_sql())
                 await leases.heartbeat(self.bulk, sqlschema.ident(self.cfg.schema), self.cfg.host_id,
                                        self.cfg.lease_ttl)
                 if not self.ready:
@@ -567,11 +569,9 @@ class Store:
             log.error("store: table=%s entity=%d slot=%d: the database refuses this record (%s); it stays marked "
                       "and is retried when it changes", ts.name, it[3], it[0], e)
 
-    async def _write(self, drv: pg.Driver, ts: TableStore, items: list[Item], counter: int, res: FlushResult,
-                     then: Callable[[pg.Driver], Awaitable[Any]] | None = None) -> None:
-        """One transaction: COPY the copies (version epoch << 32 | counter) into the temporary table, the
-        fenced upsert, and `then(drv)` (release's lease drop: one COMMIT for both); after COMMIT, the
-        marks of records unchanged since their copy are cleared."""
+    async def _write(self, drv: pg.Driver, ts: TableStore, items: list[Item], counter: int, res: FlushResult) -> None:
+        """One transaction: COPY the copies (version epoch << 32 | counter) into the temporary table, then
+        the fenced upsert; after COMMIT, the marks of records unchanged since their copy are cleared."""
         m = ts.mapping
         payload = m.copy_data(items, ts.epochs, counter)
         async with drv.transaction():
@@ -582,8 +582,6 @@ class Store:
             if written < len(items):
                 fenced = {sqlschema.entity_from_sql(r["entity"]): r
                           for r in await drv.fetch(m.fenced_sql(), m.name, self.cfg.host_id)}
-            if then is not None:
-                await then(drv)
         if fenced:
             keep = []
             for it in items:
@@ -754,39 +752,67 @@ class Store:
         need = bool(ts.store_pending[slot]) or (it.pinned and (sh is None or sh != (it.gen, it.data)))
         return it, counter, need
 
-    async def _write_one(self, ts: TableStore, it: Item, counter: int,
-                         then: Callable[[pg.Driver], Awaitable[Any]] | None = None) -> None:
-        """One record on the fast connection (flush, release); returns once committed."""
-        res = FlushResult()
+    async def _write_one(self, ts: TableStore, it: Item, counter: int, *, release: bool = False) -> None:
+        """One record on the claim connection (flush, release), in three round trips where a transaction
+        takes six: COPY into the staging table (it commits on its own, cheaply: a temporary table writes
+        no WAL), then one statement that checks (or, for release, drops) the lease and upserts, committing
+        both together (schema.write_one_sql). Returns once committed; OwnedElsewhere when fenced."""
+        m = ts.mapping
+        entity, epoch = it[3], ts.epochs[it[3]]
+        payload = m.copy_data([it], ts.epochs, counter)
         try:
             async with self._fast_lock:
                 drv = await self._fast_conn()
-                await self._write(drv, ts, [it], counter, res, then)
+                try:
+                    await drv.copy_binary(m.one_name, m.copy_columns, payload)
+                    row = (await drv.fetch(m.write_one_sql(release), m.name, self.cfg.host_id,
+                                           sqlschema.entity_to_sql(entity), epoch))[0]
+                except StoreError as e:
+                    if not isinstance(e, StoreUnavailable):
+                        await self._clear_staging(drv, m)
+                    raise
         except StoreUnavailable as e:
             self._fail(e, "unavailable")
             raise
-        if res.stale:
-            raise OwnedElsewhere(f"table {ts.name!r} entity {it.entity}: the write was refused; another host holds "
+        if not row["held"]:
+            if ts.epochs.get(entity) == epoch:      # still believed ours: we lost it
+                ts.epochs.pop(entity, None)
+                ts.lost.add(entity)
+                ts.stale += 1
+                log.error("store: table=%s entity=%d slot=%d: write refused, this host no longer holds the lease at "
+                          "epoch %d; this host's copy is stale and is no longer written", ts.name, entity, it[0], epoch)
+            ts.drop(it)
+            raise OwnedElsewhere(f"table {ts.name!r} entity {entity}: the write was refused; another host holds "
                                  f"the lease now")
+        written = int(row["written"])
+        ts.flushed += written
+        ts.older += 1 - written                  # refused as not newer: the database has a newer copy already
+        ts.settle_many([it])
+
+    @staticmethod
+    async def _clear_staging(drv: pg.Driver, m: TableMapping) -> None:
+        """After a refused single-record write, the staging row must not meet the next one: delete it,
+        or drop the connection (its temporary tables go with it)."""
+        try:
+            await drv.execute(f"DELETE FROM {m.one}")
+        except StatedError:
+            drv.abort()
 
     async def release(self, table: str, slot: int, gen: int, owner: int) -> None:
         """Flush, free the slot, drop the lease."""
         await self._bounded("release", self._release(table, slot, gen, owner))
 
     async def _release(self, table: str, slot: int, gen: int, owner: int) -> None:
-        """The last write and the lease drop commit together (one transaction, one WAL flush), then the
-        slot is freed here. Nothing to write: the lease drop alone, after the free (if it fails, the
-        lease lapses after lease_ttl: the record is in the database already)."""
+        """The last write and the lease drop commit together (one statement), then the slot is freed
+        here. Nothing to write: the lease drop alone, after the free (if it fails, the lease lapses after
+        lease_ttl: the record is in the database already)."""
         ts = self._table(table)
         if isinstance(slot, int) and 0 <= slot < ts.capacity and ts.owner[slot] != owner:
             raise NotOwner(f"table {table!r}: slot {slot} belongs to owner #{ts.owner[slot]}, not #{owner}")
         it, counter, need = await self._flush_prepare(ts, slot, gen)
         entity, epoch = it.entity, ts.epochs[it.entity]
-        host, m = self.cfg.host_id, ts.mapping
         if need:
-            async def drop_lease(drv: pg.Driver) -> None:
-                await leases.release(drv, m, host, entity, epoch)
-            await self._write_one(ts, it, counter, drop_lease)
+            await self._write_one(ts, it, counter, release=True)
         ts.alloc.free((slot, gen), owner)
         ts.epochs.pop(entity, None)
         ts.shadow.pop(slot, None)
@@ -794,7 +820,7 @@ class Store:
             return
         try:
             async with self._fast_lock:
-                await leases.release(await self._fast_conn(), m, host, entity, epoch)
+                await leases.release(await self._fast_conn(), ts.mapping, self.cfg.host_id, entity, epoch)
         except StoreUnavailable as e:
             # the slot is freed and its record is in the database; the lease just lapses after lease_ttl
             log.warning("store: table=%s entity=%d: lease not released (%s); it expires in %.0fs", table,
