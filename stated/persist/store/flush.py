@@ -337,8 +337,6 @@ class Store:
                 for d in (self.bulk, self.fast):
                     for ts in self.tables.values():
                         await d.execute(ts.mapping.temp_sql())
-                for ts in self.tables.values():
-                    await self.fast.execute(ts.mapping.one_sql())
                 await leases.heartbeat(self.bulk, sqlschema.ident(self.cfg.schema), self.cfg.host_id,
                                        self.cfg.lease_ttl)
                 if not self.ready:
@@ -753,24 +751,19 @@ class Store:
         return it, counter, need
 
     async def _write_one(self, ts: TableStore, it: Item, counter: int, *, release: bool = False) -> None:
-        """One record on the claim connection (flush, release), in three round trips where a transaction
-        takes six: COPY into the staging table (it commits on its own, cheaply: a temporary table writes
-        no WAL), then one statement that checks (or, for release, drops) the lease and upserts, committing
-        both together (schema.write_one_sql). Returns once committed; OwnedElsewhere when fenced."""
+        """One record on the claim connection (flush, release): BEGIN, COPY, one statement that checks
+        (or, for release, drops) the lease and upserts (schema.write_one_sql), COMMIT. Returns once
+        committed; OwnedElsewhere when fenced."""
         m = ts.mapping
         entity, epoch = it[3], ts.epochs[it[3]]
         payload = m.copy_data([it], ts.epochs, counter)
         try:
             async with self._fast_lock:
                 drv = await self._fast_conn()
-                try:
-                    await drv.copy_binary(m.one_name, m.copy_columns, payload)
+                async with drv.transaction():
+                    await drv.copy_binary(m.temp_name, m.copy_columns, payload)
                     row = (await drv.fetch(m.write_one_sql(release), m.name, self.cfg.host_id,
                                            sqlschema.entity_to_sql(entity), epoch))[0]
-                except StoreError as e:
-                    if not isinstance(e, StoreUnavailable):
-                        await self._clear_staging(drv, m)
-                    raise
         except StoreUnavailable as e:
             self._fail(e, "unavailable")
             raise
@@ -788,15 +781,6 @@ class Store:
         ts.flushed += written
         ts.older += 1 - written                  # refused as not newer: the database has a newer copy already
         ts.settle_many([it])
-
-    @staticmethod
-    async def _clear_staging(drv: pg.Driver, m: TableMapping) -> None:
-        """After a refused single-record write, the staging row must not meet the next one: delete it,
-        or drop the connection (its temporary tables go with it)."""
-        try:
-            await drv.execute(f"DELETE FROM {m.one}")
-        except StatedError:
-            drv.abort()
 
     async def release(self, table: str, slot: int, gen: int, owner: int) -> None:
         """Flush, free the slot, drop the lease."""

@@ -127,8 +127,6 @@ class TableMapping:
         self.leases = f"{ident(schema)}.leases"
         self.temp_name = f"_stated_in_{name}"      # raw name, for the driver's COPY
         self.temp = ident(self.temp_name)
-        self.one_name = f"_stated_one_{name}"      # flush(h) / release(h): one record, no transaction
-        self.one = ident(self.one_name)
         self.layout_hex = f"{layout.hash:016x}"
         self.copy_columns = ["entity", "version", "layout_hash", *(c.name for c in self.columns)]
         self._plan = CopyPlan(copy_plan(layout), layout.record_size, self.layout_hex)
@@ -158,17 +156,9 @@ class TableMapping:
                 f"updated_at = now()")
 
     def temp_sql(self) -> str:
-        return f"CREATE TEMPORARY TABLE IF NOT EXISTS {self.temp} ({self._temp_columns()}) ON COMMIT DELETE ROWS"
-
-    def one_sql(self) -> str:
-        """The single-record staging table of the claim connection: rows stay until write_one_sql deletes
-        them (its COPY commits on its own; a temporary table writes no WAL, so that commit is cheap)."""
-        return f"CREATE TEMPORARY TABLE IF NOT EXISTS {self.one} ({self._temp_columns()})"
-
-    def _temp_columns(self) -> str:
         cols = ["entity bigint", "version bigint", "layout_hash text"]
         cols += [f"{ident(c.name)} {c.type}" for c in self.columns]
-        return ", ".join(cols)
+        return f"CREATE TEMPORARY TABLE IF NOT EXISTS {self.temp} ({', '.join(cols)}) ON COMMIT DELETE ROWS"
 
     def _on_conflict(self) -> str:
         fields = [ident(c.name) for c in self.columns]
@@ -177,17 +167,17 @@ class TableMapping:
         return f"ON CONFLICT (entity) DO UPDATE SET {sets}\nWHERE t.version < EXCLUDED.version"
 
     def write_one_sql(self, release: bool) -> str:
-        """One statement for flush(h) and release(h), after the record was COPYed into the staging
-        table: $1 table name, $2 host_id, $3 entity (bigint), $4 the lease epoch the version carries.
+        """One statement for flush(h) and release(h), after the record was COPYed into the temporary
+        table in the same transaction: $1 table name, $2 host_id, $3 entity (bigint), $4 the lease epoch
+        the version carries.
 
         The lease row is checked (flush: locked FOR SHARE, as the batch upsert does) or released
-        (release: updated to host_id '' and expired; its row lock orders it after any write in flight
-        and before any claim) only if this host holds it at that epoch; the record is upserted only
-        joined to that lease row, so a release's last write and its lease drop commit together or not
-        at all; the staging row is deleted. Every part sees the statement's one snapshot (PostgreSQL
-        runs data-modifying WITH parts on the same snapshot: the INSERT reads the row the DELETE
-        removes). Returns held (1: the lease was ours at $4; 0: fenced, nothing written) and written
-        (0 with held 1: the database has a newer version already)."""
+        (release: host_id '' and expired now; its row lock orders it after any write in flight and
+        before any claim) only if this host holds it at that epoch, and the record is upserted only
+        joined to that lease row: a release's last write and its lease drop commit together or not at
+        all, and the fencing answer comes with the write (no second query). Returns held (1: the lease
+        was ours at $4; 0: fenced, nothing written) and written (0 with held 1: the database has a
+        newer version already)."""
         fields = [ident(c.name) for c in self.columns]
         where = "tbl = $1 AND entity = $3 AND host_id = $2 AND epoch = $4"
         lease = (f"UPDATE {self.leases} SET host_id = '', lease_until = now() WHERE {where} RETURNING entity"
@@ -196,9 +186,8 @@ class TableMapping:
                 f"w AS (INSERT INTO {self.qualified} AS t (entity, version, layout_hash, updated_at, "
                 f"{', '.join(fields)})\n"
                 f"  SELECT s.entity, s.version, s.layout_hash, now(), {', '.join('s.' + f for f in fields)}\n"
-                f"  FROM {self.one} s JOIN l ON l.entity = s.entity WHERE (s.version >> 32) = $4\n"
-                f"  {self._on_conflict()}\n  RETURNING 1),\n"
-                f"d AS (DELETE FROM {self.one})\n"
+                f"  FROM {self.temp} s JOIN l ON l.entity = s.entity WHERE (s.version >> 32) = $4\n"
+                f"  {self._on_conflict()}\n  RETURNING 1)\n"
                 f"SELECT (SELECT count(*) FROM l) AS held, (SELECT count(*) FROM w) AS written")
 
     def upsert_sql(self) -> str:
