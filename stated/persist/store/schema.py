@@ -1,4 +1,7 @@
-"""Layout -> SQL: typed columns, DDL, the versioned upsert, and the record <-> row codec. Pure.
+"""Layout -> SQL: typed columns, DDL, the versioned upserts, the COPY column plan, row -> record.
+
+Records go to the database as binary COPY built in C (stated.shm._native.CopyPlan, from the plan
+`copy_plan` derives once per table); rows come back (claim) through `TableMapping.encode`.
 
 One SQL table per stated table, in the configured schema (default `stated`):
 
@@ -118,7 +121,7 @@ def copy_plan(layout: Layout) -> list[tuple[int, str, int, bool, str]]:
 
 
 class TableMapping:
-    """Everything SQL about one stated table: DDL, the temp table, the upsert, the codec."""
+    """Everything SQL about one stated table: DDL, the temp table, the upserts, the COPY plan, row -> record."""
 
     def __init__(self, name: str, layout: Layout, schema: str = "stated"):
         self.name, self.layout, self.schema = name, layout, schema
