@@ -10,10 +10,12 @@ from __future__ import annotations
 import ctypes
 import math
 import os
+import shutil
 import signal
 import struct
 import subprocess
 import sys
+import sysconfig
 import time
 from asyncio import run
 from pathlib import Path
@@ -347,6 +349,18 @@ def test_store_copies_of_a_record_under_constant_writes_are_never_torn(make_segm
         alloc.release_views()
         seg.detach()
     assert torn == 0 and copies > 1000 and len(seen) > 10, (copies, later, torn, len(seen))
+
+
+@pytest.mark.parametrize("cc", ["gcc", "clang"])
+def test_the_extension_compiles_with_warnings_as_errors(cc, tmp_path):
+    """stated/native/_native.c (the store's section included) under -Wall -Wextra -Werror, gcc and clang."""
+    if shutil.which(cc) is None:
+        pytest.skip(f"{cc} is not installed (.ci/system-deps installs it)")
+    r = subprocess.run([cc, "-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", "-fno-strict-aliasing", "-fPIC", "-c",
+                        "-I", str(ROOT / "stated" / "native"), "-I", sysconfig.get_paths()["include"],
+                        "-o", str(tmp_path / "native.o"), str(ROOT / "stated" / "native" / "_native.c")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
 
 
 def test_bench_store_imports():
