@@ -1406,7 +1406,11 @@ PyMODINIT_FUNC PyInit__native(void)
         return NULL;
     if (PyModule_AddObjectRef(m, "Core", (PyObject *)&CoreType) < 0
         || PyModule_AddObjectRef(m, "Section", (PyObject *)&SectionType) < 0
-        || PyModule_AddIntConstant(m, "COUNTER_COUNT", STATED_COUNTER_COUNT) < 0 || store_codec_add(m) < 0) {
+        || PyModule_AddIntConstant(m, "COUNTER_COUNT", STATED_COUNTER_COUNT) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    if (store_codec_add(m) < 0) {
         Py_DECREF(m);
         return NULL;
     }
@@ -1414,11 +1418,12 @@ PyMODINIT_FUNC PyInit__native(void)
 }
 
 /* ================================================================================================= */
-/* ==== The database store's flush path (issue 12): PostgreSQL binary COPY rows, dirty-mark harvest ==== */
+/* ==== The database store's flush path (issue 12): dirty marks, record copies, binary COPY rows ==== */
 /* ================================================================================================= */
-/* Self-contained: nothing above refers to this section except PyInit__native, which calls
- * store_codec_add(). Python side: stated/persist/store/schema.py (the column plan, copy_data) and
- * stated/shm/marks.py (harvest, marked, count_marked).
+/* Nothing above refers to this section except PyInit__native, which calls store_codec_add(); the
+ * section uses the Core object and the error classes defined above. Python side:
+ * stated/persist/store/schema.py (the column plan, copy_data), stated/shm/marks.py (harvest, marked,
+ * count_marked) and stated/persist/store/flush.py (store_copy, store_settle).
  *
  * CopyPlan(columns, record_size, layout_hash)
  *     columns: one (offset, stated_type, count, is_array, sql_type) per field, in the SQL table's column
@@ -1440,8 +1445,12 @@ PyMODINIT_FUNC PyInit__native(void)
  * marked(column) -> list[int]                             (indexes of non-zero bytes)
  * count_marked(*columns) -> int                           (indexes where any column is non-zero)
  *     Columns are 1-D byte buffers, strided (segment.SegmentViews' slot columns, stride 32) or not.
+ * store_copy(core, slots, item_type, tries) -> (items, later)   consistent record copies (seqlock)
+ * store_settle(core, items) -> changed items                    store marks cleared after COMMIT
+ *     (documented with their code below)
  *
- * Not a second copy of anything in Python: the row encoder and the mark loops exist only here. */
+ * Not a second copy of anything in Python: the row encoder, the mark loops, the store's copies and
+ * settles exist only here. */
 
 /* ---- PostgreSQL binary format facts -------------------------------------------------------------
  * COPY ... FROM STDIN (FORMAT binary), see the PostgreSQL manual "COPY: Binary Format":
