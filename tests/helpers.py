@@ -479,10 +479,11 @@ class PgCluster:
     SUPERUSER_PW = "postgres"
     USER, USER_PW = "stated", "stated-pw"
 
-    def __init__(self, bindir: Path):
+    def __init__(self, bindir: Path, *, fsync: bool = False):
         import pwd
         import tempfile
         self.bindir = bindir
+        self.fsync = fsync          # tests: off (speed); bench_store: on, durable like production
         self.dir = Path(tempfile.mkdtemp(prefix="stated-pg-"))
         self.data = self.dir / "data"
         self.port = free_port()
@@ -515,8 +516,10 @@ class PgCluster:
         return self
 
     def start(self) -> PgCluster:
-        opts = (f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off "
-                f"-c full_page_writes=off -c shared_buffers=64MB -c max_connections=60")
+        durable = "on" if self.fsync else "off"
+        # command-line settings win over ALTER SYSTEM: fsync is chosen here, not later
+        opts = (f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync={durable} "
+                f"-c full_page_writes={durable} -c shared_buffers=64MB -c max_connections=60")
         self._run("pg_ctl", "-D", str(self.data), "-o", opts, "-l", str(self.dir / "log"), "-w", "-t", "30", "start")
         return self
 
@@ -584,7 +587,7 @@ def pg_bindir() -> Path | None:
     return cands[-1].parent if cands else None
 
 
-def new_pg_cluster() -> PgCluster:
+def new_pg_cluster(*, fsync: bool = False) -> PgCluster:
     bindir = pg_bindir()
     if bindir is None:
         pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) are not installed: apt-get install postgresql "
@@ -596,7 +599,7 @@ def new_pg_cluster() -> PgCluster:
         except KeyError:
             pytest.skip("running as root and there is no 'postgres' user to run initdb/pg_ctl as (Debian's "
                         "postgresql package creates it)")
-    c = PgCluster(bindir)
+    c = PgCluster(bindir, fsync=fsync)
     try:
         c.init().start()
         c.setup_users()

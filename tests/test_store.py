@@ -162,7 +162,7 @@ def test_a_write_between_copy_and_commit_stays_marked(make_segment, pg_dsn):
         assert await st.ensure_connected()
         from stated.persist.store.flush import FlushResult
         res = FlushResult()
-        items = await st._collect(ts, ts.pending(0.0), res)
+        items, counter = await st._collect(ts, ts.pending(0.0), res)
         assert len(items) == 3
         t.set(hs[0], "hp", 7)                       # scalar store: seq unchanged
         with t.write(hs[1]) as p:                   # write section
@@ -170,7 +170,7 @@ def test_a_write_between_copy_and_commit_stays_marked(make_segment, pg_dsn):
         saver = Saver(tc, host.seg, host.alloc, DaemonConfig(state_dir=tmp))
         saver.save("delta")                         # harvests the new dirty marks meanwhile
         saver.close()
-        await st._write(st.bulk, ts, items, res)
+        await st._write(st.bulk, ts, items, counter, res)
         v = host.alloc.views
         assert [v.store_pending[h.slot] for h in hs] == [1, 1, 0]
         r = await st.tick()
@@ -183,6 +183,38 @@ def test_a_write_between_copy_and_commit_stays_marked(make_segment, pg_dsn):
         with tempfile.TemporaryDirectory() as tmp:
             from pathlib import Path
             run(go(Path(tmp)))
+    finally:
+        run(st.close())
+        host.close(), t.close()
+
+
+def test_a_write_behind_batch_copied_before_a_flush_never_overwrites_it(make_segment, pg_dsn):
+    """Versions follow the order of the copies: a write-behind batch copied before a worker's flush(h) and
+    committed after it is refused as older; the flushed record stays in the database (it was overwritten
+    by the older copy, whose version counter was taken later, and the mark was already cleared: lost)."""
+    key = make_segment(20)
+    t = stated.attach(key=key, owner="w")
+    h = t.alloc(entity=5)
+    t.set(h, "gold", 1)
+    host = StoreHost(key, pg_dsn, "host-a")
+    st, ts = host.store, host.ts
+
+    async def go():
+        from stated.persist.store.flush import FlushResult
+        assert await st.ensure_connected()
+        await st.tick()
+        t.set(h, "gold", 2)
+        res = FlushResult()
+        items, counter = await st._collect(ts, ts.pending(0.0), res)   # the write-behind copies gold = 2 ...
+        t.set(h, "gold", 3)                                     # ... the game writes again and flushes
+        assert await st.flush_handle("players", h.slot, h.generation) is True
+        assert (await pg_rows(pg_dsn))[5]["gold"] == 3
+        await st._write(st.bulk, ts, items, counter, res)       # the pass commits its older copy last
+        assert (await pg_rows(pg_dsn))[5]["gold"] == 3
+        assert res.written == 0 and res.older == 1
+        assert host.alloc.views.store_pending[h.slot] == 0 and (await st.tick())["players"].written == 0
+    try:
+        run(go())
     finally:
         run(st.close())
         host.close(), t.close()
@@ -256,18 +288,15 @@ def test_replaying_a_batch_leaves_the_database_unchanged(make_segment, pg_dsn):
         from stated.persist.store.flush import FlushResult
         assert await st.ensure_connected()
         res = FlushResult()
-        items = await st._collect(ts, ts.pending(0.0), res)
-        ts.counter = 5
-        await st._write(st.bulk, ts, items, res)          # version counter 6
+        items, _ = await st._collect(ts, ts.pending(0.0), res)
+        await st._write(st.bulk, ts, items, 6, res)       # version counter 6
         first = await pg_rows(pg_dsn)
-        ts.counter = 5
         res2 = FlushResult()
-        await st._write(st.bulk, ts, items, res2)         # the very same batch again
+        await st._write(st.bulk, ts, items, 6, res2)      # the very same batch again
         assert (res2.written, res2.older) == (0, 40)
-        ts.counter = 2
         t.set(hs[0], "hp", -5)
         res3 = FlushResult()
-        await st._write(st.bulk, ts, items, res3)         # an older batch (counter 3 < 6)
+        await st._write(st.bulk, ts, items, 3, res3)      # an older batch (counter 3 < 6)
         assert res3.written == 0
         assert await pg_rows(pg_dsn) == first             # not even updated_at moved
     try:
@@ -357,28 +386,32 @@ def test_a_row_that_does_not_fit_the_layout_is_refused_by_claim(make_segment, pg
         host.close(), t.close()
 
 
-def test_binary_numeric_encoding_is_what_the_server_reads(pg_dsn):
-    """u64 fields go out as binary numeric built by hand (stated/persist/store/schema.py): every digit-count
-    branch, trailing zero digits, and the u64 extremes, read back by PostgreSQL."""
-    import struct
-
-    import asyncpg
-
-    from stated.persist.store.schema import COPY_HEADER, COPY_TRAILER, numeric_wire
-    vals = [0, 1, 9999, 10000, 10001, 99990000, 99999999, 10 ** 8, 10 ** 8 + 1, 10 ** 12, 99990000000000,
-            10 ** 16, 10 ** 16 + 1, 12345678901234567, 2 ** 63, 2 ** 64 - 1, 10 ** 19]
+def test_a_flush_the_database_refuses_is_a_clear_error_and_nothing_is_lost(make_segment, pg_dsn):
+    """flush(h) of a record a DBA's CHECK refuses: StoreError naming the constraint, the mark stays, and the
+    next flushes (of the fixed record, and of another one) go through."""
+    key = make_segment(10)
+    t = stated.attach(key=key, owner="w")
+    h1, h2 = t.alloc(entity=1), t.alloc(entity=2)
+    host = StoreHost(key, pg_dsn, "host-a")
+    st = host.store
 
     async def go():
-        c = await asyncpg.connect(pg_dsn)
-        try:
-            await c.execute("CREATE TABLE n (i int, a numeric(20,0))")
-            data = COPY_HEADER + b"".join(struct.pack(">hii", 2, 4, i) + numeric_wire(v) for i, v in enumerate(vals)) \
-                + COPY_TRAILER
-            await c.copy_to_table("n", source=memoryview(data), format="binary")
-            return [int(r[0]) for r in await c.fetch("SELECT a FROM n ORDER BY i")]
-        finally:
-            await c.close()
-    assert run(go()) == vals
+        assert (await st.tick())["players"].written == 2
+        await pg_exec(pg_dsn, "ALTER TABLE stated.players ADD CONSTRAINT dba_gold CHECK (gold < 1000000)")
+        t.set(h1, "gold", 5_000_000)
+        with pytest.raises(StoreError, match="dba_gold"):
+            await st.flush_handle("players", *h1)
+        assert host.alloc.views.store_pending[h1.slot] == 1
+        t.set(h1, "gold", 7)
+        t.set(h2, "gold", 8)
+        assert await st.flush_handle("players", *h1) and await st.flush_handle("players", *h2)
+        rows = await pg_rows(pg_dsn)
+        assert (rows[1]["gold"], rows[2]["gold"]) == (7, 8) and host.alloc.views.store_pending[h1.slot] == 0
+    try:
+        run(go())
+    finally:
+        run(st.close())
+        host.close(), t.close()
 
 
 def test_a_record_the_database_refuses_does_not_stop_the_others(make_segment, pg_dsn, caplog):

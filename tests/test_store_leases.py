@@ -140,6 +140,40 @@ def test_a_host_whose_lease_expired_and_was_claimed_elsewhere_cannot_overwrite(m
         ta.close(), tb.close()
 
 
+def test_flush_and_release_of_a_lease_lost_meanwhile_write_nothing(make_segment, pg_dsn):
+    """flush(h) and release(h) check the lease in the statement that writes (or drops it): a host that
+    lost it without noticing yet gets OwnedElsewhere, writes nothing, keeps its slot, and counts it once."""
+    ka, kb = make_segment(10), make_segment(10)
+    ta, tb = stated.attach(key=ka, owner="wa"), stated.attach(key=kb, owner="wb")
+    a, b = StoreHost(ka, pg_dsn, "host-a"), StoreHost(kb, pg_dsn, "host-b")
+
+    async def go():
+        ha = await a.store.claim("players", 7, ta._owner)
+        await pg_expire(pg_dsn, "host-a")
+        hb = await b.store.claim("players", 7, tb._owner)
+        tb.set(hb, "gold", 2)
+        await b.store.flush_handle("players", *hb)
+        ta.set(ha, "gold", 666)
+        with pytest.raises(OwnedElsewhere, match="refused"):
+            await a.store.flush_handle("players", *ha)
+        assert a.store.status()["tables"]["players"]["stale"] == 1 and a.ts.lost == {7}
+        with pytest.raises(OwnedElsewhere):
+            await a.store.release("players", ha[0], ha[1], ta._owner)
+        assert ta.lookup(7) == ha                                    # not freed: the game decides
+        assert (await pg_rows(pg_dsn))[7]["gold"] == 2
+        lease = (await pg_exec(pg_dsn, "SELECT host_id FROM stated.leases WHERE entity = 7"))[0]
+        assert lease["host_id"] == "host-b"
+        await b.store.release("players", hb[0], hb[1], tb._owner)    # B's release: write and lease drop at once
+        assert (await pg_exec(pg_dsn, "SELECT host_id FROM stated.leases WHERE entity = 7"))[0]["host_id"] == ""
+    try:
+        run(go())
+    finally:
+        for h in (a, b):
+            run(h.store.close())
+            h.close()
+        ta.close(), tb.close()
+
+
 def test_host_loss_every_acknowledged_write_is_claimed_elsewhere(make_segment, pg_dsn, new_key):
     """Host A claims and writes 100 players; its flushes commit; then A vanishes (its segment removed,
     no release, no final flush). Host B, empty, claims every player once A's leases expire and finds

@@ -1963,6 +1963,8 @@ static struct PyModuleDef native_module = {
     PyModuleDef_HEAD_INIT, "stated.shm._native", MODULE_DOC, -1, module_methods, NULL, NULL, NULL, NULL,
 };
 
+static int store_codec_add(PyObject *m);     /* the store's section, at the end of this file */
+
 PyMODINIT_FUNC PyInit__native(void)
 {
     if (PyType_Ready(&CoreType) < 0 || PyType_Ready(&SectionType) < 0)
@@ -1989,5 +1991,999 @@ PyMODINIT_FUNC PyInit__native(void)
         Py_DECREF(m);
         return NULL;
     }
+    if (store_codec_add(m) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
     return m;
+}
+
+/* ================================================================================================= */
+/* ==== The database store's flush path (issue 12): dirty marks, record copies, binary COPY rows ==== */
+/* ================================================================================================= */
+/* Nothing above refers to this section except PyInit__native, which calls store_codec_add(); the
+ * section uses the Core object and the error classes defined above. Python side:
+ * stated/persist/store/schema.py (the column plan, copy_data), stated/shm/marks.py (harvest, marked,
+ * count_marked) and stated/persist/store/flush.py (store_copy, store_settle).
+ *
+ * CopyPlan(columns, record_size, layout_hash)
+ *     columns: one (offset, stated_type, count, is_array, sql_type) per field, in the SQL table's column
+ *     order: offset of the field in the record, its stated element type ("i8" ... "u64", "f32", "f64",
+ *     "bool", "str", "bytes"), its element count (str/bytes: N bytes), whether it is an array, and the
+ *     SQL base type it is stored as ("smallint", "integer", "bigint", "numeric(20,0)", "real",
+ *     "double precision", "boolean", "text", "bytea"). A pair that could not hold every value of the
+ *     field (u16 -> smallint, f64 -> real, ...) is refused with ValueError, as is a field outside the
+ *     record. layout_hash: the text of the layout_hash column (ASCII, at most 64 bytes).
+ *   encode(rows, epochs, counter) -> bytes
+ *     One complete COPY ... (FORMAT binary) payload: header, one tuple per row, trailer. A row is a
+ *     tuple whose items 3 and 4 are the entity (int, u64) and the record's bytes (record_size long):
+ *     flush.py's Item. Columns: entity (bigint, the u64 as two's complement), version (bigint:
+ *     epochs[entity] << 32 | counter; an epoch is 0..2^31-1, a counter 0..2^32-1), layout_hash (text),
+ *     then the fields. KeyError for an entity missing from epochs; TypeError/ValueError/OverflowError
+ *     for a malformed row (nothing is half-written: the payload is returned only whole).
+ *
+ * harvest(dirty, snap_pending, store_pending) -> int     (three writable byte columns, same length)
+ * marked(column) -> list[int]                             (indexes of non-zero bytes)
+ * count_marked(*columns) -> int                           (indexes where any column is non-zero)
+ *     Columns are 1-D byte buffers, strided (segment.SegmentViews' slot columns, stride 32) or not.
+ * store_copy(core, slots, item_type, tries) -> (items, later)   consistent record copies (seqlock)
+ * store_settle(core, items) -> changed items                    store marks cleared after COMMIT
+ *     (documented with their code below)
+ *
+ * Not a second copy of anything in Python: the row encoder, the mark loops, the store's copies and
+ * settles exist only here. */
+
+/* ---- PostgreSQL binary format facts -------------------------------------------------------------
+ * COPY ... FROM STDIN (FORMAT binary), see the PostgreSQL manual "COPY: Binary Format":
+ *   file header: the 11-byte signature "PGCOPY\n\377\r\n\0", an int32 flags word (0: no OIDs), an
+ *   int32 header-extension length (0);
+ *   each tuple: an int16 field count, then per field an int32 byte length (-1 would be NULL: stated
+ *   never writes NULL, every record field has a value) and that many bytes of the type's binary
+ *   "send" format;
+ *   trailer: an int16 -1.
+ * Every integer in the format is big-endian (network order); records are little-endian.
+ * Send formats used (PostgreSQL src/backend/utils/adt: each type's send and recv functions):
+ *   int2/int4/int8 ("smallint"/"integer"/"bigint"): 2/4/8 bytes, two's complement;
+ *   float4/float8 ("real"/"double precision"): the IEEE 754 bits, 4/8 bytes (NaN, +-inf and -0.0 pass
+ *     through unchanged: they are bits, not text);
+ *   bool: 1 byte, 0 or 1 (boolrecv accepts any non-zero byte as true; stated sends 1);
+ *   text: the bytes in the database encoding, no terminator (the server checks the encoding: invalid
+ *     UTF-8 fails the whole COPY, and a NUL byte is never valid in text);
+ *   bytea: the raw bytes;
+ *   numeric: int16 ndigits, int16 weight, int16 sign (0x0000 positive, 0x4000 negative), int16
+ *     dscale (digits after the decimal point: 0 for integers), then ndigits int16 base-10000 digits,
+ *     most significant first; the value is sum(digit[i] * 10000^(weight - i)). Trailing zero digits
+ *     may be left out (weight keeps the magnitude: 10^8 is ndigits 1, weight 2, digit 1); zero is
+ *     ndigits 0, weight 0. A u64 has at most 5 base-10000 digits (2^64-1 = 1844 6744 0737 0955 1615);
+ *   array (one dimension, no NULLs): int32 ndim (1), int32 flags (0: no NULL elements), int32 element
+ *     type OID, then per dimension int32 length (N) and int32 lower bound (1); then per element its
+ *     int32 length and its send format. The element OID must be the column's element type (array_recv
+ *     refuses another): bool 16, bytea 17, int8 20, int2 21, int4 23, text 25, float4 700,
+ *     float8 701, numeric 1700. */
+
+#define PG_OID_BOOL 16u
+#define PG_OID_INT8 20u
+#define PG_OID_INT2 21u
+#define PG_OID_INT4 23u
+#define PG_OID_FLOAT4 700u
+#define PG_OID_FLOAT8 701u
+#define PG_OID_NUMERIC 1700u
+#define PG_NUMERIC_MAX 18u              /* 8-byte numeric header + 5 digits of 2 bytes (a u64) */
+#define PG_ARRAY_HEADER 20u             /* ndim, flags, element OID, length, lower bound */
+#define COPY_SIGNATURE "PGCOPY\n\377\r\n"    /* + its NUL: 11 bytes */
+#define COPY_HEADER_LEN 19u             /* signature 11, flags 4, extension length 4 */
+#define COPY_TRAILER_LEN 2u
+#define COPY_META_COLUMNS 3             /* entity, version, layout_hash */
+#define LAYOUT_HASH_MAX 64
+
+enum wire {                             /* the binary send format a column is encoded in */
+    W_INT2, W_INT4, W_INT8, W_FLOAT4, W_FLOAT8, W_BOOL, W_NUMERIC, W_TEXT, W_BYTEA,
+};
+
+typedef struct {
+    uint32_t offset;                    /* in the record */
+    uint32_t count;                     /* elements of an array; bytes of str/bytes; 1 for a scalar */
+    uint8_t src_size;                   /* bytes of one element in the record */
+    uint8_t src_signed;                 /* integer source: sign-extend (i*) or zero-extend (u*, bool) */
+    uint8_t wire;                       /* enum wire */
+    uint8_t array;
+    uint32_t elem_oid;                  /* arrays: the element type's OID */
+    uint32_t max_bytes;                 /* most bytes this column adds to a tuple, its length word included */
+} copy_col;
+
+typedef struct {
+    PyObject_HEAD
+    copy_col *cols;
+    Py_ssize_t ncols;
+    Py_ssize_t record_size;
+    Py_ssize_t max_tuple;               /* most bytes one tuple can take */
+    char layout_hash[LAYOUT_HASH_MAX];
+    uint32_t layout_hash_len;
+} CopyPlanObject;
+
+/* big-endian stores into the payload; memcpy: the payload has no alignment */
+static inline unsigned char *put_be16(unsigned char *p, uint16_t v)
+{
+    p[0] = (unsigned char)(v >> 8);
+    p[1] = (unsigned char)v;
+    return p + 2;
+}
+
+static inline unsigned char *put_be32(unsigned char *p, uint32_t v)
+{
+    v = __builtin_bswap32(v);
+    memcpy(p, &v, 4);
+    return p + 4;
+}
+
+static inline unsigned char *put_be64(unsigned char *p, uint64_t v)
+{
+    v = __builtin_bswap64(v);
+    memcpy(p, &v, 8);
+    return p + 8;
+}
+
+/* one little-endian element of `size` bytes from the record, sign- or zero-extended to 64 bits */
+static inline uint64_t load_le(const unsigned char *p, unsigned size, int sign)
+{
+    switch (size) {
+    case 1:
+        return sign ? (uint64_t)(int64_t)(int8_t)p[0] : p[0];
+    case 2: {
+        uint16_t v = (uint16_t)(p[0] | (uint16_t)p[1] << 8);
+        return sign ? (uint64_t)(int64_t)(int16_t)v : v;
+    }
+    case 4: {
+        uint32_t v = (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+        return sign ? (uint64_t)(int64_t)(int32_t)v : v;
+    }
+    default: {
+        uint64_t v = 0;
+        for (int i = 7; i >= 0; i--)
+            v = v << 8 | p[i];
+        return v;
+    }
+    }
+}
+
+/* a u64 as a binary numeric (see above), without its length word; returns the end */
+static unsigned char *put_numeric(unsigned char *p, uint64_t v)
+{
+    uint16_t d[5];                      /* base-10000 digits, least significant first */
+    int n = 0;
+    while (v) {
+        d[n++] = (uint16_t)(v % 10000u);
+        v /= 10000u;
+    }
+    int low = 0;                        /* trailing zero digits left out: weight keeps the magnitude */
+    while (low < n && d[low] == 0)
+        low++;
+    p = put_be16(p, (uint16_t)(n - low));                 /* ndigits */
+    p = put_be16(p, (uint16_t)(n ? n - 1 : 0));           /* weight of the first digit */
+    p = put_be16(p, 0);                                   /* sign: positive */
+    p = put_be16(p, 0);                                   /* dscale: an integer */
+    for (int i = n - 1; i >= low; i--)
+        p = put_be16(p, d[i]);
+    return p;
+}
+
+/* one element (a scalar field, or one array element) in its send format, length word first */
+static inline unsigned char *put_elem(unsigned char *p, const copy_col *c, const unsigned char *src)
+{
+    uint64_t v;
+    switch (c->wire) {
+    case W_INT2:
+        p = put_be32(p, 2);
+        return put_be16(p, (uint16_t)load_le(src, c->src_size, c->src_signed));
+    case W_INT4:
+        p = put_be32(p, 4);
+        return put_be32(p, (uint32_t)load_le(src, c->src_size, c->src_signed));
+    case W_INT8:
+        p = put_be32(p, 8);
+        return put_be64(p, load_le(src, c->src_size, c->src_signed));
+    case W_FLOAT4:                      /* the IEEE bits, byte-swapped: no conversion through a float */
+        p = put_be32(p, 4);
+        return put_be32(p, (uint32_t)load_le(src, 4, 0));
+    case W_FLOAT8:
+        p = put_be32(p, 8);
+        return put_be64(p, load_le(src, 8, 0));
+    case W_BOOL:
+        p = put_be32(p, 1);
+        *p = src[0] != 0;
+        return p + 1;
+    default: {                          /* W_NUMERIC: the length word is known once the digits are */
+        v = load_le(src, c->src_size, 0);
+        unsigned char *end = put_numeric(p + 4, v);
+        put_be32(p, (uint32_t)(end - p - 4));
+        return end;
+    }
+    }
+}
+
+/* Strict UTF-8 (Unicode 15, table 3-7: no overlong forms, no surrogates, nothing above U+10FFFF):
+ * what PostgreSQL's pg_utf8_islegal accepts. 1 when s[0:n] is well-formed. */
+static int utf8_valid(const unsigned char *s, size_t n)
+{
+    size_t i = 0;
+    while (i < n) {
+        unsigned c = s[i];
+        if (c < 0x80) {
+            i++;
+            continue;
+        }
+        size_t k;
+        unsigned lo = 0x80, hi = 0xBF;  /* allowed range of the second byte */
+        if (c >= 0xC2 && c <= 0xDF)
+            k = 1;
+        else if (c >= 0xE0 && c <= 0xEF) {
+            k = 2;
+            if (c == 0xE0)
+                lo = 0xA0;              /* overlong */
+            else if (c == 0xED)
+                hi = 0x9F;              /* surrogates U+D800..U+DFFF */
+        } else if (c >= 0xF0 && c <= 0xF4) {
+            k = 3;
+            if (c == 0xF0)
+                lo = 0x90;              /* overlong */
+            else if (c == 0xF4)
+                hi = 0x8F;              /* above U+10FFFF */
+        } else
+            return 0;
+        if (n - i <= k || s[i + 1] < lo || s[i + 1] > hi)
+            return 0;
+        for (size_t j = 2; j <= k; j++)
+            if ((s[i + j] & 0xC0) != 0x80)
+                return 0;
+        i += k + 1;
+    }
+    return 1;
+}
+
+/* str[N] -> text: the bytes up to the first NUL (NUL padding ends a string). A C writer may have
+ * stored invalid UTF-8, which would fail the whole batch at the server: such a string is decoded with
+ * U+FFFD replacements and then cut, at a character boundary, to at most N bytes (a replacement takes 3
+ * bytes where the bad byte took 1). Returns the end, or NULL with an exception set. */
+static unsigned char *put_text(unsigned char *p, const unsigned char *src, uint32_t n)
+{
+    const unsigned char *nul = memchr(src, 0, n);
+    size_t len = nul ? (size_t)(nul - src) : n;
+    if (utf8_valid(src, len)) {
+        p = put_be32(p, (uint32_t)len);
+        memcpy(p, src, len);
+        return p + len;
+    }
+    PyObject *u = PyUnicode_DecodeUTF8((const char *)src, (Py_ssize_t)len, "replace");
+    if (!u)
+        return NULL;
+    Py_ssize_t ulen;
+    const char *b = PyUnicode_AsUTF8AndSize(u, &ulen);
+    if (!b) {
+        Py_DECREF(u);
+        return NULL;
+    }
+    size_t m = (size_t)ulen;
+    if (m > n) {
+        m = n;
+        while (m > 0 && ((unsigned char)b[m] & 0xC0) == 0x80)   /* b[m] starts the first character cut */
+            m--;
+    }
+    p = put_be32(p, (uint32_t)m);
+    memcpy(p, b, m);
+    Py_DECREF(u);
+    return p + m;
+}
+
+/* one field of one record, length word included; NULL with an exception set (text only) */
+static unsigned char *put_column(unsigned char *p, const copy_col *c, const unsigned char *rec)
+{
+    const unsigned char *src = rec + c->offset;
+    if (c->wire == W_TEXT)
+        return put_text(p, src, c->count);
+    if (c->wire == W_BYTEA) {           /* all N bytes, zero padding included: bytes[N] is fixed-size */
+        p = put_be32(p, c->count);
+        memcpy(p, src, c->count);
+        return p + c->count;
+    }
+    if (!c->array)
+        return put_elem(p, c, src);
+    unsigned char *start = p;
+    p += 4;                             /* the array's length word, known at the end */
+    p = put_be32(p, 1);                 /* ndim */
+    p = put_be32(p, 0);                 /* flags: no NULLs */
+    p = put_be32(p, c->elem_oid);
+    p = put_be32(p, c->count);          /* length of the one dimension */
+    p = put_be32(p, 1);                 /* its lower bound: SQL arrays count from 1 */
+    for (uint32_t i = 0; i < c->count; i++)
+        p = put_elem(p, c, src + (size_t)i * c->src_size);
+    put_be32(start, (uint32_t)(p - start - 4));
+    return p;
+}
+
+/* stated element type -> (size, signed, kind); kind: 'i' integer, 'f' float, 'b' bool, 's' str, 'y' bytes */
+static const struct {
+    const char *name;
+    uint8_t size, sign;
+    char kind;
+} src_types[] = {
+    {"i8", 1, 1, 'i'}, {"u8", 1, 0, 'i'}, {"i16", 2, 1, 'i'}, {"u16", 2, 0, 'i'}, {"i32", 4, 1, 'i'},
+    {"u32", 4, 0, 'i'}, {"i64", 8, 1, 'i'}, {"u64", 8, 0, 'i'}, {"f32", 4, 0, 'f'}, {"f64", 8, 0, 'f'},
+    {"bool", 1, 0, 'b'}, {"str", 1, 0, 's'}, {"bytes", 1, 0, 'y'},
+};
+
+/* SQL base type -> (wire format, element OID, bytes of a value) */
+static const struct {
+    const char *name;
+    uint8_t wire;
+    uint32_t oid, size;
+} sql_types[] = {
+    {"smallint", W_INT2, PG_OID_INT2, 2}, {"integer", W_INT4, PG_OID_INT4, 4}, {"bigint", W_INT8, PG_OID_INT8, 8},
+    {"real", W_FLOAT4, PG_OID_FLOAT4, 4}, {"double precision", W_FLOAT8, PG_OID_FLOAT8, 8},
+    {"boolean", W_BOOL, PG_OID_BOOL, 1}, {"numeric(20,0)", W_NUMERIC, PG_OID_NUMERIC, PG_NUMERIC_MAX},
+    {"text", W_TEXT, 25u, 0}, {"bytea", W_BYTEA, 17u, 0},
+};
+
+/* can every value of the source type be sent as this SQL type, losslessly? */
+static int plan_pair_ok(char kind, unsigned size, int sign, unsigned wire, uint32_t wsize)
+{
+    switch (kind) {
+    case 'i':
+        if (wire == W_NUMERIC)
+            return !sign;               /* numeric carries u64 (the encoder writes non-negative numbers) */
+        if (wire != W_INT2 && wire != W_INT4 && wire != W_INT8)
+            return 0;
+        return sign ? wsize >= size : wsize > size;    /* signed SQL ints: an unsigned needs one more bit */
+    case 'f':
+        return (wire == W_FLOAT4 && size == 4) || (wire == W_FLOAT8 && size == 8);
+    case 'b':
+        return wire == W_BOOL;
+    case 's':
+        return wire == W_TEXT;
+    default:
+        return wire == W_BYTEA;
+    }
+}
+
+static int plan_column(PyObject *item, Py_ssize_t i, Py_ssize_t record_size, copy_col *c)
+{
+    Py_ssize_t offset, count;
+    const char *stype, *sqltype;
+    int is_array;
+    if (!PyTuple_Check(item)
+        || !PyArg_ParseTuple(item, "nsnps", &offset, &stype, &count, &is_array, &sqltype)) {
+        if (!PyErr_Occurred() || PyErr_ExceptionMatches(PyExc_TypeError)) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_TypeError, "CopyPlan column %zd: expected (offset, stated_type, count, is_array, "
+                         "sql_type)", i);
+        }
+        return -1;
+    }
+    size_t s = 0, q = 0;
+    while (s < sizeof src_types / sizeof src_types[0] && strcmp(src_types[s].name, stype))
+        s++;
+    while (q < sizeof sql_types / sizeof sql_types[0] && strcmp(sql_types[q].name, sqltype))
+        q++;
+    if (s == sizeof src_types / sizeof src_types[0] || q == sizeof sql_types / sizeof sql_types[0]) {
+        PyErr_Format(PyExc_ValueError, "CopyPlan column %zd: unknown type %s or %s", i, stype, sqltype);
+        return -1;
+    }
+    char kind = src_types[s].kind;
+    unsigned size = src_types[s].size;
+    if (!plan_pair_ok(kind, size, src_types[s].sign, sql_types[q].wire, sql_types[q].size)) {
+        PyErr_Format(PyExc_ValueError, "CopyPlan column %zd: %s cannot be stored as %s without loss", i, stype,
+                     sqltype);
+        return -1;
+    }
+    if (count < 1 || count > (1 << 24) || ((kind == 's' || kind == 'y') && is_array)
+        || (!is_array && kind != 's' && kind != 'y' && count != 1)
+        || offset < 0 || offset > record_size || count * (Py_ssize_t)size > record_size - offset) {
+        PyErr_Format(PyExc_ValueError, "CopyPlan column %zd: %zd x %s at offset %zd%s does not fit a %zd-byte record",
+                     i, count, stype, offset, is_array ? " (array)" : "", record_size);
+        return -1;
+    }
+    c->offset = (uint32_t)offset;
+    c->count = (uint32_t)count;
+    c->src_size = (uint8_t)size;
+    c->src_signed = src_types[s].sign;
+    c->wire = sql_types[q].wire;
+    c->array = (uint8_t)is_array;
+    c->elem_oid = sql_types[q].oid;
+    uint32_t elem = 4 + sql_types[q].size;                 /* length word + value */
+    if (kind == 's' || kind == 'y')
+        c->max_bytes = 4 + (uint32_t)count;
+    else if (is_array)
+        c->max_bytes = 4 + PG_ARRAY_HEADER + (uint32_t)count * elem;
+    else
+        c->max_bytes = elem;
+    return 0;
+}
+
+static int CopyPlan_init(CopyPlanObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"columns", "record_size", "layout_hash", NULL};
+    PyObject *columns;
+    Py_ssize_t record_size;
+    const char *lh;
+    Py_ssize_t lh_len;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "Ons#", kwlist, &columns, &record_size, &lh, &lh_len))
+        return -1;
+    if (record_size < 1 || record_size > (1 << 24)) {
+        PyErr_Format(PyExc_ValueError, "record_size %zd is out of range", record_size);
+        return -1;
+    }
+    if (lh_len > LAYOUT_HASH_MAX || !utf8_valid((const unsigned char *)lh, (size_t)lh_len)
+        || memchr(lh, 0, (size_t)lh_len)) {
+        PyErr_SetString(PyExc_ValueError, "layout_hash must be text of at most 64 bytes");
+        return -1;
+    }
+    PyObject *seq = PySequence_Fast(columns, "CopyPlan columns must be a sequence");
+    if (!seq)
+        return -1;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    if (n > 1600 - COPY_META_COLUMNS) {  /* PostgreSQL's MaxHeapAttributeNumber */
+        Py_DECREF(seq);
+        PyErr_Format(PyExc_ValueError, "%zd columns: PostgreSQL tables hold at most 1600", n + COPY_META_COLUMNS);
+        return -1;
+    }
+    copy_col *cols = PyMem_Calloc((size_t)(n ? n : 1), sizeof *cols);
+    if (!cols) {
+        Py_DECREF(seq);
+        PyErr_NoMemory();
+        return -1;
+    }
+    Py_ssize_t max_tuple = 2 + 12 + 12 + 4 + lh_len;       /* field count, entity, version, layout_hash */
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (plan_column(PySequence_Fast_GET_ITEM(seq, i), i, record_size, &cols[i]) < 0) {
+            PyMem_Free(cols);
+            Py_DECREF(seq);
+            return -1;
+        }
+        max_tuple += cols[i].max_bytes;
+    }
+    Py_DECREF(seq);
+    PyMem_Free(self->cols);
+    self->cols = cols;
+    self->ncols = n;
+    self->record_size = record_size;
+    self->max_tuple = max_tuple;
+    memcpy(self->layout_hash, lh, (size_t)lh_len);
+    self->layout_hash_len = (uint32_t)lh_len;
+    return 0;
+}
+
+static void CopyPlan_dealloc(CopyPlanObject *self)
+{
+    PyMem_Free(self->cols);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *CopyPlan_encode(CopyPlanObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "encode(rows, epochs, counter)");
+        return NULL;
+    }
+    if (!self->cols) {
+        PyErr_SetString(PyExc_TypeError, "CopyPlan is not initialised");
+        return NULL;
+    }
+    PyObject *epochs = args[1];
+    if (!PyDict_Check(epochs)) {
+        PyErr_SetString(PyExc_TypeError, "epochs must be a dict (entity -> epoch)");
+        return NULL;
+    }
+    unsigned long long counter = PyLong_AsUnsignedLongLong(args[2]);
+    if (counter == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    if (counter > UINT32_MAX) {
+        PyErr_SetString(PyExc_OverflowError, "the version counter is 32 bits");
+        return NULL;
+    }
+    PyObject *rows = PySequence_Fast(args[0], "rows must be a sequence");
+    if (!rows)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(rows);
+    if (n > (PY_SSIZE_T_MAX - COPY_HEADER_LEN - COPY_TRAILER_LEN) / self->max_tuple) {
+        Py_DECREF(rows);
+        return PyErr_NoMemory();
+    }
+    PyObject *out = PyBytes_FromStringAndSize(NULL, COPY_HEADER_LEN + n * self->max_tuple + COPY_TRAILER_LEN);
+    if (!out) {
+        Py_DECREF(rows);
+        return NULL;
+    }
+    unsigned char *base = (unsigned char *)PyBytes_AS_STRING(out), *p = base;
+    memcpy(p, COPY_SIGNATURE, 11);      /* the literal's terminating NUL is the signature's last byte */
+    p = put_be32(p + 11, 0);            /* flags */
+    p = put_be32(p, 0);                 /* header extension length */
+    PyObject **items = PySequence_Fast_ITEMS(rows);
+    for (Py_ssize_t r = 0; r < n; r++) {
+        PyObject *row = items[r];
+        if (!PyTuple_Check(row) || PyTuple_GET_SIZE(row) < 5) {
+            PyErr_Format(PyExc_TypeError, "row %zd: expected a tuple (slot, generation, seq, entity, data, ...)", r);
+            goto fail;
+        }
+        PyObject *ent = PyTuple_GET_ITEM(row, 3), *data = PyTuple_GET_ITEM(row, 4);
+        if (!PyBytes_Check(data) || PyBytes_GET_SIZE(data) != self->record_size) {
+            PyErr_Format(PyExc_ValueError, "row %zd: the record must be %zd bytes", r, self->record_size);
+            goto fail;
+        }
+        unsigned long long e = PyLong_AsUnsignedLongLong(ent);
+        if (e == (unsigned long long)-1 && PyErr_Occurred())
+            goto fail;
+        PyObject *ep = PyDict_GetItemWithError(epochs, ent);
+        if (!ep) {
+            if (!PyErr_Occurred())
+                PyErr_SetObject(PyExc_KeyError, ent);
+            goto fail;
+        }
+        long long epoch = PyLong_AsLongLong(ep);
+        if (epoch == -1 && PyErr_Occurred())
+            goto fail;
+        if (epoch < 0 || epoch > INT32_MAX) {   /* version = epoch << 32 | counter must stay a positive bigint */
+            PyErr_Format(PyExc_OverflowError, "entity %llu: epoch %lld does not fit a version", e, epoch);
+            goto fail;
+        }
+        p = put_be16(p, (uint16_t)(self->ncols + COPY_META_COLUMNS));
+        p = put_be32(p, 8);
+        p = put_be64(p, e);             /* entity: the u64 as a two's complement bigint */
+        p = put_be32(p, 8);
+        p = put_be64(p, (uint64_t)epoch << 32 | counter);
+        p = put_be32(p, self->layout_hash_len);
+        memcpy(p, self->layout_hash, self->layout_hash_len);
+        p += self->layout_hash_len;
+        const unsigned char *rec = (const unsigned char *)PyBytes_AS_STRING(data);
+        for (Py_ssize_t i = 0; i < self->ncols; i++) {
+            p = put_column(p, &self->cols[i], rec);
+            if (!p)
+                goto fail;
+        }
+    }
+    p = put_be16(p, 0xFFFF);            /* trailer: a field count of -1 */
+    Py_DECREF(rows);
+    if (_PyBytes_Resize(&out, p - base) < 0)
+        return NULL;
+    return out;
+fail:
+    Py_DECREF(rows);
+    Py_DECREF(out);
+    return NULL;
+}
+
+static PyObject *CopyPlan_get_columns(CopyPlanObject *self, void *c)
+{
+    (void)c;
+    return PyLong_FromSsize_t(self->ncols + COPY_META_COLUMNS);
+}
+
+static PyObject *CopyPlan_get_max_tuple(CopyPlanObject *self, void *c)
+{
+    (void)c;
+    return PyLong_FromSsize_t(self->max_tuple);
+}
+
+static PyMethodDef CopyPlan_methods[] = {
+    {"encode", (PyCFunction)(void (*)(void))CopyPlan_encode, METH_FASTCALL,
+     "encode(rows, epochs, counter) -> bytes: a binary COPY payload"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef CopyPlan_getset[] = {
+    {"columns", (getter)CopyPlan_get_columns, NULL, "columns per tuple (entity, version, layout_hash, fields)", NULL},
+    {"max_tuple", (getter)CopyPlan_get_max_tuple, NULL, "most bytes one tuple can take", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject CopyPlanType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "stated.shm._native.CopyPlan",
+    .tp_basicsize = sizeof(CopyPlanObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "A table's column plan for PostgreSQL binary COPY; see the module source (store section).",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)CopyPlan_init,
+    .tp_dealloc = (destructor)CopyPlan_dealloc,
+    .tp_methods = CopyPlan_methods,
+    .tp_getset = CopyPlan_getset,
+};
+
+/* ---- dirty marks: the daemon's harvest and scans (format.md "Dirty marks with two consumers") ----------
+ * A column is a 1-D byte buffer: one byte per slot, `stride` bytes apart (32 for the slot table). */
+typedef struct {
+    Py_buffer view;
+    unsigned char *p;
+    Py_ssize_t n, stride;
+} mark_col;
+
+static int mark_col_get(PyObject *o, mark_col *c, int writable)
+{
+    if (PyObject_GetBuffer(o, &c->view, PyBUF_STRIDES | (writable ? PyBUF_WRITABLE : 0)) < 0)
+        return -1;
+    if (c->view.ndim != 1 || c->view.itemsize != 1) {
+        PyBuffer_Release(&c->view);
+        PyErr_SetString(PyExc_TypeError, "a mark column is a 1-D buffer of bytes");
+        return -1;
+    }
+    c->p = c->view.buf;
+    c->n = c->view.shape[0];
+    c->stride = c->view.strides[0];
+    return 0;
+}
+
+/* harvest(dirty, snap_pending, store_pending) -> number of marks moved
+ *
+ * For every slot whose `dirty` byte is non-zero: store_pending = 1, snap_pending = 1, then dirty = 0.
+ * Ordering (writers: record stores, `seq` even with release, then `dirty = 1` with release):
+ * - the scan's load of `dirty` is relaxed: it only selects slots; a mark it misses (set after the load)
+ *   stays set for the next harvest;
+ * - the two consumer marks are stored before the clear, and the clear is an atomic exchange with
+ *   acquire-release ordering. Its RELEASE half keeps both consumer stores before it (for the compiler
+ *   and, on a weakly ordered CPU, for every other observer): a daemon SIGKILLed anywhere in here, or the
+ *   other consumer looking at the slot, finds the change marked in `dirty` or in both pending bytes,
+ *   never in neither;
+ * - a writer's `dirty = 1` racing with the clear either comes after the exchange in the byte's
+ *   modification order (the slot stays dirty for the next harvest) or is the value the exchange reads:
+ *   then the exchange's ACQUIRE half synchronises with that release store, so the writer's record
+ *   stores are visible to every copy this thread makes afterwards (the store's seqlock copy, the
+ *   saver's capture). A plain store of 0 would not do, even on x86-64: the store could sit in the
+ *   store buffer while the copy's loads go ahead, and land after a writer's 1, losing that write
+ *   from both consumers;
+ * - the exchange's result is not needed: a byte cleared meanwhile (a harvest in another thread of this
+ *   daemon: the GIL is held here, so only between calls) costs one extra write, never a lost one.
+ * The GIL is held throughout: a harvest in the saver thread and one on the event loop never interleave. */
+static PyObject *mod_harvest(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)m;
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "harvest(dirty, snap_pending, store_pending)");
+        return NULL;
+    }
+    mark_col c[3];
+    int got = 0;
+    for (; got < 3; got++)
+        if (mark_col_get(args[got], &c[got], 1) < 0)
+            goto done;
+    if (c[1].n != c[0].n || c[2].n != c[0].n) {
+        PyErr_SetString(PyExc_ValueError, "harvest: the three columns differ in length");
+        goto done;
+    }
+    Py_ssize_t moved = 0;
+    unsigned char *d = c[0].p, *snap = c[1].p, *store = c[2].p;
+    for (Py_ssize_t i = 0; i < c[0].n; i++, d += c[0].stride, snap += c[1].stride, store += c[2].stride) {
+        if (!__atomic_load_n(d, __ATOMIC_RELAXED))
+            continue;
+        __atomic_store_n(store, (unsigned char)1, __ATOMIC_RELAXED);
+        __atomic_store_n(snap, (unsigned char)1, __ATOMIC_RELAXED);
+        (void)__atomic_exchange_n(d, (unsigned char)0, __ATOMIC_ACQ_REL);
+        moved++;
+    }
+    for (int k = 0; k < 3; k++)
+        PyBuffer_Release(&c[k].view);
+    return PyLong_FromSsize_t(moved);
+done:
+    for (int k = 0; k < got; k++)
+        PyBuffer_Release(&c[k].view);
+    return NULL;
+}
+
+/* marked(column) -> indexes of the non-zero bytes, ascending. Any non-zero value is a mark (a
+ * scribbled 2 errs towards one extra write). Relaxed loads: the caller copies each selected record
+ * under its seqlock (acquire on `seq`), which is what orders the record's bytes. */
+static PyObject *mod_marked(PyObject *m, PyObject *arg)
+{
+    (void)m;
+    mark_col c;
+    if (mark_col_get(arg, &c, 0) < 0)
+        return NULL;
+    PyObject *out = PyList_New(0);
+    const unsigned char *p = c.p;
+    for (Py_ssize_t i = 0; out && i < c.n; i++, p += c.stride) {
+        if (!__atomic_load_n(p, __ATOMIC_RELAXED))
+            continue;
+        PyObject *v = PyLong_FromSsize_t(i);
+        if (!v || PyList_Append(out, v) < 0)
+            Py_CLEAR(out);
+        Py_XDECREF(v);
+    }
+    PyBuffer_Release(&c.view);
+    return out;
+}
+
+/* count_marked(*columns) -> how many indexes have a non-zero byte in any of the columns */
+static PyObject *mod_count_marked(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)m;
+    if (nargs < 1 || nargs > 8) {
+        PyErr_SetString(PyExc_TypeError, "count_marked(*columns): 1 to 8 columns");
+        return NULL;
+    }
+    mark_col c[8];
+    Py_ssize_t got = 0, count = 0;
+    for (; got < nargs; got++)
+        if (mark_col_get(args[got], &c[got], 0) < 0)
+            goto done;
+    for (Py_ssize_t k = 1; k < nargs; k++)
+        if (c[k].n != c[0].n) {
+            PyErr_SetString(PyExc_ValueError, "count_marked: the columns differ in length");
+            goto done;
+        }
+    for (Py_ssize_t i = 0; i < c[0].n; i++)
+        for (Py_ssize_t k = 0; k < nargs; k++)
+            if (__atomic_load_n(c[k].p + i * c[k].stride, __ATOMIC_RELAXED)) {
+                count++;
+                break;
+            }
+    for (Py_ssize_t k = 0; k < got; k++)
+        PyBuffer_Release(&c[k].view);
+    return PyLong_FromSsize_t(count);
+done:
+    for (Py_ssize_t k = 0; k < got; k++)
+        PyBuffer_Release(&c[k].view);
+    return NULL;
+}
+
+/* ---- the store's record copies: consistent copies out of the segment, and the settle after COMMIT ----
+ * store_copy(core, slots, item_type, tries) -> (items, later)
+ *     A consistent copy of each slot's record (format.md "Record seqlock"): item_type(slot, generation,
+ *     seq, entity, data, pinned) per slot copied (item_type: a tuple subclass, flush.py's Item); entity
+ *     -1 for an allocated slot without one; a freed slot (a free marks the slot) is copied under the
+ *     entity it last had; pinned only for an allocated slot. `later`: slots still mid-write (or changed
+ *     under every copy) after `tries` rounds: left for the next pass.
+ * store_settle(core, items) -> list of the items that changed
+ *     After COMMIT: clears store_pending of each item's slot whose seq, generation and record bytes are
+ *     still what was copied; returns the others (their marks stay: what the database lacks is newer).
+ * SlotOutOfRange for a slot outside the table, StatedError on a closed core. */
+
+/* one consistent copy of `slot` into `out`; 0 when consistent, else -1 (retry)
+ *
+ * Reader protocol: seq with ACQUIRE (an allocated slot with an odd seq is inside a write section:
+ * retry); state with ACQUIRE (alloc and free store it with release after the generation, and alloc
+ * after the entity, flags and record initialiser: an allocated state read here makes those visible);
+ * generation, entity, flags, pinned and the record (relaxed); an ACQUIRE fence; then seq, generation
+ * and state again. Unchanged means one allocation and no write section overlapped the copy: a writer's
+ * section stores `seq` odd and then fences (release) before its field stores, and alloc bumps the
+ * generation and fences (release) before its initialiser stores, so a copy that read any of those
+ * stores sees the odd seq or the new generation on its re-check.
+ * Known limit (as before in Python): a freed slot being allocated again at this very moment (between
+ * the alloc's generation bump and its state store, ~100 ns) can read as a consistent freed copy whose
+ * generation is already the new one and whose record is partly the initialiser; nothing in the slot
+ * marks an allocation in progress without the table lock. */
+static int store_copy_one(stated_table *t, uint32_t slot, unsigned char *out, uint32_t *gen, uint32_t *seq,
+                          uint8_t *state, uint8_t *flags, uint64_t *entity, uint8_t *pinned)
+{
+    const struct stated_slot *s = &t->slots[slot];
+    uint32_t q = __atomic_load_n(&s->seq, __ATOMIC_ACQUIRE);
+    uint8_t st = __atomic_load_n(&s->state, __ATOMIC_ACQUIRE);
+    if ((q & 1u) && st == STATED_SLOT_ALLOCATED)
+        return -1;
+    uint32_t g = __atomic_load_n(&s->generation, __ATOMIC_RELAXED);
+    *flags = __atomic_load_n(&s->flags, __ATOMIC_RELAXED);
+    *entity = __atomic_load_n(&s->entity, __ATOMIC_RELAXED);
+    *pinned = __atomic_load_n(&s->pinned, __ATOMIC_RELAXED);
+    memcpy(out, t->records + (size_t)slot * t->record_size, t->record_size);
+    __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    if (__atomic_load_n(&s->seq, __ATOMIC_RELAXED) != q || __atomic_load_n(&s->generation, __ATOMIC_RELAXED) != g
+        || __atomic_load_n(&s->state, __ATOMIC_RELAXED) != st)
+        return -1;
+    *gen = g;
+    *seq = q;
+    *state = st;
+    return 0;
+}
+
+static CoreObject *store_core(PyObject *o)
+{
+    if (!PyObject_TypeCheck(o, &CoreType)) {
+        PyErr_SetString(PyExc_TypeError, "expected a stated.shm._native.Core");
+        return NULL;
+    }
+    CoreObject *c = (CoreObject *)o;
+    if (!c->have_view) {
+        PyErr_Format(E_Stated, "table '%s' is closed; attach again", c->t.name);
+        return NULL;
+    }
+    return c;
+}
+
+/* a slot number from Python, checked against the table */
+static int store_slot(CoreObject *c, PyObject *o, uint32_t *slot)
+{
+    long long v = PyLong_AsLongLong(o);
+    if (v == -1 && PyErr_Occurred())
+        return -1;
+    if (v < 0 || v >= (long long)c->t.capacity) {
+        PyErr_Format(E_Range, "table '%s': slot %lld is outside [0, %u)", c->t.name, v, c->t.capacity);
+        return -1;
+    }
+    *slot = (uint32_t)v;
+    return 0;
+}
+
+static PyObject *store_item(PyTypeObject *type, uint32_t slot, uint32_t gen, uint32_t seq, int64_t entity,
+                            uint64_t uentity, PyObject *data, int pinned)
+{
+    PyObject *it = type->tp_alloc(type, 6);
+    if (!it) {
+        Py_DECREF(data);
+        return NULL;
+    }
+    PyObject *v[6] = {PyLong_FromUnsignedLong(slot), PyLong_FromUnsignedLong(gen), PyLong_FromUnsignedLong(seq),
+                      entity < 0 ? PyLong_FromLong(-1) : PyLong_FromUnsignedLongLong(uentity), data,
+                      Py_NewRef(pinned ? Py_True : Py_False)};
+    int ok = 1;
+    for (int i = 0; i < 6; i++) {
+        if (!v[i])
+            ok = 0;
+        PyTuple_SET_ITEM(it, i, v[i]);   /* a NULL item is fine for the dealloc below */
+    }
+    if (!ok) {
+        Py_DECREF(it);
+        return NULL;
+    }
+    return it;
+}
+
+#define STORE_MAX_TRIES 64
+
+static PyObject *mod_store_copy(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)m;
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "store_copy(core, slots, item_type, tries)");
+        return NULL;
+    }
+    CoreObject *c = store_core(args[0]);
+    if (!c)
+        return NULL;
+    if (!PyType_Check(args[2]) || !PyType_IsSubtype((PyTypeObject *)args[2], &PyTuple_Type)) {
+        PyErr_SetString(PyExc_TypeError, "item_type must be a tuple subclass");
+        return NULL;
+    }
+    PyTypeObject *type = (PyTypeObject *)args[2];
+    long tries = PyLong_AsLong(args[3]);
+    if (tries == -1 && PyErr_Occurred())
+        return NULL;
+    if (tries < 1 || tries > STORE_MAX_TRIES) {
+        PyErr_Format(PyExc_ValueError, "tries must be 1..%d", STORE_MAX_TRIES);
+        return NULL;
+    }
+    PyObject *seq = PySequence_Fast(args[1], "slots must be a sequence of slot numbers");
+    if (!seq)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    PyObject **in = PySequence_Fast_ITEMS(seq);
+    PyObject *items = PyList_New(0), *later = PyList_New(0), *retry = NULL, *out = NULL;
+    stated_table *t = &c->t;
+    if (!items || !later)
+        goto done;
+    /* round 1 over every slot, then up to tries - 1 more rounds over the ones mid-write, yielding the
+     * CPU between rounds (a writer in another process may be waiting for it to finish its section) */
+    Py_ssize_t todo_n = n;
+    PyObject **todo_in = in;
+    for (long round = 0; round < tries && todo_n; round++) {
+        PyObject *again = PyList_New(0);
+        if (!again)
+            goto done;
+        if (round)
+            sched_yield();
+        for (Py_ssize_t i = 0; i < todo_n; i++) {
+            uint32_t slot, gen, sq;
+            uint8_t st, fl, pin;
+            uint64_t ent;
+            if (store_slot(c, todo_in[i], &slot) < 0) {
+                Py_DECREF(again);
+                goto done;
+            }
+            PyObject *data = PyBytes_FromStringAndSize(NULL, t->record_size);
+            if (!data) {
+                Py_DECREF(again);
+                goto done;
+            }
+            if (store_copy_one(t, slot, (unsigned char *)PyBytes_AS_STRING(data), &gen, &sq, &st, &fl, &ent,
+                               &pin) < 0) {
+                Py_DECREF(data);
+                if (PyList_Append(again, todo_in[i]) < 0) {
+                    Py_DECREF(again);
+                    goto done;
+                }
+                continue;
+            }
+            int allocated = st == STATED_SLOT_ALLOCATED;
+            int no_entity = allocated && !(fl & STATED_FLAG_HAS_ENTITY);
+            PyObject *it = store_item(type, slot, gen, sq, no_entity ? -1 : 0, ent, data, allocated && pin);
+            if (!it || PyList_Append(items, it) < 0) {
+                Py_XDECREF(it);
+                Py_DECREF(again);
+                goto done;
+            }
+            Py_DECREF(it);
+        }
+        Py_XSETREF(retry, again);
+        todo_n = PyList_GET_SIZE(retry);
+        todo_in = PySequence_Fast_ITEMS(retry);
+    }
+    if (retry && PyList_SetSlice(later, 0, 0, retry) < 0)
+        goto done;
+    out = PyTuple_Pack(2, items, later);
+done:
+    Py_XDECREF(retry);
+    Py_XDECREF(items);
+    Py_XDECREF(later);
+    Py_DECREF(seq);
+    return out;
+}
+
+/* Settle after COMMIT. The compare and the clear happen with the GIL held: the saver thread's harvest
+ * (the only other writer of store_pending, in this process) cannot set the mark between them and have
+ * it cleared by us. A writer's later change is never hidden by the clear: its mark is `dirty`, which
+ * is not touched here (the next harvest moves it). The clear is relaxed: only this daemon reads the
+ * byte, and the GIL orders its threads. */
+static PyObject *mod_store_settle(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)m;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "store_settle(core, items)");
+        return NULL;
+    }
+    CoreObject *c = store_core(args[0]);
+    if (!c)
+        return NULL;
+    if (c->t.readonly) {
+        PyErr_Format(E_ReadOnly, "table '%s' is attached read-only", c->t.name);
+        return NULL;
+    }
+    PyObject *seq = PySequence_Fast(args[1], "items must be a sequence");
+    if (!seq)
+        return NULL;
+    PyObject *changed = PyList_New(0);
+    stated_table *t = &c->t;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    PyObject **in = PySequence_Fast_ITEMS(seq);
+    for (Py_ssize_t i = 0; changed && i < n; i++) {
+        PyObject *it = in[i];
+        uint32_t slot;
+        if (!PyTuple_Check(it) || PyTuple_GET_SIZE(it) < 5 || !PyBytes_Check(PyTuple_GET_ITEM(it, 4))
+            || PyBytes_GET_SIZE(PyTuple_GET_ITEM(it, 4)) != (Py_ssize_t)t->record_size) {
+            PyErr_Format(PyExc_TypeError, "item %zd: expected (slot, generation, seq, entity, data, ...) with "
+                         "%u bytes of data", i, t->record_size);
+            Py_CLEAR(changed);
+            break;
+        }
+        unsigned long gen = PyLong_AsUnsignedLong(PyTuple_GET_ITEM(it, 1));
+        unsigned long sq = PyLong_AsUnsignedLong(PyTuple_GET_ITEM(it, 2));
+        if (PyErr_Occurred() || store_slot(c, PyTuple_GET_ITEM(it, 0), &slot) < 0) {
+            Py_CLEAR(changed);
+            break;
+        }
+        struct stated_slot *s = &t->slots[slot];
+        const unsigned char *rec = t->records + (size_t)slot * t->record_size;
+        if (__atomic_load_n(&s->seq, __ATOMIC_ACQUIRE) == sq && __atomic_load_n(&s->generation, __ATOMIC_RELAXED) == gen
+            && !memcmp(rec, PyBytes_AS_STRING(PyTuple_GET_ITEM(it, 4)), t->record_size)) {
+            __atomic_store_n(&s->store_pending, (uint8_t)0, __ATOMIC_RELAXED);
+            continue;
+        }
+        if (PyList_Append(changed, it) < 0)
+            Py_CLEAR(changed);
+    }
+    Py_DECREF(seq);
+    return changed;
+}
+
+static PyMethodDef store_methods[] = {
+    {"harvest", (PyCFunction)(void (*)(void))mod_harvest, METH_FASTCALL,
+     "harvest(dirty, snap_pending, store_pending) -> marks moved (dirty -> both pending marks)"},
+    {"marked", mod_marked, METH_O, "marked(column) -> indexes of non-zero bytes"},
+    {"count_marked", (PyCFunction)(void (*)(void))mod_count_marked, METH_FASTCALL,
+     "count_marked(*columns) -> indexes with a non-zero byte in any column"},
+    {"store_copy", (PyCFunction)(void (*)(void))mod_store_copy, METH_FASTCALL,
+     "store_copy(core, slots, item_type, tries) -> (items, later): consistent record copies"},
+    {"store_settle", (PyCFunction)(void (*)(void))mod_store_settle, METH_FASTCALL,
+     "store_settle(core, items) -> items changed since their copy (the others' store marks cleared)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static int store_codec_add(PyObject *m)
+{
+    if (PyType_Ready(&CopyPlanType) < 0 || PyModule_AddFunctions(m, store_methods) < 0)
+        return -1;
+    return PyModule_AddObjectRef(m, "CopyPlan", (PyObject *)&CopyPlanType);
 }

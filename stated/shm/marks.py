@@ -23,66 +23,32 @@ own: the saver copies them every time, the store compares them with what it last
 """
 from __future__ import annotations
 
-import threading
-
 from ..format.segment import SegmentViews
-
-_NONZERO = bytes([0] + [1] * 255)     # translate table: any non-zero byte -> 1
-_FENCE = threading.Lock()
+from . import _native
 
 
-def fence() -> None:
-    """A full memory barrier from Python: taking and giving back a lock executes a locked
-    instruction (x86 `lock cmpxchg`), which drains this CPU's store buffer. x86 may let a later load
-    pass an earlier store; without this, a consumer's record copy could read old data while its
-    `dirty = 0` still sits in the store buffer, and a writer's new `dirty = 1` could land before it
-    and be overwritten. (The native core uses an atomic exchange for the same reason.)"""
-    _FENCE.acquire()
-    _FENCE.release()
+def harvest(v: SegmentViews, slot: int | None = None) -> int:
+    """Move every `dirty` mark (or only `slot`'s) into `snap_pending` and `store_pending`. Returns how
+    many moved.
+
+    One C loop over the slot table (stated/native/_native.c, `harvest`): per dirty slot, both pending
+    marks are stored, then `dirty` is cleared by an atomic exchange (acquire-release); the comment
+    there argues the ordering, which holds on weakly ordered CPUs (ARM64) as on x86-64. The
+    exchange also makes every write it clears visible to the copies made after it. The GIL is held
+    throughout, so the saver thread's harvest and the store's never interleave."""
+    if slot is None:
+        return _native.harvest(v.dirty, v.snap_pending, v.store_pending)
+    one = slice(slot, slot + 1)
+    return _native.harvest(v.dirty[one], v.snap_pending[one], v.store_pending[one])
 
 
-def harvest(v: SegmentViews) -> int:
-    """Move every `dirty` mark into `snap_pending` and `store_pending`. Returns how many moved.
-
-    Cost follows the number of dirty slots: one C-speed copy of the dirty column, clean runs skipped
-    by bytes.find.
-    """
-    col = v.dirty.tobytes()
-    if col.count(0) == v.capacity:
-        return 0
-    col = col.translate(_NONZERO)
-    dirty, snap, store = v.dirty, v.snap_pending, v.store_pending
-    n = 0
-    i = col.find(1)
-    while i >= 0:
-        store[i] = 1
-        snap[i] = 1
-        dirty[i] = 0            # last: a kill before this leaves the change marked twice, never zero times
-        n += 1
-        i = col.find(1, i + 1)
-    fence()                     # the clears are visible before any record is copied after this
-    return n
-
-
-def marked(col: memoryview, capacity: int) -> list[int]:
+def marked(col: memoryview) -> list[int]:
     """Slots whose byte in the column `col` (a SegmentViews slot column) is non-zero, in slot order.
 
     Any non-zero value counts (a scribbled 2 is still a mark: erring towards one extra write)."""
-    data = col.tobytes()
-    if data.count(0) == capacity:
-        return []
-    data = data.translate(_NONZERO)
-    out = []
-    i = data.find(1)
-    while i >= 0:
-        out.append(i)
-        i = data.find(1, i + 1)
-    return out
+    return _native.marked(col)
 
 
-def count_marked(capacity: int, *cols: memoryview) -> int:
-    """Slots with any of the columns' bytes non-zero (a C-speed OR of byte columns)."""
-    acc = 0
-    for c in cols:
-        acc |= int.from_bytes(c.tobytes(), "little")
-    return capacity - acc.to_bytes(capacity, "little").count(0) if acc else 0
+def count_marked(*cols: memoryview) -> int:
+    """Slots with any of the columns' bytes non-zero."""
+    return _native.count_marked(*cols)

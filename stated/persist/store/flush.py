@@ -36,6 +36,7 @@ from typing import Any
 
 from ...errors import (
     DuplicateEntity,
+    NotOwner,
     OwnedElsewhere,
     StatedError,
     StoreError,
@@ -45,6 +46,7 @@ from ...errors import (
 )
 from ...format import segment as fmt
 from ...format.store_config import StoreConfig, redact
+from ...shm import _native
 from ...shm.marks import count_marked, harvest, marked
 from . import leases, pg
 from . import schema as sqlschema
@@ -53,7 +55,6 @@ from .schema import TableMapping
 log = logging.getLogger("stated.store")
 
 _SEQ_TRIES = 8          # seqlock copy attempts per record before leaving it for the next pass
-_YIELD_EVERY = 256      # records copied between yields to the event loop
 BACKOFF_MIN, BACKOFF_MAX = 0.1, 10.0
 SWEEP_EVERY = 10        # renewals between sweeps of orphaned leases (leases.sweep)
 
@@ -89,6 +90,7 @@ class TableStore:
 
     def __init__(self, name: str, mapping: TableMapping, alloc: Any, seg: Any):
         self.name, self.mapping, self.alloc = name, mapping, alloc
+        self.core = alloc.core            # the native core: record copies and settles (store_copy/_settle)
         self.capacity = alloc.capacity
         self.rs = seg.header.record_size
         v = self.v = alloc.views          # the format's named slot columns (stated/format/segment.py)
@@ -116,8 +118,8 @@ class TableStore:
         """Harvest writers' marks, then the slots to write: store_pending ones, and pinned allocated
         slots whose bytes differ from what this daemon last wrote for them."""
         harvest(self.v)
-        slots = marked(self.store_pending, self.capacity)
-        pinned = marked(self.pinned, self.capacity)
+        slots = marked(self.store_pending)
+        pinned = marked(self.pinned)
         if pinned:
             have = set(slots)
             rs, rec, state, gen = self.rs, self.rec, self.state, self.gen
@@ -141,91 +143,54 @@ class TableStore:
         return 0.0
 
     def dirty_count(self) -> int:
-        return count_marked(self.capacity, self.v.dirty, self.store_pending)
+        return count_marked(self.v.dirty, self.store_pending)
 
     # ---- copy and settle ----------------------------------------------------------------------
     def copy_batch(self, slots: list[int]) -> tuple[list[Item], list[int]]:
-        """Consistent copies of many records: (items, slots to retry).
+        """Consistent copies of many records: (items, slots still mid-write after _SEQ_TRIES rounds).
 
-        Per slot, before copying: seq (must be even for an allocated slot), generation, state, flags,
-        entity, pinned; after ALL copies: seq and generation again. Alloc and free bump the generation
-        before touching state, entity or record, so an unchanged generation proves those reads and the
-        copy belong to one allocation; an unchanged even seq proves no write section overlapped.
-        Freed slots (a free() marks the slot dirty) still hold the last writes until reused: they are
-        copied under the entity the slot last had (written only if this host holds its lease)."""
-        seqc, genc, statec, flagsc, entc, pinc = self.seq, self.gen, self.state, self.flags, self.entity, self.pinned
-        rec, rs = self.rec, self.rs
-        first = []
-        later = []
-        for s in slots:
-            q = seqc[s]
-            st = statec[s]
-            if q & 1 and st == 1:
-                later.append(s)
-                continue
-            first.append((s, q, genc[s], st, flagsc[s], entc[s], pinc[s],
-                          rec[s * rs:(s + 1) * rs].tobytes()))
-        items = []
-        for s, q, g, st, flags, e, pin, d in first:
-            if seqc[s] != q or genc[s] != g:
-                later.append(s)
-            elif st == 1 and not flags & 1:
-                items.append(_item(Item, (s, g, q, -1, d, False)))
-            else:
-                items.append(_item(Item, (s, g, q, e, d, st == 1 and pin != 0)))
-        return items, later
+        One C call (stated/native/_native.c, store_copy: the seqlock reader with acquire ordering, its
+        comment has the argument): per slot seq and state, then generation, flags, entity, pinned and the
+        record, then seq, generation and state again; unchanged means one allocation and no write
+        section overlapped the copy. Freed slots (a free() marks the slot dirty) still hold the last
+        writes until reused: they are copied under the entity the slot last had (written only if this
+        host holds its lease)."""
+        return _native.store_copy(self.core, slots, Item, _SEQ_TRIES)
 
     def copy(self, slot: int) -> Item | None:
         """One record's consistent copy (a few tries), or None to leave it for the next pass."""
-        for _ in range(_SEQ_TRIES):
-            items, _later = self.copy_batch([slot])
-            if items:
-                return items[0]
-        return None
-
-    def unchanged(self, it: Item) -> bool:
-        slot = it[0]
-        return (self.seq[slot] == it[2] and self.gen[slot] == it[1]
-                and self.rec[slot * self.rs:(slot + 1) * self.rs].tobytes() == it[4])
-
-    def settle(self, it: Item, *, remember: bool) -> bool:
-        """After COMMIT (or a definitive refusal): clear the slot's store mark if the record is still
-        exactly what was copied. Returns True when cleared."""
-        if remember and it[5]:
-            self.shadow[it[0]] = (it[1], it[4])
-        if not self.unchanged(it):
-            return False
-        self.store_pending[it[0]] = 0
-        self.pending_since.pop(it[0], None)
-        if self.state[it[0]] != fmt.SLOT_ALLOCATED:
-            self.shadow.pop(it[0], None)
-        return True
+        items, _later = self.copy_batch([slot])
+        return items[0] if items else None
 
     def settle_many(self, items: list[Item]) -> int:
-        """settle() for a committed batch, inlined: the flush loop's per-record cost matters."""
-        seqc, genc, statec, mark, rec, rs = self.seq, self.gen, self.state, self.store_pending, self.rec, self.rs
+        """After COMMIT (or a definitive refusal): clear the store mark of each record that is still
+        exactly what was copied (seq, generation, bytes). The compare and the clear are one C call
+        (store_settle) holding the GIL, so the saver thread's harvest cannot slip a new mark in between
+        and have it cleared. Returns how many marks were cleared."""
+        changed = _native.store_settle(self.core, items)
         ps, shadow = self.pending_since, self.shadow
-        n = 0
-        for s, g, q, _e, d, pin in items:
+        pop = ps.pop
+        for s, g, _q, _e, d, pin in items:
+            pop(s, None)
             if pin:
-                shadow[s] = (g, d)
-            if seqc[s] == q and genc[s] == g and rec[s * rs:(s + 1) * rs].tobytes() == d:
-                mark[s] = 0
-                ps.pop(s, None)
-                n += 1
-                if statec[s] != 1:
-                    shadow.pop(s, None)
-            else:
-                # changed since the copy: what the database lacks now is newer than the scan that
-                # preceded the copy (keeps stated_store_lag_seconds honest; dict order stays age order)
-                ps.pop(s, None)
-                ps[s] = self.last_scan
-        return n
+                shadow[s] = (g, d)          # pinned: selected again only once its bytes differ from these
+        for it in changed:
+            # changed since the copy: what the database lacks now is newer than the scan that
+            # preceded the copy (keeps stated_store_lag_seconds honest; dict order stays age order)
+            ps[it[0]] = self.last_scan
+        if shadow:                          # a slot freed since it was pinned: forget its bytes
+            statec = self.state
+            for it in items:
+                if it[0] in shadow and statec[it[0]] != fmt.SLOT_ALLOCATED:
+                    shadow.pop(it[0], None)
+        return len(items) - len(changed)
 
     def drop(self, it: Item) -> None:
-        """A copy that will never be written (no entity, not ours): clear its mark so it does not spin,
-        and for a pinned slot remember the bytes, so it is not selected again until it changes."""
-        self.store_pending[it[0]] = 0
+        """A copy that will never be written (no entity, not ours): clear its mark so it does not spin
+        (only if the slot still holds exactly that copy: a slot freed and allocated again since keeps
+        the new allocation's mark), and for a pinned slot remember the bytes, so it is not selected
+        again until it changes."""
+        _native.store_settle(self.core, [it])
         self.pending_since.pop(it[0], None)
         if it[5]:
             self.shadow[it[0]] = (it[1], it[4])
@@ -243,6 +208,9 @@ class TableStore:
         return out
 
     def next_version_base(self) -> int:
+        """The write counter for a batch just copied: the low half of its versions. Taken right after
+        the copies, with no await in between, so versions follow the order of the copies: of two copies
+        of one record (a write-behind batch, a worker's flush), the later one always wins."""
         self.counter = (self.counter + 1) & 0xFFFFFFFF
         return self.counter
 
@@ -467,31 +435,25 @@ class Store:
             slots = slots[:budget]
         batch = self.cfg.batch
         for i in range(0, len(slots), batch):
-            items = await self._collect(ts, slots[i:i + batch], res)
+            items, counter = await self._collect(ts, slots[i:i + batch], res)
             if items:
                 async with self._bulk_lock:
                     if self.bulk is None:
                         raise StoreUnavailable("store connection closed")
-                    await self._write_isolating(self.bulk, ts, items, res)
+                    await self._write_isolating(self.bulk, ts, items, counter, res)
         res.seconds = time.perf_counter() - t0
         if self.on_flush is not None and (res.written or res.stale or res.older):
             self.on_flush(res.seconds)
         return res
 
-    async def _collect(self, ts: TableStore, slots: list[int], res: FlushResult) -> list[Item]:
+    async def _collect(self, ts: TableStore, slots: list[int], res: FlushResult) -> tuple[list[Item], int]:
+        """Copy a batch and select what to write: (items, the batch's version counter)."""
         items: list[Item] = []
-        copied: list[Item] = []
-        for i in range(0, len(slots), _YIELD_EVERY * 4):
-            if i:
-                await asyncio.sleep(0)      # copying 5000 records is a few ms: let the control socket in
-            got, later = ts.copy_batch(slots[i:i + _YIELD_EVERY * 4])
-            copied += got
-            for s in later:                 # mid-write: a few quick retries, else the next pass
-                it = ts.copy(s)
-                if it is None:
-                    res.skipped += 1
-                else:
-                    copied.append(it)
+        # one C call for the whole batch (~1 ms for 5000 records) and the counter right after it, with
+        # no await in between: versions follow the order of copies (see next_version_base)
+        copied, later = ts.copy_batch(slots)
+        counter = ts.next_version_base()
+        res.skipped += len(later)           # still mid-write after a few rounds: the next pass
         lost = ts.lost
         seen: set[int] = set()
         dup = False
@@ -552,7 +514,7 @@ class Store:
                               "exists in the database and was alloc()ed instead of claim()ed); its writes here are "
                               "not saved", ts.name, it.entity, it.slot)
             items = keep
-        return items
+        return items, counter
 
     def _dedupe(self, ts: TableStore, items: list[Item], res: FlushResult) -> list[Item]:
         """Freed copies of an entity that is live again here (or twice in the batch): the live slot wins;
@@ -582,20 +544,21 @@ class Store:
         """Only allocated slots may take a lease (a freed slot's entity is someone else's business)."""
         return any(it.entity == entity and ts.state[it.slot] == fmt.SLOT_ALLOCATED for it in items)
 
-    async def _write_isolating(self, drv: pg.Driver, ts: TableStore, items: list[Item], res: FlushResult) -> None:
+    async def _write_isolating(self, drv: pg.Driver, ts: TableStore, items: list[Item], counter: int,
+                               res: FlushResult) -> None:
         """_write, and when the database refuses the batch itself (not an outage: a row it will never
         accept, e.g. a CHECK a DBA added), halve it until the refused records are found. Those keep
         their marks (nothing is lost: they are retried when they change, or by the next daemon) but are
         skipped while unchanged, so one bad record cannot stop a table's write-behind."""
         try:
-            await self._write(drv, ts, items, res)
+            await self._write(drv, ts, items, counter, res)
         except (StoreUnavailable, StoreRetry):
             raise
         except StoreError as e:
             if len(items) > 1:
                 mid = len(items) // 2
-                await self._write_isolating(drv, ts, items[:mid], res)
-                await self._write_isolating(drv, ts, items[mid:], res)
+                await self._write_isolating(drv, ts, items[:mid], counter, res)
+                await self._write_isolating(drv, ts, items[mid:], counter, res)
                 return
             it = items[0]
             ts.poisoned[it[0]] = (it[1], it[4])
@@ -604,11 +567,11 @@ class Store:
             log.error("store: table=%s entity=%d slot=%d: the database refuses this record (%s); it stays marked "
                       "and is retried when it changes", ts.name, it[3], it[0], e)
 
-    async def _write(self, drv: pg.Driver, ts: TableStore, items: list[Item], res: FlushResult) -> None:
+    async def _write(self, drv: pg.Driver, ts: TableStore, items: list[Item], counter: int, res: FlushResult) -> None:
+        """One transaction: COPY the copies (version epoch << 32 | counter) into the temporary table, then
+        the fenced upsert; after COMMIT, the marks of records unchanged since their copy are cleared."""
         m = ts.mapping
-        n = ts.next_version_base()
-        epochs = ts.epochs
-        payload = m.copy_data([(it[3], (epochs[it[3]] << 32) | n, it[4]) for it in items])
+        payload = m.copy_data(items, ts.epochs, counter)
         async with drv.transaction():
             await drv.copy_binary(m.temp_name, m.copy_columns, payload)
             status = await drv.execute(m.upsert_sql(), m.name, self.cfg.host_id)
@@ -653,7 +616,7 @@ class Store:
             here = ts.allocated_entities()
             gone = {e: ep for e, ep in ts.epochs.items() if e not in here}
             ts.lost &= set(here)       # a lost entity freed here is forgotten: a later claim starts afresh
-            pending = {ts.entity[s] for s in marked(ts.store_pending, ts.capacity)}
+            pending = {ts.entity[s] for s in marked(ts.store_pending)}
             if self._renewals % SWEEP_EVERY == 1:      # the first renewal of a connection, then every 10th
                 async with self._bulk_lock:
                     if self.bulk is None:
@@ -742,10 +705,21 @@ class Store:
 
     async def _flush_handle(self, table: str, slot: int, gen: int) -> bool:
         ts = self._table(table)
+        it, counter, need = await self._flush_prepare(ts, slot, gen)
+        if need:
+            await self._write_one(ts, it, counter)
+        return need
+
+    async def _flush_prepare(self, ts: TableStore, slot: int, gen: int) -> tuple[Item, int, bool]:
+        """For flush and release: the handle checked, the slot's dirty mark harvested (that slot only: no
+        scan of the table), a consistent copy and its version counter (taken right after the copy), the
+        lease of an entity allocated here without a claim. Returns (copy, counter, whether the database
+        lacks it)."""
+        table = ts.name
         if not (isinstance(slot, int) and 0 <= slot < ts.capacity) or ts.gen[slot] != gen \
                 or ts.state[slot] != fmt.SLOT_ALLOCATED:
             raise StatedError(f"table {table!r}: handle (slot {slot}, generation {gen}) is stale")
-        harvest(ts.v)
+        harvest(ts.v, slot)
         it = None
         deadline = self.clock() + self.cfg.timeout
         while it is None:
@@ -754,6 +728,7 @@ class Store:
                 if self.clock() > deadline:
                     raise StatedError(f"table {table!r} slot {slot}: the record stayed mid-write; flush refused")
                 await asyncio.sleep(0.001)
+        counter = ts.next_version_base()
         if it.entity < 0:
             raise StoreError(f"table {table!r} slot {slot}: no entity; a stored record needs one")
         if it.entity not in ts.epochs and it.entity not in ts.lost:
@@ -772,41 +747,68 @@ class Store:
                                  f"host holds it, or the entity exists in the database and was alloc()ed here "
                                  f"instead of claim()ed); the write is not saved")
         sh = ts.shadow.get(slot)
-        if not ts.store_pending[slot] and not (it.pinned and (sh is None or sh != (it.gen, it.data))):
-            return False                          # nothing pending: it is in the database already
-        res = FlushResult()
+        need = bool(ts.store_pending[slot]) or (it.pinned and (sh is None or sh != (it.gen, it.data)))
+        return it, counter, need
+
+    async def _write_one(self, ts: TableStore, it: Item, counter: int, *, release: bool = False) -> None:
+        """One record on the claim connection (flush, release): BEGIN, COPY, one statement that checks
+        (or, for release, drops) the lease and upserts (schema.write_one_sql), COMMIT. Returns once
+        committed; OwnedElsewhere when fenced."""
+        m = ts.mapping
+        entity, epoch = it[3], ts.epochs[it[3]]
+        payload = m.copy_data([it], ts.epochs, counter)
         try:
             async with self._fast_lock:
                 drv = await self._fast_conn()
-                await self._write(drv, ts, [it], res)
+                async with drv.transaction():
+                    await drv.copy_binary(m.temp_name, m.copy_columns, payload)
+                    row = (await drv.fetch(m.write_one_sql(release), m.name, self.cfg.host_id,
+                                           sqlschema.entity_to_sql(entity), epoch))[0]
         except StoreUnavailable as e:
             self._fail(e, "unavailable")
             raise
-        if res.stale:
-            raise OwnedElsewhere(f"table {table!r} entity {it.entity}: the write was refused; another host holds "
+        if not row["held"]:
+            if ts.epochs.get(entity) == epoch:      # still believed ours: we lost it
+                ts.epochs.pop(entity, None)
+                ts.lost.add(entity)
+                ts.stale += 1
+                log.error("store: table=%s entity=%d slot=%d: write refused, this host no longer holds the lease at "
+                          "epoch %d; this host's copy is stale and is no longer written", ts.name, entity, it[0], epoch)
+            ts.drop(it)
+            raise OwnedElsewhere(f"table {ts.name!r} entity {entity}: the write was refused; another host holds "
                                  f"the lease now")
-        return True
+        written = int(row["written"])
+        ts.flushed += written
+        ts.older += 1 - written                  # refused as not newer: the database has a newer copy already
+        ts.settle_many([it])
 
     async def release(self, table: str, slot: int, gen: int, owner: int) -> None:
         """Flush, free the slot, drop the lease."""
         await self._bounded("release", self._release(table, slot, gen, owner))
 
     async def _release(self, table: str, slot: int, gen: int, owner: int) -> None:
+        """The last write and the lease drop commit together (one statement), then the slot is freed
+        here. Nothing to write: the lease drop alone, after the free (if it fails, the lease lapses after
+        lease_ttl: the record is in the database already)."""
         ts = self._table(table)
-        await self._flush_handle(table, slot, gen)
-        entity = ts.entity[slot]
-        epoch = ts.epochs.get(entity)
+        if isinstance(slot, int) and 0 <= slot < ts.capacity and ts.owner[slot] != owner:
+            raise NotOwner(f"table {table!r}: slot {slot} belongs to owner #{ts.owner[slot]}, not #{owner}")
+        it, counter, need = await self._flush_prepare(ts, slot, gen)
+        entity, epoch = it.entity, ts.epochs[it.entity]
+        if need:
+            await self._write_one(ts, it, counter, release=True)
         ts.alloc.free((slot, gen), owner)
         ts.epochs.pop(entity, None)
         ts.shadow.pop(slot, None)
-        if epoch is not None:
-            try:
-                async with self._fast_lock:
-                    await leases.release(await self._fast_conn(), ts.mapping, self.cfg.host_id, entity, epoch)
-            except StoreUnavailable as e:
-                # the slot is freed and its record is in the database; the lease just lapses after lease_ttl
-                log.warning("store: table=%s entity=%d: lease not released (%s); it expires in %.0fs", table,
-                            entity, e, self.cfg.lease_ttl)
+        if need:
+            return
+        try:
+            async with self._fast_lock:
+                await leases.release(await self._fast_conn(), ts.mapping, self.cfg.host_id, entity, epoch)
+        except StoreUnavailable as e:
+            # the slot is freed and its record is in the database; the lease just lapses after lease_ttl
+            log.warning("store: table=%s entity=%d: lease not released (%s); it expires in %.0fs", table,
+                        entity, e, self.cfg.lease_ttl)
 
     async def export(self, table: str, entity: int) -> dict | None:
         """The entity's row as JSON-able data (None when there is none)."""

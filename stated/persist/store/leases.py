@@ -32,34 +32,38 @@ from .schema import TableMapping, entity_from_sql, entity_to_sql
 
 
 async def claim(drv: Driver, m: TableMapping, host_id: str, ttl: float, entity: int) -> tuple[int, dict | None]:
-    """Take the lease for `entity` and load its row, in one transaction. Returns (epoch, row or None).
+    """Take the lease for `entity`, then load its row. Returns (epoch, row or None).
 
-    The row is read after the lease row is written, in its own statement: a write by the previous
-    holder either committed before (and is loaded here) or is fenced out (its epoch is no longer the
-    lease's)."""
+    Two statements, each committing on its own (two round trips; an explicit transaction would add
+    BEGIN and COMMIT round trips for nothing). The row is read after the lease is committed, in its own
+    statement and so its own snapshot: a write by the previous holder either committed before the lease
+    changed hands (its upsert holds FOR SHARE on the lease row until it commits, so the lease statement
+    waits for it) and is loaded here, or comes later and is fenced out (its epoch is no longer the
+    lease's). If the row cannot be read (the connection dropped), the lease stays with this host
+    without a slot here: the claim fails, a retry takes it again, and otherwise it is released like
+    any claim whose answer was lost (`sweep`) once its lease_until has passed."""
     e = entity_to_sql(entity)
-    async with drv.transaction():
-        rows = await drv.fetch(
-            f"INSERT INTO {m.leases} AS l (tbl, entity, host_id, epoch, lease_until)\n"
-            f"VALUES ($1, $2, $3, COALESCE((SELECT d.version >> 32 FROM {m.qualified} d WHERE d.entity = $2), 0) + 1,\n"
-            f"        now() + make_interval(secs => $4))\n"
-            f"ON CONFLICT (tbl, entity) DO UPDATE SET host_id = EXCLUDED.host_id,\n"
-            f"    epoch = GREATEST(l.epoch, EXCLUDED.epoch - 1) + 1, lease_until = EXCLUDED.lease_until\n"
-            f"WHERE l.host_id = EXCLUDED.host_id OR l.host_id = '' OR ({_expiry(m, 'l')}) < now()\n"
-            f"RETURNING epoch", m.name, e, host_id, float(ttl))
-        if not rows:
-            held = await drv.fetch(f"SELECT host_id, {_expiry(m, 'l')} AS lease_until, "
-                                   f"extract(epoch FROM {_expiry(m, 'l')} - now()) AS left_s "
-                                   f"FROM {m.leases} l WHERE tbl = $1 AND entity = $2", m.name, e)
-            h = held[0] if held else {"host_id": "?", "lease_until": None, "left_s": 0}
-            until = h["lease_until"]
-            raise OwnedElsewhere(
-                f"table {m.name!r} entity {entity} is held by host {h['host_id']!r} until "
-                f"{until.isoformat() if isinstance(until, dt.datetime) else until} "
-                f"(in {float(h['left_s'] or 0):.1f}s); claim it after that host releases it or its lease expires",
-                holder=str(h["host_id"]), lease_until=until.timestamp() if isinstance(until, dt.datetime) else 0.0)
-        epoch = rows[0]["epoch"]
-        found = await drv.fetch(m.select_sql(), e)
+    rows = await drv.fetch(
+        f"INSERT INTO {m.leases} AS l (tbl, entity, host_id, epoch, lease_until)\n"
+        f"VALUES ($1, $2, $3, COALESCE((SELECT d.version >> 32 FROM {m.qualified} d WHERE d.entity = $2), 0) + 1,\n"
+        f"        now() + make_interval(secs => $4))\n"
+        f"ON CONFLICT (tbl, entity) DO UPDATE SET host_id = EXCLUDED.host_id,\n"
+        f"    epoch = GREATEST(l.epoch, EXCLUDED.epoch - 1) + 1, lease_until = EXCLUDED.lease_until\n"
+        f"WHERE l.host_id = EXCLUDED.host_id OR l.host_id = '' OR ({_expiry(m, 'l')}) < now()\n"
+        f"RETURNING epoch", m.name, e, host_id, float(ttl))
+    if not rows:
+        held = await drv.fetch(f"SELECT host_id, {_expiry(m, 'l')} AS lease_until, "
+                               f"extract(epoch FROM {_expiry(m, 'l')} - now()) AS left_s "
+                               f"FROM {m.leases} l WHERE tbl = $1 AND entity = $2", m.name, e)
+        h = held[0] if held else {"host_id": "?", "lease_until": None, "left_s": 0}
+        until = h["lease_until"]
+        raise OwnedElsewhere(
+            f"table {m.name!r} entity {entity} is held by host {h['host_id']!r} until "
+            f"{until.isoformat() if isinstance(until, dt.datetime) else until} "
+            f"(in {float(h['left_s'] or 0):.1f}s); claim it after that host releases it or its lease expires",
+            holder=str(h["host_id"]), lease_until=until.timestamp() if isinstance(until, dt.datetime) else 0.0)
+    epoch = rows[0]["epoch"]
+    found = await drv.fetch(m.select_sql(), e)
     return epoch, (found[0] if found else None)
 
 

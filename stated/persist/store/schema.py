@@ -1,4 +1,7 @@
-"""Layout -> SQL: typed columns, DDL, the versioned upsert, and the record <-> row codec. Pure.
+"""Layout -> SQL: typed columns, DDL, the versioned upserts, the COPY column plan, row -> record.
+
+Records go to the database as binary COPY built in C (stated.shm._native.CopyPlan, from the plan
+`copy_plan` derives once per table); rows come back (claim) through `TableMapping.encode`.
 
 One SQL table per stated table, in the configured schema (default `stated`):
 
@@ -24,14 +27,14 @@ from __future__ import annotations
 import json
 import math
 import struct
-from array import array
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from ...errors import StoreError
 from ...format.layout import Layout
 from ...format.schema import Field, check_value, from_wire, int_range, to_wire
+from ...shm._native import CopyPlan
 
 # scalar type -> SQL type
 SQL_TYPES = {"i8": "smallint", "u8": "smallint", "i16": "smallint", "u16": "integer", "i32": "integer",
@@ -109,8 +112,16 @@ def column_for(f: Field) -> Column:
     return Column(f.name, typ, default, " AND ".join(checks) if checks else None, f)
 
 
+def copy_plan(layout: Layout) -> list[tuple[int, str, int, bool, str]]:
+    """The column plan of the native COPY encoder (stated.shm._native.CopyPlan): per field, in column
+    order, (record offset, stated type, count, is_array, SQL base type). The SQL type comes from
+    SQL_TYPES, the one mapping; the encoder refuses a pair that could not hold every value."""
+    return [(fl.offset, fl.field.type, fl.field.count, fl.field.array, SQL_TYPES[fl.field.type])
+            for fl in layout.fields]
+
+
 class TableMapping:
-    """Everything SQL about one stated table: DDL, the temp table, the upsert, the codec."""
+    """Everything SQL about one stated table: DDL, the temp table, the upserts, the COPY plan, row -> record."""
 
     def __init__(self, name: str, layout: Layout, schema: str = "stated"):
         self.name, self.layout, self.schema = name, layout, schema
@@ -121,8 +132,7 @@ class TableMapping:
         self.temp = ident(self.temp_name)
         self.layout_hex = f"{layout.hash:016x}"
         self.copy_columns = ["entity", "version", "layout_hash", *(c.name for c in self.columns)]
-        self._decode = _make_decoder(layout, self.layout_hex)
-        self._wire = _make_copy_encoder(layout, self.layout_hex)
+        self._plan = CopyPlan(copy_plan(layout), layout.record_size, self.layout_hex)
 
     # ---- DDL -----------------------------------------------------------------------------------
     def constraint(self, c: Column) -> str:
@@ -153,21 +163,48 @@ class TableMapping:
         cols += [f"{ident(c.name)} {c.type}" for c in self.columns]
         return f"CREATE TEMPORARY TABLE IF NOT EXISTS {self.temp} ({', '.join(cols)}) ON COMMIT DELETE ROWS"
 
+    def _on_conflict(self) -> str:
+        fields = [ident(c.name) for c in self.columns]
+        sets = ", ".join(f"{n} = EXCLUDED.{n}" for n in [ident("version"), ident("layout_hash"),
+                                                         ident("updated_at"), *fields])
+        return f"ON CONFLICT (entity) DO UPDATE SET {sets}\nWHERE t.version < EXCLUDED.version"
+
+    def write_one_sql(self, release: bool) -> str:
+        """One statement for flush(h) and release(h), after the record was COPYed into the temporary
+        table in the same transaction: $1 table name, $2 host_id, $3 entity (bigint), $4 the lease epoch
+        the version carries.
+
+        The lease row is checked (flush: locked FOR SHARE, as the batch upsert does) or released
+        (release: host_id '' and expired now; its row lock orders it after any write in flight and
+        before any claim) only if this host holds it at that epoch, and the record is upserted only
+        joined to that lease row: a release's last write and its lease drop commit together or not at
+        all, and the fencing answer comes with the write (no second query). Returns held (1: the lease
+        was ours at $4; 0: fenced, nothing written) and written (0 with held 1: the database has a
+        newer version already)."""
+        fields = [ident(c.name) for c in self.columns]
+        where = "tbl = $1 AND entity = $3 AND host_id = $2 AND epoch = $4"
+        lease = (f"UPDATE {self.leases} SET host_id = '', lease_until = now() WHERE {where} RETURNING entity"
+                 if release else f"SELECT entity FROM {self.leases} WHERE {where} FOR SHARE")
+        return (f"WITH l AS ({lease}),\n"
+                f"w AS (INSERT INTO {self.qualified} AS t (entity, version, layout_hash, updated_at, "
+                f"{', '.join(fields)})\n"
+                f"  SELECT s.entity, s.version, s.layout_hash, now(), {', '.join('s.' + f for f in fields)}\n"
+                f"  FROM {self.temp} s JOIN l ON l.entity = s.entity WHERE (s.version >> 32) = $4\n"
+                f"  {self._on_conflict()}\n  RETURNING 1)\n"
+                f"SELECT (SELECT count(*) FROM l) AS held, (SELECT count(*) FROM w) AS written")
+
     def upsert_sql(self) -> str:
         """$1 table name, $2 host_id. Accepts a row only if this host holds the entity's lease at the
         row's epoch (fencing) and the row's version is newer than the stored one (order, idempotence).
         FOR SHARE on the lease row: a concurrent claim waits for this write, or this write sees the claim."""
         names = [ident(c) for c in self.copy_columns]
         fields = [ident(c.name) for c in self.columns]
-        sets = ", ".join(f"{n} = EXCLUDED.{n}" for n in [ident("version"), ident("layout_hash"),
-                                                         ident("updated_at"), *fields])
         return (f"INSERT INTO {self.qualified} AS t (entity, version, layout_hash, updated_at, {', '.join(fields)})\n"
                 f"SELECT s.entity, s.version, s.layout_hash, now(), {', '.join('s.' + f for f in fields)}\n"
                 f"FROM {self.temp} s JOIN {self.leases} l ON l.tbl = $1 AND l.entity = s.entity\n"
                 f"  AND l.host_id = $2 AND l.epoch = (s.version >> 32)\n"
                 f"ORDER BY s.entity FOR SHARE OF l\n"
-                f"ON CONFLICT (entity) DO UPDATE SET {sets}\n"
-                f"WHERE t.version < EXCLUDED.version") if names else ""
+                f"{self._on_conflict()}") if names else ""
 
     def fenced_sql(self) -> str:
         """Rows of the temp table whose lease this host does not hold at their epoch (stale writes)."""
@@ -180,15 +217,13 @@ class TableMapping:
                 f"{', '.join(ident(c.name) for c in self.columns)} FROM {self.qualified} WHERE entity = $1")
 
     # ---- codec -----------------------------------------------------------------------------------
-    def decode(self, entity: int, version: int, data: bytes) -> tuple:
-        """Record bytes -> the row tuple for COPY (copy_columns order)."""
-        return self._decode(data, entity_to_sql(entity), version)
+    def copy_data(self, items: Sequence[tuple], epochs: dict[int, int], counter: int) -> bytes:
+        """Copied records -> one complete binary COPY payload (copy_columns order), encoded in C
+        (stated/native/_native.c, the store's section: the format's facts are written there).
 
-    def copy_data(self, rows: list[tuple[int, int, bytes]]) -> bytes:
-        """[(entity, version, record bytes)] -> a complete binary COPY payload (copy_columns order)."""
-        w = self._wire
-        return COPY_HEADER + b"".join([w(data, e - U64 if e >= 1 << 63 else e, v) for e, v, data in rows]) \
-            + COPY_TRAILER
+        `items` are flush.py's Items (slot, generation, seq, entity, data, pinned); each row's version
+        is `epochs[entity] << 32 | counter`. KeyError for an entity without an epoch."""
+        return self._plan.encode(items, epochs, counter)
 
     def encode(self, row: dict, init: bytes) -> bytes:
         """A database row (column name -> value) -> record bytes. Missing/NULL columns keep `init`'s
@@ -261,50 +296,6 @@ def _pack_field(buf: bytearray, off: int, f: Field, v: Any) -> None:
         struct.pack_into(code, buf, off + i * size, x)
     for i in range(len(vals), f.count):
         struct.pack_into(code, buf, off + i * size, 0)
-
-
-def _str_value(raw: bytes, n: int) -> str:
-    s = raw.split(b"\0", 1)[0].decode("utf-8", "replace")
-    if len(s.encode("utf-8")) > n:            # invalid UTF-8 from a C writer: replacement chars grew it
-        while len(s.encode("utf-8")) > n:
-            s = s[:-1]
-    return s
-
-
-def _make_decoder(layout: Layout, layout_hex: str) -> Callable[[bytes, int, int], tuple]:
-    """One struct over the whole record and one generated function building the row: the flush
-    loop's per-record cost is one unpack and one tuple."""
-    fmt = ["<"]
-    pos = 0
-    exprs = []
-    idx = 0
-    for fl in layout.fields:
-        f = fl.field
-        if fl.offset > pos:
-            fmt.append(f"{fl.offset - pos}x")
-        pos = fl.offset + f.size
-        if f.is_string:
-            fmt.append(f"{f.count}s")
-            exprs.append(f"_s(v[{idx}], {f.count})" if f.type == "str" else f"v[{idx}]")
-            idx += 1
-        elif f.array:
-            fmt.append(f"{f.count}{f.code}")
-            exprs.append(f"list(v[{idx}:{idx + f.count}])")
-            idx += f.count
-        else:
-            fmt.append(f.code)
-            exprs.append(f"v[{idx}]")
-            idx += 1
-    if layout.record_size > pos:
-        fmt.append(f"{layout.record_size - pos}x")
-    st = struct.Struct("".join(fmt))
-    assert st.size == layout.record_size
-    src = (f"def decode(data, entity, version, _u=_u, _s=_s, _lh={layout_hex!r}):\n"
-           f"    v = _u(data)\n"
-           f"    return (entity, version, _lh, {', '.join(exprs)},)\n")
-    ns: dict[str, Any] = {"_u": st.unpack, "_s": _str_value}
-    exec(src, ns)  # generated once per layout: no per-field Python loop on the flush path
-    return ns["decode"]
 
 
 # ---- schema-wide DDL ---------------------------------------------------------------------------------
@@ -394,200 +385,3 @@ def migration_sql(mapping: TableMapping, old: Layout) -> tuple[list[str], list[A
             stmts.append(f"ALTER TABLE {q} ADD CONSTRAINT {mapping.constraint(c)} CHECK ({c.check}) NOT VALID")
     stmts.append(mapping.register_sql())
     return stmts, problems
-
-
-# ---- binary COPY: records straight to PostgreSQL's wire format --------------------------------------------
-# The driver's generic encoders check every array element (isinstance per value): ~12 us for a 32-element
-# array. A record's layout is fixed, so its COPY tuple is one struct unpack (little-endian record) and a
-# few struct packs (big-endian wire), generated once per layout. Format: PostgreSQL "COPY ... (FORMAT
-# binary)": signature, flags, extension length; per tuple an int16 field count and per field an int32
-# length plus the value in the type's binary send format; an int16 -1 trailer.
-COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
-COPY_TRAILER = struct.pack(">h", -1)
-# SQL type -> (struct code, byte size, element OID) for fixed-size binary values
-_WIRE = {"smallint": ("h", 2, 21), "integer": ("i", 4, 23), "bigint": ("q", 8, 20), "real": ("f", 4, 700),
-         "double precision": ("d", 8, 701), "boolean": ("?", 1, 16)}
-_NUMERIC_OID = 1700
-_NUM0 = struct.pack(">ihhhh", 8, 0, 0, 0, 0)
-
-
-_NUM_SMALL = [struct.pack(">ihhhhh", 10, 1, 0, 0, 0, d) if d else _NUM0 for d in range(10000)]
-_NUMP: list[Any] = [None] + [struct.Struct(f">ihhhh{n}h").pack for n in range(1, 6)]   # by digit count (u64: <= 5)
-
-
-def numeric_wire(x: int) -> bytes:
-    """A non-negative int (< 2^64) as a length-prefixed binary numeric: base-10000 digits, most
-    significant first, trailing zero digits dropped (weight keeps the magnitude), sign 0, dscale 0.
-    Values below 10^4 are a table lookup; larger ones a few divmods and one precompiled pack."""
-    if x < 10000:
-        return _NUM_SMALL[x]
-    x, d0 = divmod(x, 10000)
-    if x < 10000:
-        return _NUMP[2](12, 2, 1, 0, 0, x, d0) if d0 else _NUMP[1](10, 1, 1, 0, 0, x)
-    x, d1 = divmod(x, 10000)
-    ds: tuple[int, ...]
-    if x < 10000:
-        ds = (x, d1, d0)
-    else:
-        x, d2 = divmod(x, 10000)
-        if x < 10000:
-            ds = (x, d2, d1, d0)
-        else:
-            x, d3 = divmod(x, 10000)
-            if x >= 10000:
-                raise ValueError(f"{x} does not fit numeric(20,0)")
-            ds = (x, d3, d2, d1, d0)
-    weight = len(ds) - 1
-    n = len(ds)
-    while ds[n - 1] == 0:
-        n -= 1
-    return _NUMP[n](8 + 2 * n, n, weight, 0, 0, *ds[:n])
-
-
-def _numeric_array_wire(xs) -> bytes:
-    body = b"".join(numeric_wire(x) for x in xs)
-    return struct.pack(">iiiiii", 20 + len(body), 1, 0, _NUMERIC_OID, len(xs), 1) + body
-
-
-def text_wire(raw: bytes, n: int) -> bytes:
-    """str[N] bytes (NUL-padded) -> length-prefixed UTF-8, up to the first NUL; invalid UTF-8 from a C
-    writer is replaced (and trimmed to N bytes) rather than failing the whole batch."""
-    s = raw.split(b"\0", 1)[0]
-    if not s.isascii():
-        try:
-            s.decode("utf-8")
-        except UnicodeDecodeError:
-            s = _str_value(raw, n).encode("utf-8")
-    return struct.pack(">i", len(s)) + s
-
-
-_UNSIGNED = {1: "B", 2: "H", 4: "I", 8: "Q"}
-
-
-def _array_wire(f: Field, wire_code: str, wire_size: int, oid: int) -> Callable[[bytes], bytes]:
-    """An encoder for one numeric array field: the record's raw little-endian elements -> a
-    length-prefixed PostgreSQL binary array. Done with the `array` module's C loops (convert, byteswap,
-    one strided assignment into a template holding the element length words): ~0.7 us for 32 elements,
-    where packing 64 values costs ~3 us."""
-    n, src_size = f.count, f.elem_size
-    src_code = f.code if f.type != "bool" else "B"
-    header = struct.pack(">iiiiii", 20 + n * (4 + wire_size), 1, 0, oid, n, 1)
-    if wire_size == 1:                                   # bool: [len 1][byte] per element, 5-byte stride
-        tmpl1 = bytearray(struct.pack(">i", 1) + b"\0") * n
-
-        def enc1(raw: bytes) -> bytes:
-            t = bytearray(tmpl1)
-            t[4::5] = raw
-            return header + t
-        return enc1
-    if wire_size in (2, 4):                              # words of the element's own size
-        unit = _UNSIGNED[wire_size]
-        lenw = struct.unpack("<" + unit * (4 // wire_size), struct.pack(">i", wire_size))
-        per = 4 // wire_size + 1                         # length word(s) then the value
-        tmpl = array(unit, (list(lenw) + [0]) * n)
-
-        def enc(raw: bytes) -> bytes:
-            a = array(src_code, raw)
-            if src_size != wire_size:                    # widen (u8/i8 -> smallint, u16 -> integer)
-                a = array(wire_code, a)
-            a.byteswap()
-            w = array(unit, a.tobytes()) if a.typecode != unit else a
-            t = tmpl[:]                                  # a memcpy of the template
-            t[per - 1::per] = w
-            return header + t.tobytes()
-        return enc
-    # 8-byte wire values as 4-byte words: [len][hi][lo] per element
-    len8 = struct.unpack("<I", struct.pack(">i", 8))[0]
-    tmpl8 = array("I", [len8, 0, 0] * n)
-    if src_size == 4:                                    # u32 -> bigint: the high word is always 0
-        def enc84(raw: bytes) -> bytes:
-            a = array("I", raw)
-            a.byteswap()
-            t = tmpl8[:]
-            t[2::3] = a
-            return header + t.tobytes()
-        return enc84
-
-    def enc88(raw: bytes) -> bytes:
-        a = array(_UNSIGNED[8], raw)
-        a.byteswap()
-        w = array("I", a.tobytes())
-        t = tmpl8[:]
-        t[1::3] = w[0::2]
-        t[2::3] = w[1::2]
-        return header + t.tobytes()
-    return enc88
-
-
-def _make_copy_encoder(layout: Layout, layout_hex: str) -> Callable[[bytes, int, int], bytes]:
-    src_fmt = ["<"]
-    pos = 0
-    idx = 0
-    parts: list[str] = []          # expressions evaluating to bytes, joined per record
-    fixed_fmt: list[str] = []      # pending big-endian struct format
-    fixed_args: list[str] = []
-    consts: dict[str, Any] = {}
-
-    def flush_fixed() -> None:
-        if fixed_fmt:
-            name = f"_p{len(consts)}"
-            consts[name] = struct.Struct(">" + "".join(fixed_fmt)).pack
-            parts.append(f"{name}({', '.join(fixed_args)})")
-            fixed_fmt.clear()
-            fixed_args.clear()
-
-    ncols = 3 + len(layout.fields)
-    lh = layout_hex.encode()
-    fixed_fmt += ["h", "i", "q", "i", "q", "i", f"{len(lh)}s"]
-    fixed_args += [str(ncols), "8", "entity", "8", "version", str(len(lh)), repr(lh)]
-    for fl in layout.fields:
-        f = fl.field
-        if fl.offset > pos:
-            src_fmt.append(f"{fl.offset - pos}x")
-        pos = fl.offset + f.size
-        col = column_for(f)
-        base = col.type[:-2] if f.array else col.type
-        if f.is_string:
-            src_fmt.append(f"{f.count}s")
-            if f.type == "str":
-                flush_fixed()
-                parts.append(f"_t(v[{idx}], {f.count})")
-            else:
-                fixed_fmt += ["i", f"{f.count}s"]
-                fixed_args += [str(f.count), f"v[{idx}]"]
-            idx += 1
-        elif base == "numeric(20,0)":
-            flush_fixed()
-            if f.array:
-                src_fmt.append(f"{f.count}{f.code}")
-                parts.append(f"_na(v[{idx}:{idx + f.count}])")
-                idx += f.count
-            else:
-                src_fmt.append(f.code)
-                parts.append(f"_n(v[{idx}])")
-                idx += 1
-        elif f.array:
-            code, size, oid = _WIRE[base]
-            flush_fixed()
-            name = f"_a{len(consts)}"
-            consts[name] = _array_wire(f, {"smallint": "h", "integer": "i", "bigint": "q", "real": "f",
-                                           "double precision": "d", "boolean": "B"}[base], size, oid)
-            src_fmt.append(f"{f.size}x")                  # not unpacked: the raw bytes go to the encoder
-            parts.append(f"{name}(data[{fl.offset}:{fl.offset + f.size}])")
-        else:
-            code, size, oid = _WIRE[base]
-            src_fmt.append(f.code)
-            fixed_fmt += ["i", code]
-            fixed_args += [str(size), f"v[{idx}]"]
-            idx += 1
-    flush_fixed()
-    if layout.record_size > pos:
-        src_fmt.append(f"{layout.record_size - pos}x")
-    st = struct.Struct("".join(src_fmt))
-    assert st.size == layout.record_size
-    src = (f"def encode(data, entity, version, _u=_u):\n"
-           f"    v = _u(data)\n"
-           f"    return b''.join(({', '.join(parts)},))\n")
-    ns: dict[str, Any] = {"_u": st.unpack, "_t": text_wire, "_n": numeric_wire, "_na": _numeric_array_wire, **consts}
-    exec(src, ns)  # generated once per layout
-    return ns["encode"]
