@@ -43,6 +43,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import stated
 from stated.daemon import control
 from stated.format import config as config_mod
+from stated.format import segment as fmt
 from stated.format import layout as layout_mod
 from stated.format.schema import SCALARS, parse_fields
 from stated.persist import snapshot as snap
@@ -249,9 +250,24 @@ def tagged_churn(key: int, owner: str, ops: int, seed: int) -> None:
     os._exit(min(bad, 100))
 
 
-def sem_value(key: int) -> int:
-    """The value of the table semaphore on `key`: 1 when nobody holds the lock."""
-    return sysv_ipc.Semaphore(key).value
+def lock_word(key: int) -> int:
+    """The table lock word of the segment on `key` (format.A_LOCK): 0 when nobody holds the lock."""
+    shm = sysv_ipc.SharedMemory(key)
+    try:
+        return int.from_bytes(shm.read(8, fmt.A_LOCK), "little")
+    finally:
+        shm.detach()
+
+
+def proc_start_time(pid: int) -> int:
+    """A live process's start time in clock ticks since boot (/proc/<pid>/stat field 22)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat[stat.rindex(")") + 2:].split()[19])
+
+
+def lock_id(pid: int) -> int:
+    """The lock word that names the live process `pid` as holder (docs/format.md, the lock)."""
+    return pid | proc_start_time(pid) << fmt.LOCK_PID_BITS
 
 
 def _word(buf, off: int, size: int, value: int | None) -> int:

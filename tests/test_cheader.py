@@ -107,7 +107,7 @@ def _layout_probe(tables) -> str:
     for n in (*fmt.HEADER_FIELDS, "header_crc", "state", "alloc", "counters"):
         lines.append(f"    OFF(stated_segment_header, {n});")
     for n in ("free_top", "used", "intent_op", "intent_slot", "intent_entity", "intent_owner", "intent_pid",
-              "index_seq", "holder_pid", "index_count"):
+              "index_seq", "lock_seq", "index_count", "lock"):
         lines.append(f"    OFF(stated_allocator, {n});")
     for n in fmt.SLOT_FIELDS:
         lines.append(f"    OFF(stated_slot, {n});")
@@ -180,7 +180,7 @@ def test_sizes_offsets_and_constants_match_python(tmp_path):
     allocs = dict(free_top=fmt.A_FREE_TOP, used=fmt.A_USED, intent_op=fmt.A_INTENT_OP,
                   intent_slot=fmt.A_INTENT_SLOT, intent_entity=fmt.A_INTENT_ENTITY,
                   intent_owner=fmt.A_INTENT_OWNER, intent_pid=fmt.A_INTENT_PID, index_seq=fmt.A_INDEX_SEQ,
-                  holder_pid=fmt.A_HOLDER_PID, index_count=fmt.A_INDEX_COUNT)
+                  lock_seq=fmt.A_LOCK_SEQ, index_count=fmt.A_INDEX_COUNT, lock=fmt.A_LOCK)
     for n, off in allocs.items():
         assert int(got[f"stated_allocator.{n}"].split()[0]) + fmt.OFF_ALLOC == off, n
     for st, names, tag in ((fmt.SLOT, fmt.SLOT_FIELDS, "stated_slot"), (fmt.OWNER, fmt.OWNER_FIELDS, "stated_owner")):
@@ -189,7 +189,7 @@ def test_sizes_offsets_and_constants_match_python(tmp_path):
     assert [fmt.S_SEQ, fmt.S_GEN, fmt.S_ENTITY, fmt.S_OWNER, fmt.S_STATE, fmt.S_FLAGS, fmt.S_DIRTY,
             fmt.S_PINNED] == [int(got[f"stated_slot.{n}"].split()[0]) for n in fmt.SLOT_FIELDS[:8]]
     assert got["stated_index_entry.entity"] == "0 8" and got["stated_index_entry.slot_plus_one"] == "8 4"
-    sizes = dict(stated_segment_header=fmt.SCHEMA_OFFSET, stated_allocator=64, stated_slot=fmt.SLOT_SIZE,
+    sizes = dict(stated_segment_header=fmt.SCHEMA_OFFSET, stated_allocator=fmt.OFF_COUNTERS - fmt.OFF_ALLOC, stated_slot=fmt.SLOT_SIZE,
                  stated_owner=fmt.OWNER_SIZE, stated_index_entry=fmt.INDEX_ENTRY_SIZE)
     for t, n in sizes.items():
         assert int(got[t]) == n, t
@@ -305,9 +305,9 @@ int main(int argc, char **argv)
     ch->state = STATED_STATE_MIGRATING;
     printf("migrating=%d\n", stated_validate(copy, size));
     ch->state = STATED_STATE_READY;
-    ch->format_version = 2;
+    ch->format_version = STATED_FORMAT_VERSION + 1;
     printf("version=%d %d\n", stated_validate(copy, size), stated_players_check(copy));
-    ch->format_version = 1;
+    ch->format_version = STATED_FORMAT_VERSION;
     ch->layout_hash ^= 1;
     printf("layout=%d\n", stated_players_check(copy));
     ch->layout_hash ^= 1;

@@ -10,9 +10,11 @@ import time
 
 import pytest
 import sysv_ipc
-from helpers import STATED, DaemonProc, by_table, fork_lock_holder, metrics_text, run_as_nobody, stated_status
+from helpers import (STATED, DaemonProc, by_table, fork_child, fork_lock_holder, lock_id, lock_word, metrics_text,
+                     run_as_nobody, stated_status)
 
 import stated
+from stated.daemon import lifecycle
 from stated.daemon.lifecycle import Daemon
 from stated.format import config as config_mod
 from stated.format import segment as fmt
@@ -146,9 +148,9 @@ def test_scribbles_on_a_live_segment_never_escape_or_hang(write_config, procs):
             assert slowest < OP_BOUND, f"scribble {i} ({what}): an op took {slowest:.2f}s"
             # the daemon's repair pass may hold the lock this instant; kept means not given back within a bound
             free_by = time.monotonic() + OP_BOUND
-            while sysv_ipc.Semaphore(t.key).value != 1 and time.monotonic() < free_by:
+            while lock_word(t.key) != 0 and time.monotonic() < free_by:
                 time.sleep(0.005)
-            assert sysv_ipc.Semaphore(t.key).value == 1, f"scribble {i} ({what}) kept the lock"
+            assert lock_word(t.key) == 0, f"scribble {i} ({what}) kept the lock"
             if i % 50 == 0:
                 assert d.p.poll() is None and "stated_table_up" in metrics_text(port)
         # after the daemon's next passes the table is consistent again
@@ -184,6 +186,45 @@ def test_dead_owner_grace_ignores_wall_clock_steps(write_config):
         dmn.saves.shutdown()
         dmn._detach_all()
         segment.destroy(config_mod.load(cfg).tables["players"].key)
+
+
+def test_daemon_clears_a_lock_word_stuck_on_a_live_process(write_config, procs):
+    """A lock word naming a live process that is not inside (a stale word written back): every acquire
+    times out, naming the pid, until the daemon, having seen the word and the acquisition count stay
+    put for STUCK_LOCK_AFTER seconds of its monotonic clock, clears it. A stopped holder keeps it."""
+    cfg = write_config({"players": {"capacity": 10}})
+    mono = [1000.0]
+    dmn = Daemon(config_mod.load(cfg), monotonic=lambda: mono[0])
+    dmn.startup()
+    key = config_mod.load(cfg).tables["players"].key
+    stopped = fork_child(lambda: time.sleep(60))
+    procs.append(stopped)
+    try:
+        with stated.attach("players", owner="zone-1", config=str(cfg), lock_timeout=0.2) as t:
+            shm = sysv_ipc.SharedMemory(key)
+            for holder, cleared in ((stopped, False), (1, True)):
+                if holder == stopped:
+                    os.kill(stopped, signal.SIGSTOP)
+                shm.write((lock_id(holder)).to_bytes(8, "little"), fmt.A_LOCK)
+                with pytest.raises(stated.LockTimeout, match=f"held by pid {holder}"):
+                    t.alloc(entity=1)
+                dmn._repair_table(dmn.tables["players"])                 # watch starts
+                mono[0] += lifecycle.STUCK_LOCK_AFTER - 1
+                dmn._repair_table(dmn.tables["players"])
+                assert lock_word(key) != 0                              # not yet
+                mono[0] += 2
+                dmn._repair_table(dmn.tables["players"])
+                assert (lock_word(key) == 0) == cleared
+            shm.detach()
+            h = t.alloc(entity=1)                                       # was: LockTimeout while pid 1 lives
+            assert t.lookup(1) == h and t.verify() == []
+    finally:
+        os.kill(stopped, signal.SIGKILL)
+        os.waitpid(stopped, 0)
+        procs.remove(stopped)
+        dmn.saves.shutdown()
+        dmn._detach_all()
+        segment.destroy(key)
 
 
 # ---- item 13: a way out when owner names run out -------------------------------------------------

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import sysv_ipc
-from helpers import PLAYER_FIELDS, ROOT, fill_and_drain, fork_child, index_home, player_layout, sem_value, u32
+from helpers import PLAYER_FIELDS, ROOT, fill_and_drain, fork_child, index_home, player_layout, lock_word, u32
 
 import stated
 from stated.format import config as config_mod
@@ -330,7 +330,7 @@ def test_extension_rebuilds_scribbled_state(make_segment, scribble):
             with pytest.raises(stated.NotOwner):
                 c.free(h)
             assert c.audit() != []
-        assert sem_value(key) == 1
+        assert lock_word(key) == 0
         assert c.verify() == [] and t.verify() == []
 
 
@@ -495,9 +495,9 @@ def test_timeouts_repair_locked_and_conditional_owner_state(make_segment):
             c.repair_locked()
         finally:
             c.release()
-        assert dict(zip(fmt.COUNTERS, c.counters()))["lock_repairs"] == before + 1 and sem_value(key) == 1
+        assert dict(zip(fmt.COUNTERS, c.counters()))["lock_repairs"] == before + 1 and lock_word(key) == 0
         r, w = os.pipe()
-        pid = fork_child(_hold_lock, key, w, 5, "native")
+        pid = fork_child(_hold_lock, key, w, 5)
         os.read(r, 1)
         try:
             t0 = time.monotonic()
@@ -521,19 +521,13 @@ def test_readonly_core_reads_and_looks_up(make_segment):
 
 
 # ---- the lock: timeouts, signals, a swapped semaphore -----------------------------------------------------
-def _hold_lock(key: int, ready_w: int, hold: float, how: str = "sem") -> None:
-    """Forked child: take the table lock (bare semaphore, or through the native core), then hold it."""
-    if how == "sem":
-        sem = sysv_ipc.Semaphore(key)
-        sem.undo = True
-        sem.acquire()
-    else:
-        a = Attached(key)
-        a.core.acquire()
+def _hold_lock(key: int, ready_w: int, hold: float) -> None:
+    """Forked child: take the table lock through the native core, then hold it."""
+    a = Attached(key)
+    a.core.acquire()
     os.write(ready_w, b"x")
     time.sleep(hold)
-    if how != "sem":
-        a.core.release()
+    a.core.release()
     os._exit(0)
 
 
@@ -571,18 +565,21 @@ def test_lock_wait_is_one_deadline_across_signals(make_segment, procs):
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         procs.remove(pid)
-    assert sem_value(key) == 1                             # nobody kept it
+    assert lock_word(key) & ((1 << fmt.LOCK_PID_BITS) - 1) == pid    # the waiters gave up, never took it
     with stated.attach(key=key, owner="after") as t:
-        t.free(t.alloc())
+        t0 = time.monotonic()
+        t.free(t.alloc())                                  # the killed holder's word is taken over
+        assert time.monotonic() - t0 < 0.5
+    assert lock_word(key) == 0
 
 
 def test_swapped_semaphore_waits_for_the_live_holder(make_segment, procs):
-    """A native holder inside the lock; the semaphore is removed and recreated (ipcrm, RemoveIPC); a
-    second native process passes the new semaphore, finds holder_pid naming the live holder and
-    waits for it instead of entering the critical section with it."""
+    """A native holder inside the lock; the semaphore is removed and recreated (ipcrm, RemoveIPC) with
+    a spare wake-up on it: a second process still waits for the holder (the lock is the word in the
+    segment; the semaphore only wakes waiters) instead of entering the critical section with it."""
     key = make_segment(capacity=4)
     r, w = os.pipe()
-    pid = fork_child(_hold_lock, key, w, 0.4, "native")
+    pid = fork_child(_hold_lock, key, w, 0.4)
     procs.append(pid)
     os.read(r, 1)
     sysv_ipc.Semaphore(key).remove()
@@ -900,15 +897,24 @@ def test_example_c_worker_plays_with_python(tmp_path, write_config, procs):
         assert t.read(t.lookup(1_000_000)).hp == 100 - 0 and t.verify() == []
 
 
-def test_foreign_semaphore_is_refused_never_waited_on(make_segment):
+def test_foreign_semaphore_is_refused_never_waited_on(make_segment, procs):
     """Provenance: a semaphore planted on the table's key (here: world-writable) is refused, both at
     attach and when a removed semaphore is looked up again during a lock wait."""
     key = make_segment(capacity=4)
     with Attached(key, "w") as a:
+        r, w = os.pipe()
+        pid = fork_child(_hold_lock, key, w, 0.5)
+        procs.append(pid)
+        os.close(w)
+        assert os.read(r, 1) == b"x"
+        os.close(r)
         sysv_ipc.Semaphore(key).remove()
         sysv_ipc.Semaphore(key, sysv_ipc.IPC_CREX, 0o666, 1)
         with pytest.raises(stated.ForeignSegment, match="ipcrm -s"):
-            a.core.alloc()                                # EIDRM -> semget again -> provenance
+            a.core.alloc()                                # waits: EIDRM -> semget again -> provenance
+        os.waitpid(pid, 0)
+        procs.remove(pid)
+        a.core.free(a.core.alloc())                       # uncontended: the semaphore is not needed
         assert a.core.verify(lock=False) == []
         seg = segment.open(key)
         try:

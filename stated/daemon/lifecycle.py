@@ -63,6 +63,7 @@ STORE_FINAL_FLUSH = 5.0  # seconds for the last write-behind at SIGTERM (unsaved
 # of 200k records took 40-80 ms, at 1 ms about 20 (bench/README.md).
 GIL_SWITCH_INTERVAL = 0.001
 FINAL_SAVE_TIMEOUT = 120.0   # seconds for the saves at SIGTERM (systemd's timeout is extended meanwhile)
+STUCK_LOCK_AFTER = 30.0      # seconds a lock word may name one live holder, with no new acquisition, before the daemon clears it
 EXIT_OK, EXIT_ERROR, EXIT_CONFIG = 0, 1, 78      # the same numbers as cli.EXIT_*
 SHM_DEST = 0o1000        # shm_perm.mode bit: the segment was removed (IPC_RMID) and lives on only while attached
 
@@ -98,6 +99,7 @@ class TableState:
     down: bool = False            # removed and not recreated yet
     saved_after_loss: bool = False
     last_error: str = ""          # the last recreate failure, logged once (not every pass)
+    lock_seen: tuple[int, int, float] | None = None   # (lock word, lock_seq, since): the stuck-lock watch
 
 
 class Daemon:
@@ -466,12 +468,32 @@ class Daemon:
             elif ts.alloc.intent_pending():
                 ts.alloc.acquire()        # acquiring repairs when the intent's setter is dead
                 ts.alloc.release()
+            self._watch_lock(ts)
             problems = ts.alloc.audit()
             if problems:
                 log.error("table=%s key=%#010x: allocator state disagreed with the slot table (%s); rebuilt",
                           name, ts.tc.key, "; ".join(problems))
         except StatedError as e:
             log.error("table=%s key=%#010x: repair pass failed: %s", name, ts.tc.key, e)
+
+    def _watch_lock(self, ts: TableState) -> None:
+        """Clear a lock word that has named the same holder, with no acquisition in between, for
+        STUCK_LOCK_AFTER seconds. A dead holder's word is taken over by the next waiter; this is for
+        a word naming a *live* process that is not inside (a stale value written back over the word):
+        every acquire would time out for as long as that process lives. A section lasts microseconds,
+        a rebuild of a huge table well under a second, so half a minute is no legitimate hold; the core
+        still refuses when the holder is stopped (SIGSTOP, a debugger) and could resume inside."""
+        word, seq = ts.alloc.lock_state()
+        now = self.monotonic()
+        if word == 0 or ts.lock_seen is None or ts.lock_seen[:2] != (word, seq):
+            ts.lock_seen = None if word == 0 else (word, seq, now)
+            return
+        held = now - ts.lock_seen[2]
+        if held >= STUCK_LOCK_AFTER and ts.alloc.clear_lock(word):
+            log.error("table=%s key=%#010x pid=%d: the lock word named live pid %d for %.0fs without a new "
+                      "acquisition (no section lasts that long: a stale word); cleared it", ts.name, ts.tc.key,
+                      os.getpid(), word & ((1 << fmt.LOCK_PID_BITS) - 1), held)
+            ts.lock_seen = None
 
     # ---- a table's segment removed under us (ipcrm -M) -------------------------------------------
     def segment_on_key(self, ts: TableState) -> bool:

@@ -23,7 +23,7 @@ from . import layout as layout_mod
 from .schema import from_wire
 
 MAGIC = b"STATEDSG"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2       # 2: the lock is a word in the segment (A_LOCK), the semaphore only sleeps and wakes
 PAGE = 4096
 
 # --- header: immutable part (offset 0..120), then crc and state -------------------
@@ -50,19 +50,23 @@ A_INTENT_ENTITY = 144   # u64
 A_INTENT_OWNER = 152    # u32
 A_INTENT_PID = 156      # u32 pid of the process that set the intent
 A_INDEX_SEQ = 160       # u32 seqlock over the entity index (odd while it changes)
-A_HOLDER_PID = 164      # u32 pid holding the lock (advisory, for messages)
+A_LOCK_SEQ = 164        # u32 acquisitions of the lock (wraps): tells one long hold from many short ones
 A_INDEX_COUNT = 168     # u32 entries in the entity index
 A_INTENT_COUNT = 176    # u64 the op's counter before it (allocations for ALLOC, frees for FREE/REAP)
 A_INTENT_COUNT2 = 184   # u64 reaped_slots before a REAP
+A_LOCK = 192            # u64 the table lock: 0 free, else the holder (LOCK_* bits below); own cache line
+# the lock word: holder pid (bits 0-21: Linux pids stay below 2^22), the holder's start time in clock
+# ticks since boot (bits 22-62, so a recycled pid never passes for the holder), bit 63: waiters may sleep
+LOCK_PID_BITS, LOCK_START_BITS, LOCK_WAITERS = 22, 41, 1 << 63
 INTENT_NONE, INTENT_ALLOC, INTENT_FREE, INTENT_OWNER, INTENT_REAP, INTENT_REPAIR, INTENT_RESTORE = range(7)
 
-# --- shared counters at 192: u64 each --------------------------------------------
-OFF_COUNTERS = 192
+# --- shared counters at 256: u64 each --------------------------------------------
+OFF_COUNTERS = 256
 COUNTERS = ("allocations", "frees", "alloc_failures_full", "alloc_failures_duplicate", "lock_repairs",
             "lock_timeouts", "reaped_slots", "torn_reads", "settled_slots", "owner_takeovers",
             "attaches", "rebuilds")
 COUNTER_OFF = {name: OFF_COUNTERS + 8 * i for i, name in enumerate(COUNTERS)}
-SCHEMA_OFFSET = 512     # schema blob starts here; counters may grow up to it (40 slots)
+SCHEMA_OFFSET = 512     # schema blob starts here; counters may grow up to it (32 slots)
 
 # --- slot table entries (32 bytes) -------------------------------------------------
 SLOT = struct.Struct("<IIQHBBBBBBQ")
@@ -209,8 +213,9 @@ def parse_header(buf, size: int, key: int) -> Header:
 # --- word indexes: the allocator block and counters as indexes into u32/u64 views of the header ---
 W_FREE_TOP, W_USED, W_INTENT_OP, W_INTENT_SLOT = A_FREE_TOP // 4, A_USED // 4, A_INTENT_OP // 4, A_INTENT_SLOT // 4
 W_INTENT_OWNER, W_INTENT_PID, W_INDEX_SEQ = A_INTENT_OWNER // 4, A_INTENT_PID // 4, A_INDEX_SEQ // 4
-W_HOLDER, W_INDEX_COUNT = A_HOLDER_PID // 4, A_INDEX_COUNT // 4
+W_LOCK_SEQ, W_INDEX_COUNT = A_LOCK_SEQ // 4, A_INDEX_COUNT // 4
 Q_INTENT_ENTITY, Q_INTENT_COUNT, Q_INTENT_COUNT2 = A_INTENT_ENTITY // 8, A_INTENT_COUNT // 8, A_INTENT_COUNT2 // 8
+Q_LOCK = A_LOCK // 8
 C = {name: i for i, name in enumerate(COUNTERS)}          # counter name -> index into SegmentViews.counters
 U32, U64 = (1 << 32) - 1, (1 << 64) - 1                    # shared words wrap as C unsigned arithmetic does
 

@@ -997,7 +997,7 @@ static PyObject *Core_repair_locked(CoreObject *self, PyObject *Py_UNUSED(ignore
     CHECK_OPEN(self);
     if (self->t.readonly)
         return raise_rc(self, stated__fail(&self->t, STATED_ERR_READONLY, "attached read-only; cannot repair"));
-    if (__atomic_load_n(&self->t.hdr->alloc.holder_pid, __ATOMIC_ACQUIRE) != self->t.pid) {
+    if (!stated_holding(&self->t)) {
         PyErr_Format(E_Stated, "table '%s': repair_locked() outside acquire() ... release()", self->t.name);
         return NULL;
     }
@@ -1005,6 +1005,23 @@ static PyObject *Core_repair_locked(CoreObject *self, PyObject *Py_UNUSED(ignore
     if (rc)
         return raise_rc(self, rc);
     Py_RETURN_NONE;
+}
+
+static PyObject *Core_lock_state(CoreObject *self, PyObject *Py_UNUSED(ignored))
+{
+    CHECK_OPEN(self);
+    /* relaxed loads: a snapshot for the daemon's stuck-lock watch, not a synchronisation */
+    return Py_BuildValue("(KI)", (unsigned long long)__atomic_load_n(&self->t.hdr->alloc.lock, __ATOMIC_RELAXED),
+                         (unsigned)__atomic_load_n(&self->t.hdr->alloc.lock_seq, __ATOMIC_RELAXED));
+}
+
+static PyObject *Core_clear_lock(CoreObject *self, PyObject *arg)
+{
+    CHECK_OPEN(self);
+    unsigned long long w = PyLong_AsUnsignedLongLong(arg);
+    if (w == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    return PyBool_FromLong(stated_clear_lock(&self->t, (uint64_t)w));
 }
 
 static PyObject *Core_reopen_semaphore(CoreObject *self, PyObject *Py_UNUSED(ignored))
@@ -1351,6 +1368,11 @@ static PyMethodDef Core_methods[] = {
     {"repair_locked", (PyCFunction)Core_repair_locked, METH_NOARGS,
      "repair() for a caller that already holds the lock (acquire() ... release())"},
     {"reopen_semaphore", (PyCFunction)Core_reopen_semaphore, METH_NOARGS, "semget again (it was removed)"},
+    {"lock_state", (PyCFunction)Core_lock_state, METH_NOARGS,
+     "(lock word, lock_seq): the word is 0 when free, else the holder (format.LOCK_*)"},
+    {"clear_lock", (PyCFunction)Core_clear_lock, METH_O,
+     "clear_lock(word): the daemon's remedy for a word stuck on a live process; CAS from exactly `word` "
+     "to 0, refused (False) when it changed or its holder is stopped"},
     {"intent_pending", (PyCFunction)Core_intent_pending, METH_NOARGS, "an intent mark is set"},
     {"verify", (PyCFunction)(void (*)(void))Core_verify, METH_VARARGS | METH_KEYWORDS, "verify(lock=True) -> problems"},
     {"audit", (PyCFunction)Core_audit, METH_NOARGS, "audit() -> problems found (and rebuilt)"},

@@ -14,9 +14,10 @@
  * (tests/test_native_core.py checks that it is exactly what cheader generates).
  *
  * What it implements (docs/format.md is the specification; the section names below are its):
- *   - the table lock: semop with SEM_UNDO, semtimedop with one deadline across EINTR retries and
- *     a removed semaphore, holder_pid taken with a compare-and-swap (closes the semaphore-swap
- *     window of "Taking and releasing the lock"), intent marks settled or repaired;
+ *   - the table lock: a word in the segment taken by compare-and-swap (no system call unless
+ *     someone waits), the semaphore only to sleep and wake waiters (semtimedop, one deadline across
+ *     EINTR retries and a removed semaphore), a dead holder's word taken over with proof of its
+ *     death, intent marks repaired;
  *   - alloc / free / reap, the entity index (insert, backward-shift delete, lock-free lookup),
  *     owner claims and states, repair and the rebuild of inconsistent state (`rebuilds`),
  *     verify and audit;
@@ -32,7 +33,7 @@
 #ifndef STATED_CORE_H
 #define STATED_CORE_H
 
-#ifndef STATED_COMMON_FORMAT_1_H
+#ifndef STATED_COMMON_FORMAT_2_H
 #include "stated_format.h"
 #endif
 
@@ -102,6 +103,7 @@ typedef struct stated_table {
     uint32_t owner;                  /* this worker's owner index 1..255, 0 = none */
     uint32_t pid;
     uint64_t start_time;             /* ours, clock ticks since boot (0 until claim) */
+    uint64_t lock_id;                /* what the lock word holds while we hold it (pid | start time) */
     uint32_t capacity, record_size, index_capacity, index_mask;
     unsigned index_shift;            /* 64 - log2(index_capacity) */
     struct stated_segment_header *hdr;
@@ -179,6 +181,8 @@ int stated_mark_dirty_h(stated_table *t, stated_handle h);          /* after sto
 /* ---- the lock, repair, checks ------------------------------------------------------------------ */
 int stated_acquire(stated_table *t);
 int stated_release(stated_table *t);
+int stated_holding(const stated_table *t);                           /* 1: the lock word names us */
+int stated_clear_lock(stated_table *t, uint64_t expected);           /* the daemon's, for a stuck word */
 int stated_repair(stated_table *t);                                  /* takes the lock */
 int stated_repair_locked(stated_table *t);
 int stated_reopen_semaphore(stated_table *t);
@@ -249,8 +253,8 @@ static inline void stated__cpu_relax(void)
 #endif
 }
 
-/* Atomic access to shared words. RELAXED where the lock (semop + the holder_pid CAS, both full
- * barriers between lock holders) or a seqlock fence orders the access; ACQUIRE/RELEASE at the
+/* Atomic access to shared words. RELAXED where the lock (its ACQUIRE and RELEASE compare-and-swaps
+ * order everything between lock holders) or a seqlock fence orders the access; ACQUIRE/RELEASE at the
  * steps that lock-free readers synchronise with. */
 #define S_LD(p) __atomic_load_n((p), __ATOMIC_RELAXED)
 #define S_LDA(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
@@ -352,8 +356,9 @@ static int stated__pid_exists(uint32_t pid)
     return errno == ESRCH ? 0 : -1;
 }
 
-/* 1: alive, *start set; 0: dead (proven); -1: unknown (never called dead for that) */
-static int stated__proc_start(const stated_table *t, uint32_t pid, uint64_t *start)
+/* 1: alive, *start (and *state, its /proc state letter, when non-NULL) set; 0: dead (proven);
+ * -1: unknown (never called dead for that) */
+static int stated__proc_stat(const stated_table *t, uint32_t pid, uint64_t *start, char *state)
 {
     if (pid == 0u || pid >= STATED__PID_MAX_LIMIT)    /* owner entries are shared memory: any u32 can be there */
         return 0;
@@ -410,15 +415,14 @@ static int stated__proc_start(const stated_table *t, uint32_t pid, uint64_t *sta
         v = v * 10u + (uint64_t)(*q - '0');
     if (start)
         *start = v;
+    if (state)
+        *state = fields[0][0];
     return 1;
 }
 
-/* not proven dead (for a lock holder or an intent setter, recorded without a start time); a
- * zombie is dead: it exited, and SEM_UNDO gave its lock back at exit */
-static int stated__pid_alive(const stated_table *t, uint32_t pid)
+static int stated__proc_start(const stated_table *t, uint32_t pid, uint64_t *start)
 {
-    uint64_t st;
-    return stated__proc_start(t, pid, &st) != 0;
+    return stated__proc_stat(t, pid, start, NULL);
 }
 
 /* (pid, start_time) is not proven dead */
@@ -531,130 +535,227 @@ int stated_intent_pending(const stated_table *t)
     return S_LDA(&t->hdr->alloc.intent_op) != 0u;
 }
 
-/* ---- the lock --------------------------------------------------------------------------------- */
-static int stated__timeout(stated_table *t)
+/* ---- the lock ----------------------------------------------------------------------------------
+ * docs/format.md "Taking and releasing the lock". The lock is the 64-bit word alloc.lock: 0 when
+ * free, else the holder's lock id (pid | start time << STATED_LOCK_PID_BITS) and the WAITERS bit.
+ * Taken by compare-and-swap 0 -> our id and given back by compare-and-swap id -> 0: no system call
+ * while nobody waits. The semaphore only puts waiters to sleep: a waiter sets WAITERS in the word
+ * before it sleeps, and a release that clears a word carrying WAITERS posts one wake-up (semop +1,
+ * no SEM_UNDO: a wake-up is not a lock; a spare one costs a waiter one extra look).
+ * A holder that dies leaves its id in the word: no kernel gives it back. Waiters look at the
+ * holder after every sleep slice and take the word over, by CAS from exactly that value, only with
+ * proof that it is dead (gone, a zombie, or its pid recycled: another start time); the intent mark
+ * it left is then repaired. The start time in the word is what makes a recycled pid tell. */
+#define STATED__LOCK_PID_MASK ((UINT64_C(1) << STATED_LOCK_PID_BITS) - 1u)
+#define STATED__LOCK_START_MASK ((UINT64_C(1) << STATED_LOCK_START_BITS) - 1u)
+#define STATED__LOCK(t) (&A(t)->lock)
+#define STATED__SLICE_MIN_NS 1000000    /* a sleeping waiter looks at the holder after 1 ms, */
+#define STATED__SLICE_MAX_NS 16000000   /* then 2, 4, 8, 16 ms: a dead holder costs at most ~16 ms */
+
+static uint64_t stated__lock_id(uint32_t pid, uint64_t start)
 {
-    stated__bump(t, STATED_COUNTER_LOCK_TIMEOUTS);
-    return stated__fail(t, STATED_ERR_LOCK_TIMEOUT, "allocator lock not obtained within %.3gs; last holder pid "
-                        "%u. If that process is stuck, stop it; a dead holder releases the lock automatically",
-                        (double)t->lock_timeout_ns / 1e9, (unsigned)S_LD(&A(t)->holder_pid));
+    return ((uint64_t)pid & STATED__LOCK_PID_MASK) | ((start & STATED__LOCK_START_MASK) << STATED_LOCK_PID_BITS);
 }
 
-static void stated__sem_post(stated_table *t)
+static uint32_t stated__lock_pid(uint64_t w)
 {
-    struct sembuf sb = {0, 1, SEM_UNDO};
-    while (semop(t->semid, &sb, 1) != 0 && errno == EINTR) {
+    return (uint32_t)(w & STATED__LOCK_PID_MASK);
+}
+
+/* 1: the holder named by word `w` is dead with proof; 0: alive, or we cannot tell (never taken
+ * over for that). *state: its /proc state letter when alive ('T'/'t' stopped, 'D' in the kernel). */
+static int stated__holder_dead(const stated_table *t, uint64_t w, char *state)
+{
+    uint64_t start = (w >> STATED_LOCK_PID_BITS) & STATED__LOCK_START_MASK, st = 0;
+    int r = stated__proc_stat(t, stated__lock_pid(w), &st, state);
+    if (r <= 0)
+        return r == 0;
+    /* a recycled pid; start 0 is no holder's word either (a holder knows its start time) */
+    return (st & STATED__LOCK_START_MASK) != start;
+}
+
+static int stated__timeout(stated_table *t, uint64_t w, char state)
+{
+    stated__bump(t, STATED_COUNTER_LOCK_TIMEOUTS);
+    return stated__fail(t, STATED_ERR_LOCK_TIMEOUT, "allocator lock not obtained within %.3gs; held by pid %u%s",
+                        (double)t->lock_timeout_ns / 1e9, (unsigned)stated__lock_pid(w),
+                        state == 'T' || state == 't' ? ", which is stopped (SIGSTOP or a debugger): continue or kill it"
+                        : ". If that process is stuck, stop it: a dead holder's lock is taken over");
+}
+
+/* One wake-up for a sleeping waiter. Errors are ignored: ERANGE (32767 spare wake-ups already
+ * pending) wakes someone anyway; EIDRM/EINVAL (removed) leaves waiters polling until the daemon
+ * recreates it. */
+static void stated__wake(stated_table *t)
+{
+    struct sembuf sb = {0, 1, 0};
+    while (t->semid >= 0 && semop(t->semid, &sb, 1) != 0 && errno == EINTR) {
     }
-    /* EIDRM/EINVAL: removed from under us; the daemon recreates it and repairs */
 }
 
 static int stated__rebuild(stated_table *t, const char *why);
-static int stated__settle_intent(stated_table *t, int64_t deadline);
+static int stated__settle_intent(stated_table *t);
 
-/* Take the table lock within lock_timeout; docs/format.md "Taking and releasing the lock". */
-int stated_acquire(stated_table *t)
+/* The wait has lasted lock_timeout: fail, naming the holder. A live holder's word is never
+ * cleared here, however long it holds: it may be stopped (SIGSTOP, a debugger) or descheduled
+ * inside its section, and would resume there. A word naming a live process that is not inside
+ * (copied back from an old value) is the daemon's to clear: stated_clear_lock. */
+static int stated__lock_timed_out(stated_table *t, uint64_t first)
 {
-    if (t->readonly)
-        return stated__fail(t, STATED_ERR_READONLY, "attached read-only; cannot take the allocator lock");
-    const int64_t t0 = stated__now_ns();
-    const int64_t deadline = t0 + t->lock_timeout_ns;
-    /* Fast path: no timespec, no GIL drop. SEM_UNDO: the kernel gives the lock back if we die. */
-    struct sembuf sb = {0, -1, SEM_UNDO | IPC_NOWAIT};
-    int spun = 0;
-    while (semop(t->semid, &sb, 1) != 0) {
-        int e = errno;
-        if (e == EAGAIN && !spun) {
-            /* Held: critical sections last well under a microsecond, while sleeping in semtimedop
-             * costs a wake-up (a context switch, an IPI) per hand-over. Spin a little first, reading
-             * holder_pid (no syscall) and retrying the non-blocking semop when it looks free. */
-            spun = 1;
-            int got = 0;
-            for (int i = 0; i < STATED__SPINS && !got; i++) {
-                stated__cpu_relax();
-                if (S_LD(&A(t)->holder_pid) == 0u && semop(t->semid, &sb, 1) == 0)
-                    got = 1;
-            }
-            if (got)
-                break;
-            continue;
+    uint64_t w = S_LD(STATED__LOCK(t));
+    char state = 0;
+    if (w != 0u)
+        (void)stated__holder_dead(t, w, &state);
+    return stated__timeout(t, w ? w : first, state);
+}
+
+/* The slow path of stated_acquire: the word was `cur` (not 0, or our CAS lost a race). */
+static int stated__lock_wait(stated_table *t, uint64_t cur)
+{
+    const uint64_t me = t->lock_id;
+    uint64_t *lock = STATED__LOCK(t);
+    /* Spin first: a critical section lasts well under a microsecond, while a sleep costs a
+     * context switch and a wake-up system call on both sides. Plain loads while it is taken (no
+     * cache-line ping-pong), a CAS only when it reads free. ACQUIRE on success: pairs with the
+     * previous holder's RELEASE CAS, so everything it wrote under the lock is visible to us. */
+    for (int i = 0; i < STATED__SPINS; i++) {
+        stated__cpu_relax();
+        cur = S_LD(lock);
+        if (cur == 0u && __atomic_compare_exchange_n(lock, &cur, me, false, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED))
+            return 0;
+    }
+    const int64_t deadline = stated__now_ns() + t->lock_timeout_ns;
+    const uint64_t first = cur;
+    int64_t slice = STATED__SLICE_MIN_NS;
+    for (;;) {
+        cur = S_LD(lock);
+        if (cur == 0u) {
+            /* Take it with WAITERS set: others may be asleep, and we cannot tell, so our release
+             * must wake one. Each failed CAS means another process took or flagged the word. */
+            if (__atomic_compare_exchange_n(lock, &cur, me | STATED_LOCK_WAITERS, false, __ATOMIC_ACQUIRE,
+                                            __ATOMIC_RELAXED))
+                return 0;
+        } else if ((cur & STATED_LOCK_WAITERS) == 0u) {
+            /* Flag before sleeping, by CAS from the value we saw: if the holder released in
+             * between, the CAS fails and we look again; if it succeeds, the holder's release
+             * CAS sees the bit and posts a wake-up, which the semaphore keeps until we take
+             * it: no lost wake-up whichever of the two runs first. RELAXED: no data is published. */
+            if (__atomic_compare_exchange_n(lock, &cur, cur | STATED_LOCK_WAITERS, false, __ATOMIC_RELAXED,
+                                            __ATOMIC_RELAXED))
+                cur |= STATED_LOCK_WAITERS;
         }
-        if (e == EAGAIN) {                   /* held by someone: wait with what is left of the deadline */
-            int64_t left = deadline - stated__now_ns();
-            if (left <= 0)
-                return stated__timeout(t);
-            struct timespec ts = {(time_t)(left / 1000000000), (long)(left % 1000000000)};
-            struct sembuf wb = {0, -1, SEM_UNDO};
+        int64_t now = stated__now_ns();
+        if (now >= deadline)
+            return stated__lock_timed_out(t, first);
+        if (cur == 0u || (cur & STATED_LOCK_WAITERS) == 0u)
+            continue;                        /* the word changed under the CAS: look again */
+        int64_t ns = deadline - now < slice ? deadline - now : slice;
+        struct timespec ts = {(time_t)(ns / 1000000000), (long)(ns % 1000000000)};
+        struct sembuf wb = {0, -1, 0};
+        int rc = -1, e = EIDRM;
+        if (t->semid >= 0) {
             stated__block_begin(t);
-            int rc = semtimedop(t->semid, &wb, 1, &ts);
+            rc = semtimedop(t->semid, &wb, 1, &ts);
             e = errno;
             stated__block_end(t);
-            if (rc == 0)
-                break;
-            if (e == EAGAIN)
-                return stated__timeout(t);
         }
-        if (e == EINTR) {                    /* a signal: retry with the time left, one deadline */
+        if (rc == 0)
+            continue;                        /* woken: look again */
+        if (e == EAGAIN || e == EIDRM || e == EINVAL) {
+            if (e != EAGAIN) {
+                /* the semaphore was removed (ipcrm, RemoveIPC=): the lock does not need it; poll
+                 * the slice instead, and pick up the daemon's new one when it is there */
+                t->semid = -1;
+                int r = stated__open_sem(t);
+                if (r == STATED_ERR_FOREIGN || r == STATED_ERR_PERMISSION)
+                    return r;                /* planted, or not ours to use: refused, never waited on */
+                if (r != 0) {
+                    t->errmsg[0] = '\0';
+                    if ((r = stated__sleep(t, ns)) != 0)
+                        return r;
+                }
+            }
+            /* slept a whole slice: is the holder still there? */
+            uint64_t w = S_LD(lock);
+            if (w != 0u && stated__holder_dead(t, w, NULL)
+                && __atomic_compare_exchange_n(lock, &w, me | STATED_LOCK_WAITERS, false, __ATOMIC_ACQUIRE,
+                                               __ATOMIC_RELAXED)) {
+                /* from exactly the dead holder's word: nobody else took it over meanwhile */
+                stated__log(t, STATED_LOG_WARNING, "took the lock over from pid %u, which died holding it",
+                            stated__lock_pid(w));
+                return 0;
+            }
+            if (slice < STATED__SLICE_MAX_NS)
+                slice *= 2;
+        } else if (e == EINTR) {             /* a signal: go on with the time left, one deadline */
             if (t->hooks.interrupted && t->hooks.interrupted(t->hooks.ctx))
                 return stated__fail(t, STATED_ERR_INTERRUPTED, "interrupted by a signal while waiting for the lock");
-        } else if (e == EIDRM || e == EINVAL) {
-            int rc = stated__reopen_until(t, deadline);
-            if (rc)
-                return rc;
         } else if (e == EACCES) {
             t->sys_errno = e;
             return stated__fail(t, STATED_ERR_PERMISSION, "no permission to use its semaphore; run the worker in "
                                 "the daemon's group");
-        } else if (e != EAGAIN) {
+        } else {
             t->sys_errno = e;
-            return stated__fail(t, STATED_ERR_SYSTEM, "semop: %s", strerror(e));
+            return stated__fail(t, STATED_ERR_SYSTEM, "semtimedop: %s", strerror(e));
         }
-        if (stated__now_ns() > deadline)
-            return stated__timeout(t);
     }
-    /* holder_pid by compare-and-swap 0 -> me. Normally it is 0 here (the last holder cleared it
-     * before its semop). Non-zero: the holder died holding the lock (SEM_UNDO gave it back:
-     * take over from the dead pid), or the semaphore was removed and recreated while a live
-     * holder was inside, and we entered on the new one: wait for it to leave. Because the word
-     * only ever goes 0 -> pid by CAS (and a dead pid -> pid by CAS), two native processes that
-     * both passed a semop (old and new semaphore) cannot both own it: the loser sees the
-     * winner's live pid and waits. ACQ_REL: the CAS is the acquire of the previous holder's
-     * release store of 0 (so its mutations are visible) and orders our mutations after it. */
-    const uint32_t me = t->pid;
-    uint32_t cur = S_LDA(&A(t)->holder_pid);
-    for (;;) {
-        if (cur == 0u || cur == me || !stated__pid_alive(t, cur)) {
-            if (__atomic_compare_exchange_n(&A(t)->holder_pid, &cur, me, false, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
-                break;
-            continue;                        /* changed under us: look at the new value */
-        }
-        if (stated__now_ns() > deadline) {
-            /* The word named a live process for the whole lock timeout while we held the semaphore:
-             * a holder stuck under a removed semaphore, or a scribbled word. Fail as a timeout, and
-             * clear it (CAS: not if it changed meanwhile), so that it costs one timeout rather than
-             * every acquire of every process for as long as that pid lives. */
-            int rc = stated__timeout(t);
-            if (__atomic_compare_exchange_n(&A(t)->holder_pid, &cur, 0u, false, __ATOMIC_RELEASE, __ATOMIC_RELAXED))
-                stated__log(t, STATED_LOG_WARNING, "holder_pid named live pid %u for over the lock timeout while this "
-                            "process held the semaphore (a holder stuck under a removed semaphore, or a scribbled "
-                            "word); cleared it", (unsigned)cur);
-            stated__sem_post(t);
+}
+
+/* Take the table lock within lock_timeout. */
+int stated_acquire(stated_table *t)
+{
+    if (t->readonly)
+        return stated__fail(t, STATED_ERR_READONLY, "attached read-only; cannot take the allocator lock");
+    if (t->lock_id >> STATED_LOCK_PID_BITS == 0u)
+        return stated__fail(t, STATED_ERR_SYSTEM, "cannot read our own start time from %s/%u/stat: the lock word "
+                            "must name this process beyond its pid", t->proc_root, t->pid);
+    /* The fast path: one CAS, no system call. ACQUIRE on success pairs with the previous holder's
+     * RELEASE CAS (its writes under the lock are visible to us); RELAXED on failure: only the
+     * value is looked at, and the slow path takes the word with its own ACQUIRE CAS. */
+    uint64_t cur = 0u;
+    if (!__atomic_compare_exchange_n(STATED__LOCK(t), &cur, t->lock_id, false, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED)) {
+        int rc = stated__lock_wait(t, cur);
+        if (rc)
             return rc;
-        }
-        int rc = stated__sleep(t, STATED__POLL_NS);
-        if (rc) {
-            stated__sem_post(t);
-            return rc;
-        }
-        cur = S_LDA(&A(t)->holder_pid);
     }
+    /* one more hold (under the lock, so a plain increment): lets a waiter tell one long hold from
+     * many short ones by the same process (stated__lock_timed_out) */
+    S_ST(&A(t)->lock_seq, S_LD(&A(t)->lock_seq) + 1u);
     if (S_LDA(&A(t)->intent_op) != 0u) {
-        int rc = stated__settle_intent(t, stated__now_ns() + t->lock_timeout_ns);
+        int rc = stated__settle_intent(t);
         if (rc) {
             stated_release(t);
             return rc;
         }
     }
     return 0;
+}
+
+int stated_holding(const stated_table *t)
+{
+    return !t->readonly && ((S_LD(STATED__LOCK(t)) ^ t->lock_id) & ~STATED_LOCK_WAITERS) == 0u;
+}
+
+/* The daemon's remedy for a word that names a live process far longer than any section lasts
+ * (a word copied back from an old value; the daemon watched the word and lock_seq stay put):
+ * clear it by CAS from exactly `expected`, and wake a waiter. 1 cleared; 0 not: the word changed,
+ * or its holder is stopped (SIGSTOP, a debugger) or in uninterruptible sleep and may resume inside
+ * its section. The next holder repairs whatever intent is left. */
+int stated_clear_lock(stated_table *t, uint64_t expected)
+{
+    if (t->readonly || expected == 0u)
+        return 0;
+    char state = 0;
+    if (!stated__holder_dead(t, expected, &state) && (state == 'T' || state == 't' || state == 'D'))
+        return 0;                            /* stopped or in the kernel: it may resume inside its section */
+    /* RELAXED: nothing of ours is published; the next holder's ACQUIRE CAS reads the word */
+    if (!__atomic_compare_exchange_n(STATED__LOCK(t), &expected, 0u, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+        return 0;
+    stated__log(t, STATED_LOG_WARNING, "cleared a lock word naming pid %u, held without a new acquisition for far "
+                "longer than any section lasts", stated__lock_pid(expected));
+    if (expected & STATED_LOCK_WAITERS)
+        stated__wake(t);
+    return 1;
 }
 
 /* Give the lock back. An op of ours left half-done by an error is repaired first. */
@@ -664,29 +765,32 @@ int stated_release(stated_table *t)
         return 0;
     if (S_LD(&A(t)->intent_op) != 0u && S_LD(&A(t)->intent_pid) == t->pid)
         stated__rebuild(t, "an operation was interrupted by an error");
-    /* RELEASE: every mutation of ours is visible before the word says the lock is free */
-    uint32_t me = t->pid;
-    __atomic_compare_exchange_n(&A(t)->holder_pid, &me, 0u, false, __ATOMIC_RELEASE, __ATOMIC_RELAXED);
-    stated__sem_post(t);
+    /* RELEASE: every mutation of ours is visible before the word says free (pairs with the next
+     * holder's ACQUIRE CAS). A CAS from our id, with or without WAITERS, in a loop because a waiter
+     * may set WAITERS at any moment; the value it replaced tells whether to wake one. A word that
+     * no longer names us (scribbled, or cleared as stuck) is left alone. Bounded: the only change
+     * a waiter can make to a word naming us is setting WAITERS, once. */
+    uint64_t cur = S_LD(STATED__LOCK(t));
+    for (int tries = 0; tries < 4 && ((cur ^ t->lock_id) & ~STATED_LOCK_WAITERS) == 0u; tries++) {
+        if (__atomic_compare_exchange_n(STATED__LOCK(t), &cur, 0u, false, __ATOMIC_RELEASE, __ATOMIC_RELAXED)) {
+            if (cur & STATED_LOCK_WAITERS)
+                stated__wake(t);
+            return 0;
+        }
+    }
+    stated__log(t, STATED_LOG_WARNING, "the lock word no longer named this process at release (0x%016llx)",
+                (unsigned long long)cur);
     return 0;
 }
 
-/* An intent mark is set: wait (bounded) for a live setter that is mid-mutation under a swapped
- * semaphore, else repair. */
-static int stated__settle_intent(stated_table *t, int64_t deadline)
+/* An intent mark is set when we take the lock: its setter died mid-operation (a live one holds
+ * the lock, and an op of ours left by an error was repaired at our release). Repair. */
+static int stated__settle_intent(stated_table *t)
 {
-    uint32_t ipid = S_LDA(&A(t)->intent_pid);
-    while (S_LDA(&A(t)->intent_op) != 0u && ipid != t->pid && stated__pid_alive(t, ipid)
-           && stated__now_ns() < deadline) {
-        int rc = stated__sleep(t, STATED__POLL_NS);
-        if (rc)
-            return rc;
-        ipid = S_LDA(&A(t)->intent_pid);
-    }
     uint32_t op = S_LDA(&A(t)->intent_op);
     if (op != 0u) {
-        stated__log(t, STATED_LOG_WARNING, "repairing after pid %u died during op %u on slot %u", ipid, op,
-                    S_LD(&A(t)->intent_slot));
+        stated__log(t, STATED_LOG_WARNING, "repairing after pid %u died during op %u on slot %u",
+                    S_LD(&A(t)->intent_pid), op, S_LD(&A(t)->intent_slot));
         stated_repair_locked(t);
     }
     return 0;
@@ -1798,6 +1902,14 @@ static int stated__setup(stated_table *t, void *base, size_t size, stated_key_t 
     t->owners = (struct stated_owner *)(t->base + h->owners_offset);
     t->records = t->base + h->records_offset;
     t->init = (const unsigned char *)o->init;
+    if (!t->readonly) {
+        /* our lock id: the start time makes a recycled pid tell (0 if /proc will not say: then
+         * stated_acquire refuses, as the owner claim does) */
+        uint64_t start = 0;
+        if (stated__proc_start(t, t->pid, &start) != 1)
+            start = 0;
+        t->lock_id = stated__lock_id(t->pid, start);
+    }
     return 0;
 }
 

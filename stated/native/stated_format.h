@@ -1,4 +1,4 @@
-/* stated_format.h: the stated segment format (version 1) for C: structs with every offset
+/* stated_format.h: the stated segment format (version 2) for C: structs with every offset
  * pinned by _Static_assert, constants, validation and seqlock helpers. The native core
  * (stated_core.h, next to this file) builds on it.
  *
@@ -12,8 +12,8 @@
 #include <stdint.h>
 #include <string.h>
 
-#ifndef STATED_COMMON_FORMAT_1_H
-#define STATED_COMMON_FORMAT_1_H
+#ifndef STATED_COMMON_FORMAT_2_H
+#define STATED_COMMON_FORMAT_2_H
 
 #if !defined(__GNUC__)
 #error "stated headers use the GCC/Clang __atomic builtins"
@@ -29,7 +29,7 @@ _Static_assert(_Alignof(uint64_t) == 8 && _Alignof(double) == 8,
 /* ---- segment format constants ------------------------------------------------ */
 #define STATED_MAGIC "STATEDSG"          /* 8 bytes at offset 0, no NUL */
 #define STATED_MAGIC_U64 0x4753444554415453ULL  /* the same bytes read as a little-endian u64 */
-#define STATED_FORMAT_VERSION 1u
+#define STATED_FORMAT_VERSION 2u
 #define STATED_PAGE 4096u
 #define STATED_HEADER_FIXED_SIZE 120u   /* bytes covered by header_crc (plus the schema blob) */
 #define STATED_SCHEMA_OFFSET 512u
@@ -78,7 +78,7 @@ _Static_assert(_Alignof(uint64_t) == 8 && _Alignof(double) == 8,
 #define STATED_COUNTER_ATTACHES 10u
 #define STATED_COUNTER_REBUILDS 11u
 #define STATED_COUNTER_COUNT 12u
-#define STATED_COUNTER_SLOTS 40u   /* room reserved before the schema blob */
+#define STATED_COUNTER_SLOTS 32u   /* room reserved before the schema blob */
 
 /* return codes of the helpers below: 0 = success */
 #define STATED_OK 0
@@ -111,9 +111,14 @@ _Static_assert(_Alignof(uint64_t) == 8 && _Alignof(double) == 8,
 #define STATED_ERR_INTERRUPTED (-27)
 #define STATED_ERR_NESTED (-28)
 
-/* ---- the allocator block (header offset 128, 64 bytes) ----------------------------
- * Written only by the holder of the table's semaphore (see docs/format.md,
- * "Allocator protocol"). Readers may look at free_top/used/index_count for stats. */
+/* ---- the allocator block (header offset 128, 128 bytes) ----------------------------
+ * Written only by the holder of the table lock, the `lock` word (see docs/format.md,
+ * "Taking and releasing the lock"). Readers may look at free_top/used/index_count for stats.
+ * lock: 0 free; else the holder's pid (bits 0-21), its start time in clock ticks since boot
+ * (the next 41 bits) and STATED_LOCK_WAITERS (bit 63: someone may sleep on the semaphore). */
+#define STATED_LOCK_PID_BITS 22u
+#define STATED_LOCK_START_BITS 41u
+#define STATED_LOCK_WAITERS UINT64_C(0x8000000000000000)
 struct stated_allocator {
     uint32_t free_top;
     uint32_t used;
@@ -123,13 +128,15 @@ struct stated_allocator {
     uint32_t intent_owner;
     uint32_t intent_pid;
     uint32_t index_seq;
-    uint32_t holder_pid;
+    uint32_t lock_seq;
     uint32_t index_count;
     uint8_t _pad_44[4];
     uint64_t intent_count;
     uint64_t intent_count2;
+    uint64_t lock;
+    uint8_t _pad_72[56];
 };
-_Static_assert(sizeof(struct stated_allocator) == 64, "struct stated_allocator must be 64 bytes");
+_Static_assert(sizeof(struct stated_allocator) == 128, "struct stated_allocator must be 128 bytes");
 _Static_assert(offsetof(struct stated_allocator, free_top) == 0, "stated_allocator.free_top must sit at offset 0");
 _Static_assert(offsetof(struct stated_allocator, used) == 4, "stated_allocator.used must sit at offset 4");
 _Static_assert(offsetof(struct stated_allocator, intent_op) == 8, "stated_allocator.intent_op must sit at offset 8");
@@ -138,10 +145,11 @@ _Static_assert(offsetof(struct stated_allocator, intent_entity) == 16, "stated_a
 _Static_assert(offsetof(struct stated_allocator, intent_owner) == 24, "stated_allocator.intent_owner must sit at offset 24");
 _Static_assert(offsetof(struct stated_allocator, intent_pid) == 28, "stated_allocator.intent_pid must sit at offset 28");
 _Static_assert(offsetof(struct stated_allocator, index_seq) == 32, "stated_allocator.index_seq must sit at offset 32");
-_Static_assert(offsetof(struct stated_allocator, holder_pid) == 36, "stated_allocator.holder_pid must sit at offset 36");
+_Static_assert(offsetof(struct stated_allocator, lock_seq) == 36, "stated_allocator.lock_seq must sit at offset 36");
 _Static_assert(offsetof(struct stated_allocator, index_count) == 40, "stated_allocator.index_count must sit at offset 40");
 _Static_assert(offsetof(struct stated_allocator, intent_count) == 48, "stated_allocator.intent_count must sit at offset 48");
 _Static_assert(offsetof(struct stated_allocator, intent_count2) == 56, "stated_allocator.intent_count2 must sit at offset 56");
+_Static_assert(offsetof(struct stated_allocator, lock) == 64, "stated_allocator.lock must sit at offset 64");
 
 /* ---- segment header: bytes [0, 512) of every segment ------------------------------
  * [0, 120) is immutable after creation and covered by header_crc together with the
@@ -171,7 +179,7 @@ struct stated_segment_header {
     uint32_t header_crc;
     uint32_t state;
     struct stated_allocator alloc;
-    uint64_t counters[40];
+    uint64_t counters[32];
 };
 _Static_assert(sizeof(struct stated_segment_header) == 512, "struct stated_segment_header must be 512 bytes");
 _Static_assert(offsetof(struct stated_segment_header, magic) == 0, "stated_segment_header.magic must sit at offset 0");
@@ -198,7 +206,7 @@ _Static_assert(offsetof(struct stated_segment_header, reserved1) == 112, "stated
 _Static_assert(offsetof(struct stated_segment_header, header_crc) == 120, "stated_segment_header.header_crc must sit at offset 120");
 _Static_assert(offsetof(struct stated_segment_header, state) == 124, "stated_segment_header.state must sit at offset 124");
 _Static_assert(offsetof(struct stated_segment_header, alloc) == 128, "stated_segment_header.alloc must sit at offset 128");
-_Static_assert(offsetof(struct stated_segment_header, counters) == 192, "stated_segment_header.counters must sit at offset 192");
+_Static_assert(offsetof(struct stated_segment_header, counters) == 256, "stated_segment_header.counters must sit at offset 256");
 _Static_assert(offsetof(struct stated_segment_header, alloc) + offsetof(struct stated_allocator, free_top) == 128, "allocator.free_top must sit at header offset 128");
 _Static_assert(offsetof(struct stated_segment_header, alloc) + offsetof(struct stated_allocator, used) == 132, "allocator.used must sit at header offset 132");
 _Static_assert(offsetof(struct stated_segment_header, alloc) + offsetof(struct stated_allocator, intent_op) == 136, "allocator.intent_op must sit at header offset 136");
@@ -207,22 +215,23 @@ _Static_assert(offsetof(struct stated_segment_header, alloc) + offsetof(struct s
 _Static_assert(offsetof(struct stated_segment_header, alloc) + offsetof(struct stated_allocator, intent_owner) == 152, "allocator.intent_owner must sit at header offset 152");
 _Static_assert(offsetof(struct stated_segment_header, alloc) + offsetof(struct stated_allocator, intent_pid) == 156, "allocator.intent_pid must sit at header offset 156");
 _Static_assert(offsetof(struct stated_segment_header, alloc) + offsetof(struct stated_allocator, index_seq) == 160, "allocator.index_seq must sit at header offset 160");
-_Static_assert(offsetof(struct stated_segment_header, alloc) + offsetof(struct stated_allocator, holder_pid) == 164, "allocator.holder_pid must sit at header offset 164");
+_Static_assert(offsetof(struct stated_segment_header, alloc) + offsetof(struct stated_allocator, lock_seq) == 164, "allocator.lock_seq must sit at header offset 164");
 _Static_assert(offsetof(struct stated_segment_header, alloc) + offsetof(struct stated_allocator, index_count) == 168, "allocator.index_count must sit at header offset 168");
 _Static_assert(offsetof(struct stated_segment_header, alloc) + offsetof(struct stated_allocator, intent_count) == 176, "allocator.intent_count must sit at header offset 176");
 _Static_assert(offsetof(struct stated_segment_header, alloc) + offsetof(struct stated_allocator, intent_count2) == 184, "allocator.intent_count2 must sit at header offset 184");
-_Static_assert(offsetof(struct stated_segment_header, counters) + 8 * STATED_COUNTER_ALLOCATIONS == 192, "counter allocations must sit at header offset 192");
-_Static_assert(offsetof(struct stated_segment_header, counters) + 8 * STATED_COUNTER_FREES == 200, "counter frees must sit at header offset 200");
-_Static_assert(offsetof(struct stated_segment_header, counters) + 8 * STATED_COUNTER_ALLOC_FAILURES_FULL == 208, "counter alloc_failures_full must sit at header offset 208");
-_Static_assert(offsetof(struct stated_segment_header, counters) + 8 * STATED_COUNTER_ALLOC_FAILURES_DUPLICATE == 216, "counter alloc_failures_duplicate must sit at header offset 216");
-_Static_assert(offsetof(struct stated_segment_header, counters) + 8 * STATED_COUNTER_LOCK_REPAIRS == 224, "counter lock_repairs must sit at header offset 224");
-_Static_assert(offsetof(struct stated_segment_header, counters) + 8 * STATED_COUNTER_LOCK_TIMEOUTS == 232, "counter lock_timeouts must sit at header offset 232");
-_Static_assert(offsetof(struct stated_segment_header, counters) + 8 * STATED_COUNTER_REAPED_SLOTS == 240, "counter reaped_slots must sit at header offset 240");
-_Static_assert(offsetof(struct stated_segment_header, counters) + 8 * STATED_COUNTER_TORN_READS == 248, "counter torn_reads must sit at header offset 248");
-_Static_assert(offsetof(struct stated_segment_header, counters) + 8 * STATED_COUNTER_SETTLED_SLOTS == 256, "counter settled_slots must sit at header offset 256");
-_Static_assert(offsetof(struct stated_segment_header, counters) + 8 * STATED_COUNTER_OWNER_TAKEOVERS == 264, "counter owner_takeovers must sit at header offset 264");
-_Static_assert(offsetof(struct stated_segment_header, counters) + 8 * STATED_COUNTER_ATTACHES == 272, "counter attaches must sit at header offset 272");
-_Static_assert(offsetof(struct stated_segment_header, counters) + 8 * STATED_COUNTER_REBUILDS == 280, "counter rebuilds must sit at header offset 280");
+_Static_assert(offsetof(struct stated_segment_header, alloc) + offsetof(struct stated_allocator, lock) == 192, "allocator.lock must sit at header offset 192");
+_Static_assert(offsetof(struct stated_segment_header, counters) + 8 * STATED_COUNTER_ALLOCATIONS == 256, "counter allocations must sit at header offset 256");
+_Static_assert(offsetof(struct stated_segment_header, counters) + 8 * STATED_COUNTER_FREES == 264, "counter frees must sit at header offset 264");
+_Static_assert(offsetof(struct stated_segment_header, counters) + 8 * STATED_COUNTER_ALLOC_FAILURES_FULL == 272, "counter alloc_failures_full must sit at header offset 272");
+_Static_assert(offsetof(struct stated_segment_header, counters) + 8 * STATED_COUNTER_ALLOC_FAILURES_DUPLICATE == 280, "counter alloc_failures_duplicate must sit at header offset 280");
+_Static_assert(offsetof(struct stated_segment_header, counters) + 8 * STATED_COUNTER_LOCK_REPAIRS == 288, "counter lock_repairs must sit at header offset 288");
+_Static_assert(offsetof(struct stated_segment_header, counters) + 8 * STATED_COUNTER_LOCK_TIMEOUTS == 296, "counter lock_timeouts must sit at header offset 296");
+_Static_assert(offsetof(struct stated_segment_header, counters) + 8 * STATED_COUNTER_REAPED_SLOTS == 304, "counter reaped_slots must sit at header offset 304");
+_Static_assert(offsetof(struct stated_segment_header, counters) + 8 * STATED_COUNTER_TORN_READS == 312, "counter torn_reads must sit at header offset 312");
+_Static_assert(offsetof(struct stated_segment_header, counters) + 8 * STATED_COUNTER_SETTLED_SLOTS == 320, "counter settled_slots must sit at header offset 320");
+_Static_assert(offsetof(struct stated_segment_header, counters) + 8 * STATED_COUNTER_OWNER_TAKEOVERS == 328, "counter owner_takeovers must sit at header offset 328");
+_Static_assert(offsetof(struct stated_segment_header, counters) + 8 * STATED_COUNTER_ATTACHES == 336, "counter attaches must sit at header offset 336");
+_Static_assert(offsetof(struct stated_segment_header, counters) + 8 * STATED_COUNTER_REBUILDS == 344, "counter rebuilds must sit at header offset 344");
 
 /* ---- slot table entry (32 bytes; slot i at slots_offset + i * 32) ------------------
  * seq: record seqlock (odd while a writer is inside a write section)
@@ -610,4 +619,4 @@ static inline int stated_index_lookup(void *base, uint64_t entity, uint32_t *slo
     return STATED_ERR_TORN;
 }
 
-#endif /* STATED_COMMON_FORMAT_1_H */
+#endif /* STATED_COMMON_FORMAT_2_H */

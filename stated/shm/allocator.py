@@ -3,7 +3,7 @@
 Contract
 - The algorithms are the C11 core's (stated/native/stated_core.h, through the extension
   `stated.shm._native`), the very code C workers compile from the generated header: the table lock
-  (SEM_UNDO semaphore, one deadline, holder_pid taken by compare-and-swap), intent marks and
+  (a word taken by compare-and-swap; the semaphore only sleeps and wakes waiters), intent marks and
   repair, alloc/free/reap, the entity index, owner claims, verify and audit. There is no second
   copy of them in Python. docs/format.md "Allocator protocol" specifies them.
 - This module builds the core for a validated segment: the semaphore comes from
@@ -113,6 +113,16 @@ class Allocator:
 
     def reopen_semaphore(self) -> None:
         self.core.reopen_semaphore()
+
+    def lock_state(self) -> tuple[int, int]:
+        """(lock word, acquisitions so far): the word is 0 when free, else names the holder."""
+        return self.core.lock_state()
+
+    def clear_lock(self, word: int) -> bool:
+        """The daemon's remedy for a lock word stuck on a live process that is not inside (it watched
+        the word and the acquisition count stay put for far longer than a section lasts): clear it if
+        it still equals `word` and its holder is not stopped. True if cleared."""
+        return self.core.clear_lock(word)
 
     def intent_pending(self) -> bool:
         """An intent mark is set (a mutation is running, or its process died mid-way)."""

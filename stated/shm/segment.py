@@ -166,10 +166,12 @@ def _gid(group: str | None) -> int | None:
 
 def open_semaphore(key: int, *, create_mode: int | None = None, group: str | None = None,
                    trust: Trust | None = None) -> sysv_ipc.Semaphore:
-    """Open the table's semaphore (SEM_UNDO on). With `create_mode`, create it when missing.
+    """Open the table's semaphore. With `create_mode`, create it (value 0) when missing.
 
-    A semaphore has no header to check: its provenance (creator uid and mode) is all there is,
-    so an existing one is checked against `trust` (default: root, ourselves, no world bits).
+    The lock itself is a word in the segment (format.A_LOCK, taken by the native core); the
+    semaphore only puts waiters to sleep, its value counts pending wake-ups. A semaphore has no
+    header to check: its provenance (creator uid and mode) is all there is, so an existing one is
+    checked against `trust` (default: root, ourselves, no world bits).
     """
     trust = trust or Trust.worker()
     try:
@@ -180,7 +182,7 @@ def open_semaphore(key: int, *, create_mode: int | None = None, group: str | Non
             raise SegmentNotFound(f"no semaphore at key {key:#010x}: the daemon recreates it on its next "
                                   f"pass (`stated run`)") from None
         try:
-            sem = sysv_ipc.Semaphore(key, sysv_ipc.IPC_CREX, create_mode, 1)
+            sem = sysv_ipc.Semaphore(key, sysv_ipc.IPC_CREX, create_mode, 0)
         except sysv_ipc.ExistentialError:   # somebody else created it just now
             sem = sysv_ipc.Semaphore(key)
             check_provenance(sem, key, trust)
@@ -191,7 +193,6 @@ def open_semaphore(key: int, *, create_mode: int | None = None, group: str | Non
     except sysv_ipc.PermissionsError:
         raise PermissionDenied(f"no permission to use the semaphore at key {key:#010x}; run the worker in "
                                f"the daemon's group (see [daemon] group)") from None
-    sem.undo = True
     return sem
 
 
@@ -212,8 +213,8 @@ def create(key: int, capacity: int, layout: Layout, *, mode: int = 0o660, group:
         pass
     else:
         check_provenance(leftover, key, trust)
-        if leftover.value > 1:       # a mutex never counts above 1; nobody can be inside it now
-            leftover.value = 1
+        if leftover.value:           # wake-ups pending for a segment that is gone: nobody waits for them
+            leftover.value = 0
         log.warning("key=%#010x: reusing the semaphore (id %d) left behind when the segment was removed",
                     key, leftover.id)
     try:

@@ -207,15 +207,21 @@ def _common() -> list[str]:
                     ("intent_owner", "uint32_t", 0, fmt.A_INTENT_OWNER),
                     ("intent_pid", "uint32_t", 0, fmt.A_INTENT_PID),
                     ("index_seq", "uint32_t", 0, fmt.A_INDEX_SEQ),
-                    ("holder_pid", "uint32_t", 0, fmt.A_HOLDER_PID),
+                    ("lock_seq", "uint32_t", 0, fmt.A_LOCK_SEQ),
                     ("index_count", "uint32_t", 0, fmt.A_INDEX_COUNT),
                     ("intent_count", "uint64_t", 0, fmt.A_INTENT_COUNT),
-                    ("intent_count2", "uint64_t", 0, fmt.A_INTENT_COUNT2)]
+                    ("intent_count2", "uint64_t", 0, fmt.A_INTENT_COUNT2),
+                    ("lock", "uint64_t", 0, fmt.A_LOCK)]
     alloc_size = fmt.OFF_COUNTERS - fmt.OFF_ALLOC
     a("/* ---- the allocator block (header offset %d, %d bytes) ----------------------------" % (
         fmt.OFF_ALLOC, alloc_size))
-    a(" * Written only by the holder of the table's semaphore (see docs/format.md,")
-    a(" * \"Allocator protocol\"). Readers may look at free_top/used/index_count for stats. */")
+    a(" * Written only by the holder of the table lock, the `lock` word (see docs/format.md,")
+    a(" * \"Taking and releasing the lock\"). Readers may look at free_top/used/index_count for stats.")
+    a(" * lock: 0 free; else the holder's pid (bits 0-21), its start time in clock ticks since boot")
+    a(" * (the next 41 bits) and STATED_LOCK_WAITERS (bit 63: someone may sleep on the semaphore). */")
+    a(f"#define STATED_LOCK_PID_BITS {fmt.LOCK_PID_BITS}u")
+    a(f"#define STATED_LOCK_START_BITS {fmt.LOCK_START_BITS}u")
+    a(f"#define STATED_LOCK_WAITERS UINT64_C({fmt.LOCK_WAITERS:#x})")
     a_rel = [(n, t, c, off - fmt.OFF_ALLOC) for n, t, c, off in alloc_fields]
     L += _struct("stated_allocator", a_rel, alloc_size)
     a("")
@@ -446,7 +452,7 @@ def core_parts() -> tuple[str, str]:
     if not mark:
         raise RuntimeError(f"{CORE_PATH} lacks the line {_CORE_MARK!r}")
     # in a generated header the format part precedes the core: drop the core's own include of it
-    own = '#ifndef STATED_COMMON_FORMAT_1_H\n#include "stated_format.h"\n#endif\n'
+    own = f'#ifndef STATED_COMMON_FORMAT_{fmt.FORMAT_VERSION}_H\n#include "stated_format.h"\n#endif\n'
     if own not in decl:
         raise RuntimeError(f"{CORE_PATH}: the include of stated_format.h is not where cheader expects it")
     return decl.replace(own, ""), mark + impl
