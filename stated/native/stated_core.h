@@ -1140,9 +1140,15 @@ static int stated__alloc_locked(stated_table *t, const uint64_t *entity, const v
                    S_LD(CNT(t, STATED_COUNTER_ALLOCATIONS)), S_LD(&a->intent_count2));
     S_ST(&a->free_top, top - 1u);
     struct stated_slot *s = SLOT(t, slot);
-    /* generation first (mod 2^32), before the state changes: no stale handle matches the new
-     * allocation. The RELEASE fence orders the bump before the record initialiser's stores, so a
-     * seqlock reader that copied any of those bytes sees the new generation on its re-check. */
+    /* The initialiser is written inside a seqlock section of its own (seq odd, then even again), so
+     * that a consumer copying the slot meanwhile (the snapshot saver, the store's write-behind of a
+     * freed slot's last write) retries instead of taking a half-initialised record for a consistent
+     * one. The generation goes first (mod 2^32), before the state changes: no stale handle matches
+     * the new allocation. The RELEASE fence orders the odd seq and the bump before the record
+     * initialiser's stores (the write-section fence), so a reader that copied any of those bytes
+     * sees them changed on its re-check. */
+    uint32_t seq = S_LD(&s->seq) & ~1u;      /* even: free() settled it (a scribbled odd one is settled here) */
+    S_ST(&s->seq, seq + 1u);
     uint32_t gen = S_LD(&s->generation) + 1u;
     S_ST(&s->generation, gen);
     __atomic_thread_fence(__ATOMIC_RELEASE);
@@ -1151,6 +1157,7 @@ static int stated__alloc_locked(stated_table *t, const uint64_t *entity, const v
         memcpy(rec, init, t->record_size);
     else
         memset(rec, 0, t->record_size);
+    S_STR(&s->seq, seq + 2u);                /* RELEASE: the initialiser before the even seq */
     S_ST(&s->entity, entity ? *entity : (uint64_t)0);
     S_ST(&s->flags, (uint8_t)(entity ? STATED_FLAG_HAS_ENTITY : 0u));
     S_ST(&s->owner, (uint16_t)t->owner);
