@@ -43,8 +43,8 @@ from prometheus_client.parser import text_string_to_metric_families
 import stated
 from stated.daemon import control
 from stated.format import config as config_mod
-from stated.format import segment as fmt
 from stated.format import layout as layout_mod
+from stated.format import segment as fmt
 from stated.format.schema import SCALARS, parse_fields
 from stated.persist import snapshot as snap
 

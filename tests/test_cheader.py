@@ -189,8 +189,8 @@ def test_sizes_offsets_and_constants_match_python(tmp_path):
     assert [fmt.S_SEQ, fmt.S_GEN, fmt.S_ENTITY, fmt.S_OWNER, fmt.S_STATE, fmt.S_FLAGS, fmt.S_DIRTY,
             fmt.S_PINNED] == [int(got[f"stated_slot.{n}"].split()[0]) for n in fmt.SLOT_FIELDS[:8]]
     assert got["stated_index_entry.entity"] == "0 8" and got["stated_index_entry.slot_plus_one"] == "8 4"
-    sizes = dict(stated_segment_header=fmt.SCHEMA_OFFSET, stated_allocator=fmt.OFF_COUNTERS - fmt.OFF_ALLOC, stated_slot=fmt.SLOT_SIZE,
-                 stated_owner=fmt.OWNER_SIZE, stated_index_entry=fmt.INDEX_ENTRY_SIZE)
+    sizes = dict(stated_segment_header=fmt.SCHEMA_OFFSET, stated_allocator=fmt.OFF_COUNTERS - fmt.OFF_ALLOC,
+                 stated_slot=fmt.SLOT_SIZE, stated_owner=fmt.OWNER_SIZE, stated_index_entry=fmt.INDEX_ENTRY_SIZE)
     for t, n in sizes.items():
         assert int(got[t]) == n, t
 

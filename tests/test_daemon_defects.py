@@ -10,8 +10,18 @@ import time
 
 import pytest
 import sysv_ipc
-from helpers import (STATED, DaemonProc, by_table, fork_child, fork_lock_holder, lock_id, lock_word, metrics_text,
-                     run_as_nobody, stated_status)
+from helpers import (
+    STATED,
+    DaemonProc,
+    by_table,
+    fork_child,
+    fork_lock_holder,
+    lock_id,
+    lock_word,
+    metrics_text,
+    run_as_nobody,
+    stated_status,
+)
 
 import stated
 from stated.daemon import lifecycle

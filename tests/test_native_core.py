@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import sysv_ipc
-from helpers import PLAYER_FIELDS, ROOT, fill_and_drain, fork_child, index_home, player_layout, lock_word, u32
+from helpers import PLAYER_FIELDS, ROOT, fill_and_drain, fork_child, index_home, lock_word, player_layout, u32
 
 import stated
 from stated.format import config as config_mod

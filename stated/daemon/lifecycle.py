@@ -63,7 +63,7 @@ STORE_FINAL_FLUSH = 5.0  # seconds for the last write-behind at SIGTERM (unsaved
 # of 200k records took 40-80 ms, at 1 ms about 20 (bench/README.md).
 GIL_SWITCH_INTERVAL = 0.001
 FINAL_SAVE_TIMEOUT = 120.0   # seconds for the saves at SIGTERM (systemd's timeout is extended meanwhile)
-STUCK_LOCK_AFTER = 30.0      # seconds a lock word may name one live holder, with no new acquisition, before the daemon clears it
+STUCK_LOCK_AFTER = 30.0      # seconds one live holder may keep the lock word, with no new acquisition, until cleared
 EXIT_OK, EXIT_ERROR, EXIT_CONFIG = 0, 1, 78      # the same numbers as cli.EXIT_*
 SHM_DEST = 0o1000        # shm_perm.mode bit: the segment was removed (IPC_RMID) and lives on only while attached
 
