@@ -11,6 +11,7 @@ from helpers import STATED, ctl, fork_child, kill9, metric, scrape, spawn, start
 
 import stated
 from stated.daemon import control
+from stated.format import segment as fmt
 
 
 def test_end_to_end_service(write_config, notify, procs, tmp_path):
@@ -38,7 +39,7 @@ def test_end_to_end_service(write_config, notify, procs, tmp_path):
     assert metric(ms, "stated_owners", table="players", state="alive") == 3
     assert metric(ms, "stated_attached_processes", table="players") >= 3
     assert metric(ms, "stated_dirty_slots", table="players") == 160     # 156 written + 4 freed (deltas record frees)
-    assert metric(ms, "stated_build_info", version=stated.__version__, format_version="1") == 1
+    assert metric(ms, "stated_build_info", version=stated.__version__, format_version=str(fmt.FORMAT_VERSION)) == 1
     assert ms[("stated_housekeeping_duration_seconds_count", (("pass", "repair"),))] >= 1
     if shutil.which("promtool"):
         r = subprocess.run(["promtool", "check", "metrics"], input=ms["_text"], capture_output=True, text=True)
