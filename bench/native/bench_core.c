@@ -11,6 +11,7 @@
 
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -31,11 +32,11 @@ static double run(const char *what, stated_table *t, int semid, double seconds, 
     while (now_s() < end) {
         for (int i = 0; i < 64; i++, n++) {
             int rc = 0;
-            if (what[0] == 'e') {
+            if (strcmp(what, "pair_entity") == 0) {
                 rc = stated_alloc(t, ent_base + n, &h);
                 if (!rc)
                     rc = stated_free(t, h);
-            } else if (what[0] == 'a') {
+            } else if (strcmp(what, "pair_anon") == 0) {
                 rc = stated_alloc_anon(t, &h);
                 if (!rc)
                     rc = stated_free(t, h);
