@@ -243,3 +243,25 @@ def test_a_scribbled_format1_header_is_not_upgraded(write_config):
     with pytest.raises(stated.CorruptSegment, match="checksum"):
         provision.ensure(c.tables["players"], c.daemon)
     assert segment_bytes(key) == before
+
+
+def test_interrupted_upgrade_with_a_process_attached_waits_for_it(write_config):
+    """Past the point of no return (the counters half moved) an attached process is refused as at the
+    start, but the segment stays `migrating` (no version can use it) until a start can finish it."""
+    cfg = write_config(TABLES)
+    c = config_mod.load(cfg)
+    key, want, expect = make_v1(cfg)
+    segment.upgrade_v1(key, trust=segment.Trust.daemon(c.daemon.mode), stop_after=5)
+    half = segment_bytes(key)
+    other = sysv_ipc.SharedMemory(key)
+    try:
+        with pytest.raises(stated.UnsupportedVersion, match=r"interrupted upgrade .* cannot be finished now: 1 other "
+                                                           r"process\(es\) are still attached"):
+            provision.ensure(c.tables["players"], c.daemon)
+        assert segment_bytes(key) == half and u32(half, fmt.OFF_STATE) == fmt.STATE_MIGRATING
+    finally:
+        other.detach()
+    seg, how, _ = provision.ensure(c.tables["players"], c.daemon)
+    seg.detach()
+    assert how == "adopted" and segment_bytes(key) == expect
+    check_served(key, want)

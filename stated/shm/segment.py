@@ -322,9 +322,10 @@ def upgrade_v1(key: int, *, trust: Trust, table: str | None = None, stop_after: 
     semaphore as the lock and the old counter offsets), and the format-1 semaphore free (value >= 1;
     0 means a format-1 holder is inside, or a value left wrong: refused now, not waited on, since the
     holder would have to be attached). Otherwise UnsupportedVersion says why and what to do; the
-    segment is left a valid format-1 segment, and the next start or reload tries again.
-    `trust` is the daemon's (provenance as for adoption). `stop_after` is a test hook: stop after that
-    many stores, as a SIGKILL there would.
+    segment is left a valid format-1 segment (or, refused while finishing an interrupted upgrade, as
+    that left it), and the next start or reload tries again.
+    `trust` is the daemon's (provenance as for adoption). `stop_after` is a test hook: return False
+    after that many stores, as a SIGKILL there would stop it.
     """
     name = f"table={table} " if table else ""
     try:
@@ -401,7 +402,7 @@ def _upgrade(shm: sysv_ipc.SharedMemory, buf: memoryview, key: int, name: str, t
             ("state ready", lambda: store32(fmt.OFF_STATE, fmt.STATE_READY)),
         ]
         assert len(steps) == UPGRADE_STEPS
-        first_of = {name: i for i, (name, _) in enumerate(steps)}
+        first_of = {label: i for i, (label, _) in enumerate(steps)}
         if not resumed:
             start = 0
         elif step == fmt.UPGRADE_SAVED:
@@ -418,9 +419,16 @@ def _upgrade(shm: sysv_ipc.SharedMemory, buf: memoryview, key: int, name: str, t
             steps[0][1]()                       # first: whoever attaches from now on refuses the segment
             done, start = 1, 1
         # Safe? Counted after `migrating` is stored: anyone who attached before it (and may have seen
-        # `ready`) is counted in nattch; anyone attaching after it refuses the segment.
-        _check_upgrade_safe(shm, key, trust, where, nothing_moved=start == 1,
-                            give_back=lambda: store32(fmt.OFF_STATE, fmt.STATE_READY))
+        # `ready`) is counted in nattch; anyone attaching after it refuses the segment. Refused before
+        # anything moved, the segment goes back to `ready`: a working format-1 segment for the old
+        # workers still using it. Refused later, it stays `migrating` until a start can finish it.
+        nothing_moved = start == 1
+        try:
+            _check_upgrade_safe(shm, key, trust, where, nothing_moved=nothing_moved, resumed=resumed)
+        except BaseException:
+            if nothing_moved:
+                store32(fmt.OFF_STATE, fmt.STATE_READY)
+            raise
         log.warning("%s: upgrading the segment from format version %d to %d in place%s (%d slots used)", where,
                     fmt.V1_FORMAT_VERSION, fmt.FORMAT_VERSION,
                     f", resuming an interrupted upgrade at step {start} ({steps[start][0]})" if resumed else "",
@@ -438,10 +446,9 @@ def _upgrade(shm: sysv_ipc.SharedMemory, buf: memoryview, key: int, name: str, t
 
 
 def _check_upgrade_safe(shm: sysv_ipc.SharedMemory, key: int, trust: Trust, where: str, *, nothing_moved: bool,
-                        give_back: Callable[[], None]) -> None:
-    """Raise UnsupportedVersion unless we are the only process attached and (while nothing has moved
-    yet) the format-1 semaphore is free. On a refusal before anything moved, `give_back` stores
-    `ready` again: the segment stays a working format-1 segment for the workers still using it."""
+                        resumed: bool) -> None:
+    """Raise UnsupportedVersion, saying why and what to do, unless we are the only process attached and
+    (while nothing has moved yet) the format-1 semaphore is free."""
     why = ""
     others = shm.number_attached - 1
     if others > 0:
@@ -458,11 +465,12 @@ def _check_upgrade_safe(shm: sysv_ipc.SharedMemory, key: int, trust: Trust, wher
                    f"(`ipcrm -s {sem.id}`)")
     if not why:
         return
-    if nothing_moved:
-        give_back()
-    raise UnsupportedVersion(f"{where}: the segment is in format version {fmt.V1_FORMAT_VERSION} and cannot be "
-                             f"upgraded to {fmt.FORMAT_VERSION} now: {why}, then `systemctl reload stated` (or "
-                             f"restart the daemon); it upgrades the segment in place, keeping every record")
+    what = (f"an interrupted upgrade of the segment from format version {fmt.V1_FORMAT_VERSION} to "
+            f"{fmt.FORMAT_VERSION} cannot be finished now" if resumed and not nothing_moved else
+            f"the segment is in format version {fmt.V1_FORMAT_VERSION} and cannot be upgraded to "
+            f"{fmt.FORMAT_VERSION} now")
+    raise UnsupportedVersion(f"{where}: {what}: {why}, then `systemctl reload stated` (or restart the daemon); "
+                             f"it upgrades the segment in place, keeping every record")
 
 
 def _reset_semaphore(key: int, trust: Trust) -> None:
