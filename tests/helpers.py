@@ -270,6 +270,28 @@ def lock_id(pid: int) -> int:
     return pid | proc_start_time(pid) << fmt.LOCK_PID_BITS
 
 
+def to_format_v1(key: int) -> None:
+    """Rewrite the (idle, format-2) segment on `key` into format version 1, as a daemon of that version
+    left it: the counters back at V1_OFF_COUNTERS, the holder pid word clear, the bytes format 2 uses for
+    the lock and the moved counters zero, format_version 1 with its header_crc, and the semaphore as the
+    free lock (value 1). For the in-place upgrade's tests (stated/shm/segment.upgrade_v1)."""
+    shm = sysv_ipc.SharedMemory(key)
+    buf = memoryview(shm)
+    try:
+        assert u32(buf, fmt.OFF_FORMAT_VERSION) == fmt.FORMAT_VERSION and u64(buf, fmt.A_LOCK) == 0
+        n = 8 * len(fmt.COUNTERS)
+        counters = bytes(buf[fmt.OFF_COUNTERS:fmt.OFF_COUNTERS + n])
+        buf[fmt.V1_OFF_COUNTERS:fmt.SCHEMA_OFFSET] = bytes(fmt.SCHEMA_OFFSET - fmt.V1_OFF_COUNTERS)
+        buf[fmt.V1_OFF_COUNTERS:fmt.V1_COUNTERS_END] = counters
+        u32(buf, fmt.V1_A_HOLDER_PID, 0)
+        u32(buf, fmt.OFF_FORMAT_VERSION, fmt.V1_FORMAT_VERSION)
+        u32(buf, fmt.OFF_CRC, fmt.header_crc(buf))
+    finally:
+        buf.release()
+        shm.detach()
+    sysv_ipc.Semaphore(key).value = 1
+
+
 def _word(buf, off: int, size: int, value: int | None) -> int:
     if value is not None:
         buf[off:off + size] = value.to_bytes(size, "little")

@@ -1,7 +1,8 @@
 """Bring a configured table into existence: adopt a valid segment or create a new one.
 
 Adoption never changes a byte of an existing segment except recreating a
-missing semaphore. A segment that fails validation (foreign magic, corrupt
+missing semaphore, and upgrading a segment of ours in format version 1 in place
+(segment.upgrade_v1: only when no other process is attached). A segment that fails validation (foreign magic, corrupt
 header, different layout or capacity) is refused with its own error; the
 daemon stops rather than guess.
 """
@@ -38,6 +39,14 @@ def ensure(tc: TableConfig, dc: DaemonConfig, *, migrate: bool = False, allow_lo
         except SegmentInitialising as e:
             remove_half_built(tc, e.creator_pid, trust)
             raise SegmentNotFound(str(e)) from None
+        except CorruptSegment:
+            # An older format version (UnsupportedVersion), or an upgrade a crash interrupted (its
+            # header fails as `migrating` or mid-checksum): upgrade or finish it in place when safe,
+            # then adopt it like any other (layout and capacity checked as usual). Anything else, or an
+            # unsafe moment (UnsupportedVersion saying why), leaves the table not served.
+            if not segment.upgrade_v1(tc.key, trust=trust, table=tc.name):
+                raise
+            seg = segment.open(tc.key, expect=tc.layout, expect_capacity=tc.capacity, table=tc.name, trust=trust)
     except LayoutMismatch:
         if not migrate:
             raise

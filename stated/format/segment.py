@@ -33,6 +33,11 @@ HEADER_FIELDS = ("magic", "format_version", "header_size", "layout_hash", "recor
                  "index_capacity", "schema_offset", "schema_size", "owners_offset", "owners_capacity",
                  "slot_size", "created_at", "key", "reserved0", "reserved1")
 assert HEADER.size == 120
+OFF_FORMAT_VERSION = 8  # u32, inside the immutable part
+OFF_SCHEMA_OFFSET = 76  # u32 schema_offset, then u32 schema_size, inside the immutable part
+_probe = HEADER.pack(b"STATEDSG", *range(1, len(HEADER_FIELDS)))      # each field's index as its value
+assert struct.unpack_from("<I", _probe, OFF_FORMAT_VERSION)[0] == HEADER_FIELDS.index("format_version")
+assert struct.unpack_from("<I", _probe, OFF_SCHEMA_OFFSET)[0] == HEADER_FIELDS.index("schema_offset")
 OFF_CRC = 120           # u32 crc32(header[0:120] + schema blob)
 OFF_STATE = 124         # u32 state word
 
@@ -67,6 +72,19 @@ COUNTERS = ("allocations", "frees", "alloc_failures_full", "alloc_failures_dupli
             "attaches", "rebuilds")
 COUNTER_OFF = {name: OFF_COUNTERS + 8 * i for i, name in enumerate(COUNTERS)}
 SCHEMA_OFFSET = 512     # schema blob starts here; counters may grow up to it (32 slots)
+
+# --- format version 1, only for the in-place upgrade (stated/shm/segment.upgrade_v1) ----------------
+# Version 1 differs only here: the semaphore itself was the table lock (value 1 free, SEM_UNDO), 164 held
+# the advisory holder pid, and the counters (the same COUNTERS, in the same order) started at 192, where
+# version 2 keeps the lock word and reserved bytes. Everything else is byte-identical.
+V1_FORMAT_VERSION = 1
+V1_A_HOLDER_PID = 164   # u32 pid holding the lock (advisory); version 2's A_LOCK_SEQ
+V1_OFF_COUNTERS = 192   # u64 each; version 2's A_LOCK and reserved bytes [200, 256)
+V1_COUNTERS_END = V1_OFF_COUNTERS + 8 * len(COUNTERS)     # 288, inside version 2's counters
+# The upgrade's own bookkeeping, in bytes reserved (zero) in both versions and zero again once it is done:
+A_UPGRADE_STEP = 172    # u32 0, or how far an interrupted upgrade got (UPGRADE_*)
+UPGRADE_SCRATCH = SCHEMA_OFFSET - 8 * len(COUNTERS)      # 416: the counters while they move (end of the room)
+UPGRADE_SAVED, UPGRADE_MOVED = 1, 2
 
 # --- slot table entries (32 bytes) -------------------------------------------------
 SLOT = struct.Struct("<IIQHBBBBBBQ")
@@ -162,6 +180,49 @@ def build_header(key: int, capacity: int, lay: layout_mod.Layout) -> tuple[bytes
     return bytes(head), r
 
 
+def version_message(where: str, version: int) -> str:
+    """Why a segment of another format version is refused, and what to do about it."""
+    have = f"{where} has format version {version}; this stated uses version {FORMAT_VERSION}."
+    if version == V1_FORMAT_VERSION:
+        return (f"{have} The daemon of this version upgrades its own segment in place, keeping every record, "
+                f"once no other process is attached to it: stop the workers still running the old stated, then "
+                f"`systemctl reload stated` (or restart the daemon); start the workers of the new version after")
+    if version > FORMAT_VERSION:
+        return f"{have} It was written by a newer stated: run that version, or upgrade this one"
+    return f"{have} No stated ever wrote version {version}: the header was overwritten"
+
+
+def parse_upgrading_header(buf, size: int, key: int) -> Header:
+    """Validate the header of a format-1 segment, or of one an interrupted upgrade left between the
+    formats: everything parse_header checks, except that `header_crc` may match the header with
+    `format_version` 1 or 2 (the two are separate stores, so a crash can leave either one new).
+    Raises CorruptSegment when neither matches: then it is damage, not an upgrade."""
+    where = f"segment at key {key:#010x}"
+    if size < SCHEMA_OFFSET:
+        raise CorruptSegment(f"{where} is {size} bytes, too small for a stated header")
+    so, ss = struct.unpack_from("<II", buf, OFF_SCHEMA_OFFSET)
+    if so != SCHEMA_OFFSET or ss == 0 or so + ss > size or ss > 1 << 20:
+        raise CorruptSegment(f"{where}: schema blob [{so}, +{ss}) is outside the segment")
+    copy = bytearray(buf[0:so + ss])
+    (crc,) = struct.unpack_from("<I", copy, OFF_CRC)
+    for version in (V1_FORMAT_VERSION, FORMAT_VERSION):
+        struct.pack_into("<I", copy, OFF_FORMAT_VERSION, version)
+        if header_crc(copy) == crc:
+            break
+    else:
+        raise CorruptSegment(f"{where}: header checksum mismatch as format version {V1_FORMAT_VERSION} and as "
+                             f"{FORMAT_VERSION}; the header was overwritten")
+    struct.pack_into("<I", copy, OFF_FORMAT_VERSION, FORMAT_VERSION)     # the rest as a version-2 header
+    struct.pack_into("<I", copy, OFF_CRC, header_crc(copy))
+    return parse_header(copy, size, key)
+
+
+def header_crc(buf) -> int:
+    """crc32(header[0:120] + schema blob) of a header whose schema fields are already validated."""
+    so, ss = struct.unpack_from("<II", buf, OFF_SCHEMA_OFFSET)
+    return zlib.crc32(bytes(buf[0:HEADER.size]) + bytes(buf[so:so + ss]))
+
+
 def parse_header(buf, size: int, key: int) -> Header:
     """Validate a segment's header; raise CorruptSegment (naming the key) on any doubt.
 
@@ -177,8 +238,7 @@ def parse_header(buf, size: int, key: int) -> Header:
         raise CorruptSegment(f"{where} does not start with stated's magic (found {vals['magic']!r}): "
                              f"another program owns this key. Choose another key in the config.")
     if vals["format_version"] != FORMAT_VERSION:
-        raise UnsupportedVersion(f"{where} has format version {vals['format_version']}; this stated "
-                                 f"understands version {FORMAT_VERSION}. Upgrade stated, or migrate.")
+        raise UnsupportedVersion(version_message(where, vals["format_version"]))
     so, ss = vals["schema_offset"], vals["schema_size"]
     if so != SCHEMA_OFFSET or ss == 0 or so + ss > size or ss > 1 << 20:
         raise CorruptSegment(f"{where}: schema blob [{so}, +{ss}) is outside the segment. {fix}")

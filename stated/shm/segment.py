@@ -16,6 +16,7 @@ import os
 import struct
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import sysv_ipc
@@ -29,6 +30,7 @@ from ..errors import (
     SegmentInitialising,
     SegmentNotFound,
     StatedError,
+    UnsupportedVersion,
 )
 from ..format import segment as fmt
 from ..format.layout import Layout
@@ -306,6 +308,179 @@ def _validate(shm, buf, key, readonly, expect, expect_capacity, name, table) -> 
         raise LayoutMismatch(f"{name}segment at key {key:#010x} has capacity {header.capacity}, the config "
                              f"says {expect_capacity}: run `stated migrate` to resize")
     return Segment(shm, buf, header, readonly, bytes(buf[0:fmt.OFF_CRC + 4]))
+
+
+UPGRADE_STEPS = 13   # the stores upgrade_v1 makes on a fresh format-1 segment (its tests stop after each)
+
+
+def upgrade_v1(key: int, *, trust: Trust, table: str | None = None, stop_after: int | None = None) -> bool:
+    """Upgrade the format-1 segment on `key` to format 2 in place, or finish an upgrade a crash
+    interrupted. True when the segment is now a ready format-2 segment; False, having written
+    nothing, when it is neither format 1 nor a half-upgraded one (the caller reports its own error).
+
+    Only when it is safe: no process but us attached (a format-1 worker would go on using the
+    semaphore as the lock and the old counter offsets), and the format-1 semaphore free (value >= 1;
+    0 means a format-1 holder is inside, or a value left wrong: refused now, not waited on, since the
+    holder would have to be attached). Otherwise UnsupportedVersion says why and what to do; the
+    segment is left a valid format-1 segment (or, refused while finishing an interrupted upgrade, as
+    that left it), and the next start or reload tries again.
+    `trust` is the daemon's (provenance as for adoption). `stop_after` is a test hook: return False
+    after that many stores, as a SIGKILL there would stop it.
+    """
+    name = f"table={table} " if table else ""
+    try:
+        shm = sysv_ipc.SharedMemory(key, 0)
+    except sysv_ipc.ExistentialError:
+        return False
+    buf = memoryview(shm)
+    try:
+        check_provenance(shm, key, trust)
+        return _upgrade(shm, buf, key, name, trust, stop_after)
+    finally:
+        buf.release()
+        shm.detach()
+
+
+def _upgrade(shm: sysv_ipc.SharedMemory, buf: memoryview, key: int, name: str, trust: Trust,
+             stop_after: int | None) -> bool:
+    if shm.size < fmt.SCHEMA_OFFSET or bytes(buf[0:len(fmt.MAGIC)]) != fmt.MAGIC:
+        return False
+    h32 = buf[0:fmt.SCHEMA_OFFSET].cast("I")
+    try:
+        version, state = h32[fmt.OFF_FORMAT_VERSION // 4], h32[fmt.OFF_STATE // 4]
+        step = h32[fmt.A_UPGRADE_STEP // 4]
+        if not (version == fmt.V1_FORMAT_VERSION and state in (fmt.STATE_READY, fmt.STATE_MIGRATING)
+                or version == fmt.FORMAT_VERSION and state == fmt.STATE_MIGRATING):
+            return False     # `migrating` is written by nothing but this upgrade
+        header = fmt.parse_upgrading_header(buf, shm.size, key)
+        where = f"{name}key={key:#010x} shmid={shm.id} pid={os.getpid()}"
+        resumed = state == fmt.STATE_MIGRATING
+        if resumed and step not in (0, fmt.UPGRADE_SAVED, fmt.UPGRADE_MOVED):
+            raise CorruptSegment(f"{where}: the upgrade step word holds {step:#x}; the header was overwritten. "
+                                 f"Run `stated destroy` and restart the daemon (it restores from snapshot)")
+        n = 8 * len(fmt.COUNTERS)
+        scratch = fmt.UPGRADE_SCRATCH
+
+        def store32(off: int, value: int) -> None:
+            h32[off // 4] = value
+
+        def put(off: int, data: bytes) -> None:
+            buf[off:off + len(data)] = data
+
+        # The upgrade as single stores, in this order. The daemon may be SIGKILLed between any two;
+        # the next start then finds a valid format-1 segment, or one it recognises and finishes, by
+        # (format_version, state, upgrade step):
+        #   v1 ready      0      nothing written (or a refusal put `ready` back): a format-1 segment
+        #   v1 migrating  0      only the state written: start over, the counters are still at 192
+        #   v1 migrating  SAVED  the counters are in the scratch area: redo the move from there; the
+        #                        bytes [164, 352) may be half rewritten, the scratch copy is whole
+        #   v1|v2 migr.   MOVED  the counters are at 256: clear the scratch, (re)write format_version and
+        #                        header_crc (a crash between those two leaves a crc that matches the
+        #                        header as either version: parse_upgrading_header accepts both), reset
+        #                        the semaphore
+        #   v2 migrating  0      all moved and flipped: only the state word remains
+        # `migrating` (not `initialising`) holds everyone off meanwhile: processes of both versions
+        # refuse it at once, whereas a daemon starting after a crash removes a segment left
+        # `initialising` by a dead creator (a half-built table), which would lose every record since
+        # the last snapshot. The counters move through a scratch area (the end of the counter room,
+        # zero in both versions) because source [192, 288) and destination [256, 352) overlap: an
+        # in-place move stopped half-way could not be told from a finished one; a copy from an intact
+        # scratch copy can simply be made again.
+        steps: list[tuple[str, Callable[[], None]]] = [
+            ("state migrating", lambda: store32(fmt.OFF_STATE, fmt.STATE_MIGRATING)),
+            ("save counters", lambda: put(scratch, bytes(buf[fmt.V1_OFF_COUNTERS:fmt.V1_COUNTERS_END]))),
+            ("step saved", lambda: store32(fmt.A_UPGRADE_STEP, fmt.UPGRADE_SAVED)),
+            ("clear holder pid", lambda: store32(fmt.V1_A_HOLDER_PID, 0)),             # now lock_seq
+            ("clear lock and reserved", lambda: put(fmt.A_LOCK, bytes(fmt.OFF_COUNTERS - fmt.A_LOCK))),
+            ("move counters", lambda: put(fmt.OFF_COUNTERS, bytes(buf[scratch:scratch + n]))),
+            ("step moved", lambda: store32(fmt.A_UPGRADE_STEP, fmt.UPGRADE_MOVED)),
+            ("clear scratch", lambda: put(scratch, bytes(n))),
+            ("format version", lambda: store32(fmt.OFF_FORMAT_VERSION, fmt.FORMAT_VERSION)),
+            ("header crc", lambda: store32(fmt.OFF_CRC, fmt.header_crc(buf))),
+            ("semaphore", lambda: _reset_semaphore(key, trust)),
+            ("step done", lambda: store32(fmt.A_UPGRADE_STEP, 0)),
+            ("state ready", lambda: store32(fmt.OFF_STATE, fmt.STATE_READY)),
+        ]
+        assert len(steps) == UPGRADE_STEPS
+        first_of = {label: i for i, (label, _) in enumerate(steps)}
+        if not resumed:
+            start = 0
+        elif step == fmt.UPGRADE_SAVED:
+            start = first_of["clear holder pid"]
+        elif step == fmt.UPGRADE_MOVED:
+            start = first_of["clear scratch"]
+        else:
+            start = first_of["save counters" if version == fmt.V1_FORMAT_VERSION else "semaphore"]
+        done = 0
+        if start == 0:
+            store32(fmt.A_UPGRADE_STEP, 0)      # reserved in format 1: make sure it says "nothing moved yet"
+            if stop_after == 0:
+                return False
+            steps[0][1]()                       # first: whoever attaches from now on refuses the segment
+            done, start = 1, 1
+        # Safe? Counted after `migrating` is stored: anyone who attached before it (and may have seen
+        # `ready`) is counted in nattch; anyone attaching after it refuses the segment. Refused before
+        # anything moved, the segment goes back to `ready`: a working format-1 segment for the old
+        # workers still using it. Refused later, it stays `migrating` until a start can finish it.
+        nothing_moved = start == 1
+        try:
+            _check_upgrade_safe(shm, key, trust, where, nothing_moved=nothing_moved, resumed=resumed)
+        except BaseException:
+            if nothing_moved:
+                store32(fmt.OFF_STATE, fmt.STATE_READY)
+            raise
+        log.warning("%s: upgrading the segment from format version %d to %d in place%s (%d slots used)", where,
+                    fmt.V1_FORMAT_VERSION, fmt.FORMAT_VERSION,
+                    f", resuming an interrupted upgrade at step {start} ({steps[start][0]})" if resumed else "",
+                    h32[fmt.A_USED // 4])
+        for _what, do in steps[start:]:
+            if stop_after is not None and done >= stop_after:
+                return False
+            do()
+            done += 1
+        log.info("%s: segment upgraded to format version %d (capacity %d, layout %#018x)", where,
+                 fmt.FORMAT_VERSION, header.capacity, header.layout_hash)
+        return True
+    finally:
+        h32.release()
+
+
+def _check_upgrade_safe(shm: sysv_ipc.SharedMemory, key: int, trust: Trust, where: str, *, nothing_moved: bool,
+                        resumed: bool) -> None:
+    """Raise UnsupportedVersion, saying why and what to do, unless we are the only process attached and
+    (while nothing has moved yet) the format-1 semaphore is free."""
+    why = ""
+    others = shm.number_attached - 1
+    if others > 0:
+        why = (f"{others} other process(es) are still attached to it (`ipcs -mp` shows shmid {shm.id}'s last "
+               f"attacher, pid {shm.last_pid}): stop the workers still running the old stated")
+    elif nothing_moved:
+        try:
+            sem = open_semaphore(key, trust=trust)
+        except SegmentNotFound:
+            sem = None          # a missing semaphore is held by nobody; adoption recreates it
+        if sem is not None and sem.value == 0:
+            why = (f"its format-1 semaphore (id {sem.id}) is taken (value 0, last operation by pid {sem.last_pid}) "
+                   f"although nobody is attached: if no process of the old stated runs, remove it "
+                   f"(`ipcrm -s {sem.id}`)")
+    if not why:
+        return
+    what = (f"an interrupted upgrade of the segment from format version {fmt.V1_FORMAT_VERSION} to "
+            f"{fmt.FORMAT_VERSION} cannot be finished now" if resumed and not nothing_moved else
+            f"the segment is in format version {fmt.V1_FORMAT_VERSION} and cannot be upgraded to "
+            f"{fmt.FORMAT_VERSION} now")
+    raise UnsupportedVersion(f"{where}: {what}: {why}, then `systemctl reload stated` (or restart the daemon); "
+                             f"it upgrades the segment in place, keeping every record")
+
+
+def _reset_semaphore(key: int, trust: Trust) -> None:
+    """Version 2's semaphore counts wake-ups and starts at 0; version 1's was the lock, 1 when free.
+    SETVAL also drops every process's SEM_UNDO adjustment for it (semctl(2)), so no format-1 process
+    that exits later adds a phantom +1 (which would only cost a waiter one extra look anyway)."""
+    try:
+        open_semaphore(key, trust=trust).value = 0
+    except SegmentNotFound:
+        pass                    # adoption creates it with value 0
 
 
 _libc = None
