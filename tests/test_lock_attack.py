@@ -37,13 +37,10 @@ PID_MASK = (1 << fmt.LOCK_PID_BITS) - 1
 WAITERS = 1 << 63
 
 
-def _alloc_and_exit(key: int, owner: str, lock_timeout: float, ready_w: int = -1) -> int:
-    """Forked child: one alloc (waiting for the lock), then exit 0; 5 on LockTimeout."""
-    t = stated.attach(key=key, owner=owner, lock_timeout=lock_timeout)
-    if ready_w >= 0:
-        os.write(ready_w, b"r")
+def _alloc_and_exit(key: int, owner: str, lock_timeout: float) -> int:
+    """Forked child: attach (the owner claim takes the lock) and one alloc, then exit 0; 5 on LockTimeout."""
     try:
-        t.alloc()
+        stated.attach(key=key, owner=owner, lock_timeout=lock_timeout).alloc()
     except stated.LockTimeout:
         return 5
     return 0
@@ -71,12 +68,8 @@ def test_forked_child_may_not_take_the_lock_under_its_parents_id(make_segment, p
         pid = fork_child(child_acquires)
         procs.append(pid)
         deadline = time.monotonic() + 5
-        while lock_word(key) == 0 and time.monotonic() < deadline:
-            try:
-                if os.waitpid(pid, os.WNOHANG)[0]:
-                    break
-            except ChildProcessError:
-                break
+        while lock_word(key) == 0 and Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z":
+            assert time.monotonic() < deadline
             time.sleep(0.01)
         if lock_word(key) != 0:               # it took the lock: kill it inside, as a crash would
             os.kill(pid, signal.SIGKILL)
@@ -366,10 +359,10 @@ def test_holder_thread_of_a_process_whose_main_thread_exited_is_alive(make_segme
     while Path(f"/proc/{p.pid}/stat").read_text().split(") ")[1][0] != "Z":
         assert time.monotonic() < deadline, "the main thread did not exit"
         time.sleep(0.005)
-    with stated.attach(key=key, owner="w", lock_timeout=5) as t:
-        t0 = time.monotonic()
-        t.alloc()
+    t0 = time.monotonic()
+    with stated.attach(key=key, owner="w", lock_timeout=5) as t:    # the owner claim takes the lock
         waited = time.monotonic() - t0
+        t.alloc()
     out = p.stdout.read()
     p.wait(10)
     procs.remove(p)

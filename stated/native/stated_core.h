@@ -104,6 +104,8 @@ typedef struct stated_table {
     uint32_t pid;
     uint64_t start_time;             /* ours, clock ticks since boot (0 until claim) */
     uint64_t lock_id;                /* what the lock word holds while we hold it (pid | start time) */
+    int held;                        /* this table took the lock (the word names the process, not the table) */
+    unsigned forks;                  /* the process's fork count at attach: another one means we are a child */
     uint32_t capacity, record_size, index_capacity, index_mask;
     unsigned index_shift;            /* 64 - log2(index_capacity) */
     struct stated_segment_header *hdr;
@@ -223,6 +225,7 @@ int stated_copy_slot(stated_table *t, uint32_t slot, void *out, size_t size, sta
 
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <sched.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -356,6 +359,42 @@ static int stated__pid_exists(uint32_t pid)
     return errno == ESRCH ? 0 : -1;
 }
 
+/* The "Threads:" count of /proc/<pid>/status; 0 if it cannot be read. A 'Z' in /proc/<pid>/stat is
+ * the state of the thread-group leader only: a process whose main thread called pthread_exit shows
+ * it while its other threads run on (one of them may hold the lock). A process that really exited
+ * and waits to be reaped counts 1. */
+static unsigned stated__threads(const stated_table *t, uint32_t pid)
+{
+    char path[192], buf[2048];
+    snprintf(path, sizeof path, "%s/%u/status", t->proc_root, pid);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return 0;
+    size_t len = 0;
+    for (;;) {
+        ssize_t n = read(fd, buf + len, sizeof buf - 1 - len);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            break;
+        len += (size_t)n;
+        if (len == sizeof buf - 1)
+            break;
+    }
+    close(fd);
+    buf[len] = '\0';
+    const char *p = strstr(buf, "\nThreads:");
+    if (p == NULL)
+        return 0;
+    p += 9;
+    while (*p == ' ' || *p == '\t')
+        p++;
+    unsigned v = 0;
+    for (int i = 0; i < 9 && *p >= '0' && *p <= '9'; i++, p++)
+        v = v * 10u + (unsigned)(*p - '0');
+    return v;
+}
+
 /* 1: alive, *start (and *state, its /proc state letter, when non-NULL) set; 0: dead (proven);
  * -1: unknown (never called dead for that) */
 static int stated__proc_stat(const stated_table *t, uint32_t pid, uint64_t *start, char *state)
@@ -408,7 +447,7 @@ static int stated__proc_stat(const stated_table *t, uint32_t pid, uint64_t *star
     }
     if (nf < 20 || fields[19][0] < '0' || fields[19][0] > '9')
         return -1;
-    if (fields[0][0] == 'Z' || fields[0][0] == 'X')
+    if (fields[0][0] == 'X' || (fields[0][0] == 'Z' && stated__threads(t, pid) == 1))
         return 0;                          /* exited, not yet reaped by its parent */
     uint64_t v = 0;
     for (const char *q = fields[19]; *q >= '0' && *q <= '9'; q++)
@@ -583,13 +622,34 @@ static int stated__timeout(stated_table *t, uint64_t w, char state)
                         : ". If that process is stuck, stop it: a dead holder's lock is taken over");
 }
 
-/* One wake-up for a sleeping waiter. Errors are ignored: ERANGE (32767 spare wake-ups already
- * pending) wakes someone anyway; EIDRM/EINVAL (removed) leaves waiters polling until the daemon
- * recreates it. */
+/* One wake-up for a sleeping waiter. ERANGE (32767 spare wake-ups already pending) wakes someone
+ * anyway. EIDRM/EINVAL: the semaphore we opened was removed (ipcrm, RemoveIPC=); sleepers poll
+ * until the daemon recreates it, then sleep on the new one (their lock wait reopens it), so the
+ * wake-up they are owed goes there: look it up again (provenance checked) and post once more. A
+ * process that never waits would otherwise post every wake-up to the removed id for good, and
+ * each one would be lost (its sleeper woken only by its slice). Only on that error path: a
+ * release normally costs one semop. The error detail of the call that released is kept. */
 static void stated__wake(stated_table *t)
 {
     struct sembuf sb = {0, 1, 0};
-    while (t->semid >= 0 && semop(t->semid, &sb, 1) != 0 && errno == EINTR) {
+    for (int tries = 0; tries < 2; tries++) {
+        int rc = -1, e = EIDRM;
+        if (t->semid >= 0) {
+            while ((rc = semop(t->semid, &sb, 1)) != 0 && errno == EINTR) {
+            }
+            e = errno;
+        }
+        if (rc == 0 || (e != EIDRM && e != EINVAL) || tries > 0)
+            return;
+        char keep[sizeof t->errmsg];
+        int keep_errno = t->sys_errno;
+        memcpy(keep, t->errmsg, sizeof keep);
+        t->semid = -1;
+        int r = stated__open_sem(t);         /* none yet (the daemon's next pass), or refused: no post */
+        memcpy(t->errmsg, keep, sizeof keep);
+        t->sys_errno = keep_errno;
+        if (r != 0)
+            return;
     }
 }
 
@@ -701,11 +761,42 @@ static int stated__lock_wait(stated_table *t, uint64_t cur)
     }
 }
 
+/* fork() count of this process, bumped in the child of every fork (pthread_atfork): a table
+ * attached before a fork carries the parent's pid in its lock id. Used in the child, that id would
+ * make a child killed inside the lock look like its live parent (no waiter takes it over), and the
+ * child's release of a lock its parent held at fork time would let a third process in beside the
+ * parent. A plain counter compared on each acquire: no system call (getpid() is one). The child
+ * handler runs while the child has a single thread; threads it starts later see the value through
+ * pthread_create. */
+static unsigned stated__fork_count;
+static pthread_once_t stated__atfork_once = PTHREAD_ONCE_INIT;
+
+static void stated__in_child(void)
+{
+    __atomic_fetch_add(&stated__fork_count, 1u, __ATOMIC_RELAXED);
+}
+
+static void stated__register_atfork(void)
+{
+    (void)pthread_atfork(NULL, NULL, stated__in_child);
+}
+
+static int stated__forked(const stated_table *t)
+{
+    return t->forks != __atomic_load_n(&stated__fork_count, __ATOMIC_RELAXED);
+}
+
 /* Take the table lock within lock_timeout. */
 int stated_acquire(stated_table *t)
 {
     if (t->readonly)
         return stated__fail(t, STATED_ERR_READONLY, "attached read-only; cannot take the allocator lock");
+    if (stated__forked(t))
+        return stated__fail(t, STATED_ERR_SYSTEM, "attached by pid %u, before a fork(): the lock word would name "
+                            "that process, not this one; attach again in the child", t->pid);
+    if (t->held)
+        return stated__fail(t, STATED_ERR_NESTED, "this table already holds its allocator lock (acquire() inside "
+                            "acquire() ... release())");
     if (t->lock_id >> STATED_LOCK_PID_BITS == 0u)
         return stated__fail(t, STATED_ERR_SYSTEM, "cannot read our own start time from %s/%u/stat: the lock word "
                             "must name this process beyond its pid", t->proc_root, t->pid);
@@ -718,6 +809,9 @@ int stated_acquire(stated_table *t)
         if (rc)
             return rc;
     }
+    /* ours, not only the process's: another table of this process (another thread's) has the same
+     * lock id, and must neither release this hold nor repair under it */
+    t->held = 1;
     /* one more hold (under the lock, so a plain increment): lets a waiter tell one long hold from
      * many short ones by the same process (stated__lock_timed_out) */
     S_ST(&A(t)->lock_seq, S_LD(&A(t)->lock_seq) + 1u);
@@ -733,7 +827,8 @@ int stated_acquire(stated_table *t)
 
 int stated_holding(const stated_table *t)
 {
-    return !t->readonly && ((S_LD(STATED__LOCK(t)) ^ t->lock_id) & ~STATED_LOCK_WAITERS) == 0u;
+    return !t->readonly && t->held && !stated__forked(t)
+           && ((S_LD(STATED__LOCK(t)) ^ t->lock_id) & ~STATED_LOCK_WAITERS) == 0u;
 }
 
 /* The daemon's remedy for a word that names a live process far longer than any section lasts
@@ -761,8 +856,11 @@ int stated_clear_lock(stated_table *t, uint64_t expected)
 /* Give the lock back. An op of ours left half-done by an error is repaired first. */
 int stated_release(stated_table *t)
 {
-    if (t->readonly)
-        return 0;
+    if (t->readonly || !t->held)
+        return 0;                            /* not taken by this table: the word may name a sibling's hold */
+    t->held = 0;
+    if (stated__forked(t))
+        return 0;                            /* a copy of the parent's hold, made by fork(): the parent's to give back */
     if (S_LD(&A(t)->intent_op) != 0u && S_LD(&A(t)->intent_pid) == t->pid)
         stated__rebuild(t, "an operation was interrupted by an error");
     /* RELEASE: every mutation of ours is visible before the word says free (pairs with the next
@@ -1867,6 +1965,8 @@ static int stated__setup(stated_table *t, void *base, size_t size, stated_key_t 
         snprintf(t->name, sizeof t->name, "0x%08x", (unsigned)key);
     t->readonly = o->readonly != 0;
     t->pid = o->pid ? o->pid : (uint32_t)getpid();
+    pthread_once(&stated__atfork_once, stated__register_atfork);
+    t->forks = __atomic_load_n(&stated__fork_count, __ATOMIC_RELAXED);
     t->lock_timeout_ns = (int64_t)((o->lock_timeout > 0 ? o->lock_timeout : 2.0) * 1e9);
     t->read_timeout_ns = (int64_t)((o->read_timeout > 0 ? o->read_timeout : 0.1) * 1e9);
     snprintf(t->proc_root, sizeof t->proc_root, "%s", o->proc_root ? o->proc_root : "/proc");
