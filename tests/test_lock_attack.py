@@ -26,11 +26,22 @@ from pathlib import Path
 
 import pytest
 import sysv_ipc
-from helpers import ROOT, fork_child, fork_lock_holder, lock_id, lock_word, proc_start_time, tagged_churn, u64, wait_child
+from helpers import (
+    ROOT,
+    fork_child,
+    fork_lock_holder,
+    lock_id,
+    lock_word,
+    proc_start_time,
+    tagged_churn,
+    u64,
+    wait_child,
+)
 
 import stated
 from stated.format import segment as fmt
 from stated.shm import segment
+from stated.shm.owners import ALIVE, Liveness
 
 CSRC = Path(__file__).resolve().parent / "native"
 PID_MASK = (1 << fmt.LOCK_PID_BITS) - 1
@@ -360,6 +371,7 @@ def test_holder_thread_of_a_process_whose_main_thread_exited_is_alive(make_segme
         assert time.monotonic() < deadline, "the main thread did not exit"
         time.sleep(0.005)
     t0 = time.monotonic()
+    assert Liveness().state(p.pid, proc_start_time(p.pid)) == ALIVE       # the daemon's view: no reaping
     with stated.attach(key=key, owner="w", lock_timeout=5) as t:    # the owner claim takes the lock
         waited = time.monotonic() - t0
         t.alloc()

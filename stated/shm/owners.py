@@ -6,8 +6,9 @@ A pid alone is not an identity: pids are recycled. A process is identified by
 tests can point them elsewhere.
 
 A process is called dead only with proof: kill(pid, 0) fails with ESRCH (the pid
-is gone), /proc shows it as a zombie, or its start time differs from the one
-recorded (the pid was recycled). Anything else that stops us from reading
+is gone), /proc shows it as a zombie (with no thread left: a leader that called
+pthread_exit shows 'Z' while its threads run on), or its start time differs from
+the one recorded (the pid was recycled). Anything else that stops us from reading
 /proc/<pid>/stat (EMFILE under a connection flood, EACCES, a /proc mounted
 hidepid=2 that hides other users' processes) answers UNKNOWN, and every caller
 treats UNKNOWN as alive: freeing a live worker's slots is far worse than keeping
@@ -64,9 +65,24 @@ class Liveness:
         rest = data[data.rfind(b")") + 2:].split()
         if len(rest) < 20 or not rest[19].isdigit():
             return UNKNOWN, None
-        if rest[0] in (b"Z", b"X"):
+        if rest[0] == b"X" or (rest[0] == b"Z" and self._threads(pid) == 1):
             return DEAD, None      # exited, not yet reaped by its parent
         return ALIVE, int(rest[19])
+
+    def _threads(self, pid: int) -> int:
+        """The "Threads:" count of /proc/<pid>/status (0: unreadable). 'Z' in /proc/<pid>/stat is the
+        state of the thread-group leader only: a process whose main thread called pthread_exit shows
+        it while its other threads run on. One that really exited and waits to be reaped counts 1."""
+        try:
+            with open(f"{self.proc_root}/{pid}/status", "rb") as f:
+                data = f.read(4096)
+        except OSError:
+            return 0
+        for line in data.splitlines():
+            if line.startswith(b"Threads:"):
+                value = line[8:].strip()
+                return int(value) if value.isdigit() else 0
+        return 0
 
     def state(self, pid: int, start_time: int) -> str:
         """ALIVE, DEAD (proven: pid gone, zombie, or another process on a recycled pid) or UNKNOWN.
