@@ -25,7 +25,7 @@ PyDoc_STRVAR(MODULE_DOC,
 "    initialiser (bytes of record_size: field defaults), `handle` a tuple subclass to build\n"
 "    handles with (stated's Handle; default plain tuples). `pid` and `proc_root` may be injected\n"
 "    (tests). Not thread-safe: one Core per thread; and not across fork() (the pid is taken\n"
-"    once: a child makes its own Core).\n"
+"    once: in a child, the lock is refused with StatedError; the child makes its own Core).\n"
 "\n"
 "  owner (int, read/write): this worker's owner index (claim_owner sets it; 0 = none).\n"
 "  lock_timeout, read_timeout (float seconds, read/write: a config reload changes them).\n"

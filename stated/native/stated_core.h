@@ -28,7 +28,9 @@
  *
  * Return values: 0 (STATED_OK) on success, a negative STATED_ERR_* code otherwise; the text of
  * a code is stated_strerror(code), the detail of the last error of a table (names the table, key,
- * slot, pid) is stated_errmsg(t). Not thread-safe: one stated_table per thread.
+ * slot, pid) is stated_errmsg(t). Not thread-safe: one stated_table per thread (tables of one process
+ * share its lock id; each knows whether it took the lock itself). Not across fork(): a table attached
+ * before a fork is refused the lock in the child (attach again there).
  */
 #ifndef STATED_CORE_H
 #define STATED_CORE_H

@@ -13,8 +13,8 @@ Contract
 - It gives persistence and the daemon the narrow interface they use: acquire/release (repair()
   inside them repairs under the held lock, outside them takes the lock), audit, verify, owners,
   counters, `views` (the format's named columns) for reading and restoring slot columns.
-- Not thread-safe, and not across fork(): the core takes the pid once. One Allocator per thread
-  and process.
+- Not thread-safe, and not across fork(): the core takes the pid once (in a forked child it refuses
+  the lock with StatedError). One Allocator per thread and process.
 """
 from __future__ import annotations
 
