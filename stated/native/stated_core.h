@@ -361,6 +361,26 @@ static int stated__pid_exists(uint32_t pid)
     return errno == ESRCH ? 0 : -1;
 }
 
+/* Read a small /proc file from `fd` into buf (NUL-terminated, at most size - 1 bytes) and close it;
+ * returns the length read. EINTR is retried; any other error ends the read. */
+static size_t stated__read_closing(int fd, char *buf, size_t size)
+{
+    size_t len = 0;
+    for (;;) {
+        ssize_t n = read(fd, buf + len, size - 1 - len);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            break;
+        len += (size_t)n;
+        if (len == size - 1)
+            break;
+    }
+    close(fd);
+    buf[len] = '\0';
+    return len;
+}
+
 /* The "Threads:" count of /proc/<pid>/status; 0 if it cannot be read. A 'Z' in /proc/<pid>/stat is
  * the state of the thread-group leader only: a process whose main thread called pthread_exit shows
  * it while its other threads run on (one of them may hold the lock). A process that really exited
@@ -372,19 +392,7 @@ static unsigned stated__threads(const stated_table *t, uint32_t pid)
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0)
         return 0;
-    size_t len = 0;
-    for (;;) {
-        ssize_t n = read(fd, buf + len, sizeof buf - 1 - len);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n <= 0)
-            break;
-        len += (size_t)n;
-        if (len == sizeof buf - 1)
-            break;
-    }
-    close(fd);
-    buf[len] = '\0';
+    (void)stated__read_closing(fd, buf, sizeof buf);
     const char *p = strstr(buf, "\nThreads:");
     if (p == NULL)
         return 0;
@@ -415,19 +423,7 @@ static int stated__proc_stat(const stated_table *t, uint32_t pid, uint64_t *star
         return -1;
     }
     char buf[1024];
-    size_t len = 0;
-    for (;;) {
-        ssize_t n = read(fd, buf + len, sizeof buf - 1 - len);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n <= 0)
-            break;
-        len += (size_t)n;
-        if (len == sizeof buf - 1)
-            break;
-    }
-    close(fd);
-    buf[len] = '\0';
+    size_t len = stated__read_closing(fd, buf, sizeof buf);
     char *p = NULL;
     for (size_t i = 0; i < len; i++)      /* comm may hold spaces and ')': split after the last ')' */
         if (buf[i] == ')')
