@@ -12,6 +12,7 @@ budgets and strategies.
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import json
@@ -645,6 +646,23 @@ def new_pg_cluster(*, fsync: bool = False) -> PgCluster:
         c.destroy()
         raise
     return c
+
+
+@contextlib.contextmanager
+def two_hosts(make_segment: Callable, dsn: str, capacity: int = 10, **cfg):
+    """Hosts A and B of one fleet for lease tests: each its own table of `capacity` slots with a worker
+    attached in-process (owners "wa", "wb") and a StoreHost ("host-a", "host-b", store settings `cfg`).
+    Yields (a, b, ta, tb); closes both stores, hosts and workers on exit, even on failure."""
+    ka, kb = make_segment(capacity), make_segment(capacity)
+    ta, tb = stated.attach(key=ka, owner="wa"), stated.attach(key=kb, owner="wb")
+    a, b = StoreHost(ka, dsn, "host-a", **cfg), StoreHost(kb, dsn, "host-b", **cfg)
+    try:
+        yield a, b, ta, tb
+    finally:
+        for h in (a, b):
+            asyncio.run(h.store.close())
+            h.close()
+        ta.close(), tb.close()
 
 
 class StoreHost:
